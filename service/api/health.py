@@ -1,0 +1,48 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.api.deps import ServicesDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def read_health() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def read_readiness(services: ServicesDep) -> JSONResponse:
+    """Readiness: storage writable and at least one backend usable."""
+    from service.backends.registry import backend_statuses
+
+    storage_ok = services.db.writable() and _dirs_writable(services)
+    backends: list[dict[str, Any]] = []
+    for info, availability in backend_statuses():
+        backends.append(
+            {
+                "name": info.name if info else None,
+                "version": info.version if info else None,
+                "device": info.device if info else None,
+                "can_build": availability.can_build,
+                "can_run": availability.can_run,
+                "reason": availability.reason,
+            }
+        )
+    ready = storage_ok and any(b["can_build"] for b in backends)
+    body = {"status": "ready" if ready else "not_ready", "storage_writable": storage_ok, "backends": backends}
+    return JSONResponse(status_code=200 if ready else 503, content=body)
+
+
+def _dirs_writable(services: ServicesDep) -> bool:
+    import os
+
+    settings = services.settings
+    return all(os.access(d, os.W_OK) for d in (settings.engines_dir, settings.calibration_dir, settings.models_dir))

@@ -1,0 +1,115 @@
+"""Model intake: upload, list, read, download, delete, and the static fusion report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel
+
+from service.api.deps import ServicesDep
+from service.api.uploads import receive_upload, upload_body_schema
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+class TensorSpecPublic(BaseModel):
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+class QuantizationPublic(BaseModel):
+    explicit: bool
+    qdq_pairs: int
+    per_channel_weights: int
+    quantized_ops: dict[str, int]
+
+
+class ModelPublic(BaseModel):
+    id: str
+    name: str
+    size_bytes: int
+    source: str
+    parent_id: str | None
+    created_at: str
+    ir_version: int
+    opset: int
+    producer: str
+    inputs: list[TensorSpecPublic]
+    outputs: list[TensorSpecPublic]
+    op_counts: dict[str, int]
+    quantization: QuantizationPublic
+
+
+class FusionPatternPublic(BaseModel):
+    kind: str
+    nodes: list[str]
+    activation: str | None = None
+    int8_fusable: bool
+    blockers: list[str]
+
+
+class FusionReportPublic(BaseModel):
+    model_id: str
+    explicit_quantization: bool
+    patterns: list[FusionPatternPublic]
+    summary: dict[str, Any]
+
+
+@router.post(
+    "",
+    response_model=ModelPublic,
+    status_code=201,
+    responses={200: {"model": ModelPublic, "description": "The same bytes were uploaded before."}},
+    openapi_extra=upload_body_schema({"name": {"type": "string"}}),
+)
+async def create_model(request: Request, services: ServicesDep) -> JSONResponse:
+    """Upload an ONNX model (multipart `file`, or a raw body with `?name=`)."""
+    upload = await receive_upload(request, services.model_blobs, services.settings.max_upload_bytes)
+    name = upload.fields.get("name") or upload.filename or request.query_params.get("name") or "model.onnx"
+    record, created = await run_in_threadpool(services.models.register_staged, upload.staged, name)
+    return JSONResponse(status_code=201 if created else 200, content=record.to_dict())
+
+
+@router.get("", response_model=list[ModelPublic])
+def list_models(services: ServicesDep, source: str | None = None) -> list[dict[str, Any]]:
+    """List models, newest first (filter by `source`: upload, quantization, build)."""
+    return [record.to_dict() for record in services.models.list(source=source)]
+
+
+@router.get("/{model_id}", response_model=ModelPublic)
+def read_model(model_id: str, services: ServicesDep) -> dict[str, Any]:
+    """One model's record."""
+    return services.models.get(model_id).to_dict()
+
+
+@router.get("/{model_id}/onnx", response_class=FileResponse)
+def read_model_onnx(model_id: str, services: ServicesDep) -> FileResponse:
+    """Download the exact bytes of the model."""
+    record = services.models.get(model_id)
+    filename = record.name if record.name.endswith(".onnx") else f"{record.name}.onnx"
+    return FileResponse(
+        services.model_blobs.path_for(model_id),
+        media_type="application/octet-stream",
+        filename=filename,
+        headers={"X-Content-SHA256": model_id},
+    )
+
+
+@router.get("/{model_id}/fusions", response_model=FusionReportPublic)
+def read_model_fusions(model_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Static fusion analysis: Conv-BN-ReLU, Conv-BN-Add and friends, with what blocks INT8 fusion."""
+    from service.onnx_graph.fusions import analyze_fusions
+
+    analysis = analyze_fusions(services.models.load(model_id))
+    return {"model_id": model_id, **analysis.to_dict()}
+
+
+@router.delete("/{model_id}", status_code=204)
+def delete_model(model_id: str, services: ServicesDep) -> Response:
+    """Delete a model that no engine or active job uses."""
+    services.models.delete(model_id)
+    return Response(status_code=204)

@@ -1,0 +1,44 @@
+"""The FastAPI application factory and its lifespan.
+
+``create_app(settings)`` builds an app whose lifespan opens storage, reconciles it with what a
+previous process left behind, starts the job runner, and closes everything at shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.api import health, models
+from service.api.errors import install_error_handlers
+from service.config import Settings, get_settings
+from service.runtime import open_services
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = open_services(settings)
+        app.state.services = services
+        services.runner.start()
+        try:
+            yield
+        finally:
+            services.close()
+
+    app = FastAPI(
+        title="Engine Service",
+        version=__version__,
+        description="TensorRT INT8/FP16 engine building: calibration, Q/DQ quantization, verified fusions, "
+        "engine cache, inference and reports.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for router in (health.router, models.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,160 @@
+"""The backend contract: one small Protocol and the values that cross it.
+
+A backend turns a prepared ONNX model (already Q/DQ-quantized and FP16-typed where the backend is
+strongly typed) into engine bytes plus a :class:`LayerReport`, and loads engine bytes into a
+:class:`Runner`. Backends import their heavy libraries inside functions so this package imports on any
+host; ``available()`` says why not when a backend cannot be used here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+Precision = Literal["int8", "fp16", "fp32"]
+LayerPrecision = Literal["int8", "fp16", "fp32", "mixed", "other"]
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can build (and run) here, and if not, why."""
+
+    can_build: bool
+    can_run: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Identity of a backend on this host: goes into engine cache keys and every report."""
+
+    name: str
+    version: str
+    device: str  # e.g. "NVIDIA H100 80GB HBM3 (sm_90)" or "CPU (x86_64, 2 cores)" or "ahead-of-time (no GPU)"
+    compute_capability: str | None = None
+    strongly_typed: bool = True
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """Optimization-profile dims for one dynamic input."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """What to build from the prepared model.
+
+    ``precision`` is the engine's target; strongly typed backends take their precisions from the
+    ONNX types and Q/DQ nodes and use it only for reporting. ``keep_layers`` names ONNX nodes kept out
+    of INT8 (pinned to FP16/FP32 on TensorRT 10's implicit path). ``calibration_cache`` and
+    ``calibration_batches`` feed TensorRT 10's IInt8EntropyCalibrator2 for FP32 models.
+    """
+
+    precision: Precision
+    shapes: Mapping[str, ShapeRange] = field(default_factory=dict)
+    keep_layers: tuple[str, ...] = ()
+    calibration_cache: bytes | None = None
+    calibration_batches: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None
+    calibration_batch_size: int = 8
+    workspace_bytes: int | None = None
+    timing_cache_path: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineLayer:
+    """One layer of a built engine as the backend reports it."""
+
+    name: str
+    type: str  # backend layer type, e.g. "runtime_fusion", "correlation", "kgen", "Reformat", "FusedConv"
+    precision: LayerPrecision
+    input_dtypes: tuple[str, ...] = ()
+    output_dtypes: tuple[str, ...] = ()
+    onnx_nodes: tuple[str, ...] = ()  # ONNX node names fused into this layer
+    is_reformat: bool = False  # reformat / cast / copy layers that only move or convert data
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """The layers of a built engine and where the information came from."""
+
+    layers: tuple[EngineLayer, ...]
+    source: Literal["builder_log", "engine_inspector", "optimized_graph"]
+
+    def precision_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            counts[layer.precision] = counts.get(layer.precision, 0) + 1
+        return counts
+
+    @property
+    def reformat_count(self) -> int:
+        return sum(1 for layer in self.layers if layer.is_reformat)
+
+    def layers_for_node(self, node_name: str) -> tuple[EngineLayer, ...]:
+        return tuple(layer for layer in self.layers if node_name in layer.onnx_nodes)
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    """Engine bytes plus the evidence of what the builder did."""
+
+    engine_bytes: bytes
+    layer_report: LayerReport
+    info: BackendInfo
+    build_seconds: float
+    build_log: str = ""
+    file_extension: str = ".plan"  # ".plan" for TensorRT engines, ".onnx" for ONNX Runtime
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """One engine input or output: dims are ints, or strings for dynamic dims."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str, ...]
+    profile: ShapeRange | None = None
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A loaded engine ready for inference; close() releases its memory."""
+
+    @property
+    def inputs(self) -> tuple[IOSpec, ...]: ...
+
+    @property
+    def outputs(self) -> tuple[IOSpec, ...]: ...
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Runner: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One way to build and run engines."""
+
+    name: str
+
+    def available(self) -> Availability: ...
+
+    def describe(self) -> BackendInfo: ...
+
+    def build(self, model: bytes, spec: BuildSpec) -> BuiltEngine: ...
+
+    def load(self, engine_bytes: bytes) -> Runner: ...

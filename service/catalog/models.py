@@ -1,0 +1,144 @@
+"""The model catalog: uploaded and derived ONNX models, their bytes and their summaries.
+
+A model's id is the sha256 of its bytes, so the same upload twice is one record. Registration
+validates first and writes second: the blob is committed and the row inserted only after the bytes
+parsed and passed the checker, and a failed registration removes its staged file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+
+from service.errors import Conflict, NotFound
+from service.jobs.records import utc_now
+from service.onnx_graph.inspect import ModelInfo, model_info
+from service.onnx_graph.loading import model_from_bytes
+from service.store.blobs import BlobStore, StagedUpload
+from service.store.db import Database
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    id: str
+    name: str
+    size_bytes: int
+    info: ModelInfo
+    source: str  # upload | quantization | build
+    parent_id: str | None
+    created_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "size_bytes": self.size_bytes,
+            "source": self.source,
+            "parent_id": self.parent_id,
+            "created_at": self.created_at,
+            **self.info.to_dict(),
+        }
+
+
+def _record(row: Any) -> ModelRecord:
+    return ModelRecord(
+        id=row["id"],
+        name=row["name"],
+        size_bytes=int(row["size_bytes"]),
+        info=ModelInfo.from_dict(json.loads(row["info_json"])),
+        source=row["source"],
+        parent_id=row["parent_id"],
+        created_at=row["created_at"],
+    )
+
+
+class ModelCatalog:
+    def __init__(self, db: Database, blobs: BlobStore) -> None:
+        self.db = db
+        self.blobs = blobs
+
+    def register_staged(
+        self, staged: StagedUpload, name: str, *, source: str = "upload", parent_id: str | None = None
+    ) -> tuple[ModelRecord, bool]:
+        """Validate a fully streamed upload and store it; the staged file is consumed either way."""
+        try:
+            staged.finish()
+            existing = self._find(staged.sha256)
+            if existing is not None:
+                staged.discard()
+                return existing, False
+            model = model_from_bytes(staged.path.read_bytes())
+            info = model_info(model)
+            blob = self.blobs.commit(staged)
+        except BaseException:
+            staged.discard()
+            raise
+        return self._insert(blob.sha256, name, blob.size_bytes, info, source, parent_id), True
+
+    def add_model(
+        self, model: onnx.ModelProto | bytes, name: str, *, source: str, parent_id: str | None = None
+    ) -> tuple[ModelRecord, bool]:
+        """Store a model the service produced (a Q/DQ model, an FP16-typed build input)."""
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        staged = self.blobs.stage(max_bytes=len(data))
+        staged.write(data)
+        return self.register_staged(staged, name, source=source, parent_id=parent_id)
+
+    def _insert(
+        self, model_id: str, name: str, size: int, info: ModelInfo, source: str, parent_id: str | None
+    ) -> ModelRecord:
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
+            if row is not None:  # a concurrent upload of the same bytes won the race
+                return _record(row)
+            conn.execute(
+                "INSERT INTO models (id, name, size_bytes, info_json, source, parent_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (model_id, name, size, json.dumps(info.to_dict()), source, parent_id, utc_now()),
+            )
+            return _record(conn.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone())
+
+    def _find(self, model_id: str) -> ModelRecord | None:
+        row = self.db.query_one("SELECT * FROM models WHERE id = ?", (model_id,))
+        return _record(row) if row is not None else None
+
+    def get(self, model_id: str) -> ModelRecord:
+        record = self._find(model_id)
+        if record is None:
+            raise NotFound(f"No model with id '{model_id}'. List models with GET /v1/models.")
+        return record
+
+    def list(self, *, source: str | None = None) -> list[ModelRecord]:
+        if source is None:
+            rows = self.db.query("SELECT * FROM models ORDER BY created_at DESC")
+        else:
+            rows = self.db.query("SELECT * FROM models WHERE source = ? ORDER BY created_at DESC", (source,))
+        return [_record(r) for r in rows]
+
+    def read_bytes(self, model_id: str) -> bytes:
+        self.get(model_id)
+        return self.blobs.read_bytes(model_id)
+
+    def load(self, model_id: str) -> onnx.ModelProto:
+        return model_from_bytes(self.read_bytes(model_id), check=False)
+
+    def delete(self, model_id: str) -> None:
+        self.get(model_id)
+        engines = self.db.query(
+            "SELECT id FROM engines WHERE model_id = ? OR built_model_id = ? LIMIT 5", (model_id, model_id)
+        )
+        if engines:
+            ids = ", ".join(r["id"] for r in engines)
+            raise Conflict(f"Model {model_id} has engines ({ids}); delete them first with DELETE /v1/engines/{{id}}.")
+        active = self.db.query(
+            "SELECT id FROM jobs WHERE status IN ('queued', 'running') AND params_json LIKE ? LIMIT 5",
+            (f'%"{model_id}"%',),
+        )
+        if active:
+            ids = ", ".join(r["id"] for r in active)
+            raise Conflict(f"Model {model_id} is used by active jobs ({ids}); cancel them or wait.")
+        self.db.execute("DELETE FROM models WHERE id = ?", (model_id,))
+        self.blobs.delete(model_id)

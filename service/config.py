@@ -1,0 +1,69 @@
+"""Settings: the one typed home for every option.
+
+Values come from the environment (prefix ``ENGINE_SERVICE_``) or a ``.env`` file; defaults give the
+embedded quick-start setup: SQLite and local folders under the current directory, CPU backends.
+Build settings with :func:`get_settings` (cached) and inject them; nothing reads the environment at import.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every field can be set as ``ENGINE_SERVICE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="ENGINE_SERVICE_", env_file=".env", extra="ignore")
+
+    # Data roots. Engines and calibration sets are volumes in compose; models and the DB sit beside them.
+    engines_dir: Path = Path("engines")
+    calibration_dir: Path = Path("calibration_data")
+    models_dir: Path = Path("models")
+    database_path: Path = Path("engine_service.db")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    # Uploads and archives.
+    max_upload_bytes: int = Field(default=1 * GIB, gt=0)
+    max_archive_members: int = Field(default=100_000, gt=0)
+    max_archive_uncompressed_bytes: int = Field(default=8 * GIB, gt=0)
+
+    # Engine cache and warm runners.
+    engine_cache_bytes: int = Field(default=20 * GIB, gt=0)
+    runner_cache_bytes: int = Field(default=2 * GIB, gt=0)
+    default_backend: str = "auto"
+
+    # Jobs.
+    job_workers: int = Field(default=1, ge=1, le=64)
+    queue_backend: Literal["embedded", "redis"] = "embedded"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Authentication: off by default for the local quick start, on in the Docker images.
+    auth_enabled: bool = False
+    api_keys_file: Path | None = None
+    bootstrap_api_key: SecretStr | None = None
+    max_concurrent_jobs_per_key: int = Field(default=4, ge=1)
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def ensure_dirs(self) -> None:
+        """Create the data roots (idempotent)."""
+        for directory in (self.engines_dir, self.calibration_dir, self.models_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.database_path.parent.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,202 @@
+"""The embedded job runner: a queue, worker threads, progress, logs and cancellation.
+
+Long work (quantization, builds, benchmarks, evaluations) runs here, never inside a request. Each
+job kind has one handler ``handler(ctx) -> result dict``; the handler reports through its
+:class:`JobContext` and checks ``ctx.check_cancelled()`` between steps. Rows live in SQLite
+(:mod:`service.jobs.records`), so status survives the process; on start the runner fails the jobs a
+dead process left running and re-queues the ones that never started.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import JobCancelled, LimitExceeded, ServiceError
+from service.jobs.records import JobRecord, JobStore
+
+logger = logging.getLogger(__name__)
+
+JobHandler = Callable[["JobContext"], dict[str, Any]]
+SHUTDOWN_REASON = "the server shut down before this job finished; submit the same request again to retry."
+_PROGRESS_WRITE_INTERVAL_S = 0.25
+
+
+@dataclass
+class JobContext:
+    """What a running handler sees: its params and the means to report and to stop."""
+
+    job_id: str
+    kind: str
+    params: dict[str, Any]
+    _store: JobStore
+    _stopping: threading.Event
+    _last_write: float = 0.0
+    _phase: str | None = None
+    _progress: float = 0.0
+    _cancel_checked_at: float = field(default=0.0)
+    _cancelled: bool = False
+
+    def progress(self, fraction: float, phase: str | None = None) -> None:
+        """Record progress in [0, 1]; phase changes are written at once, fractions throttled."""
+        fraction = min(max(fraction, 0.0), 1.0)
+        now = time.monotonic()
+        phase_changed = phase is not None and phase != self._phase
+        self._progress = fraction
+        if phase_changed:
+            self._phase = phase
+        if phase_changed or now - self._last_write >= _PROGRESS_WRITE_INTERVAL_S:
+            self._store.update_progress(self.job_id, fraction, phase if phase_changed else None)
+            self._last_write = now
+
+    def phase(self, name: str, fraction: float | None = None) -> None:
+        self.log(f"phase: {name}")
+        self.progress(self._progress if fraction is None else fraction, name)
+
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        self._store.append_log(self.job_id, "".join(f"{stamp} {line}\n" for line in message.splitlines() or [""]))
+
+    def should_stop(self) -> bool:
+        """True when cancellation was requested or the server is shutting down (cheap to poll)."""
+        if self._cancelled or self._stopping.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._cancel_checked_at >= 0.1:
+            self._cancel_checked_at = now
+            self._cancelled = self._store.cancel_requested(self.job_id)
+        return self._cancelled
+
+    def check_cancelled(self) -> None:
+        if self.should_stop():
+            raise JobCancelled(f"Job {self.job_id} was cancelled.")
+
+
+class JobRunner:
+    """Runs registered job kinds on a pool of worker threads."""
+
+    def __init__(self, store: JobStore, *, workers: int = 1, max_active_per_owner: int | None = None) -> None:
+        self.store = store
+        self.workers = workers
+        self.max_active_per_owner = max_active_per_owner
+        self._handlers: dict[str, JobHandler] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._running: dict[str, JobContext] = {}
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[JobRecord], None]] = []
+
+    def register(self, kind: str, handler: JobHandler) -> None:
+        self._handlers[kind] = handler
+
+    def add_listener(self, listener: Callable[[JobRecord], None]) -> None:
+        """Called with the final record of every finished job (metrics hook)."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        interrupted = self.store.mark_interrupted()
+        if interrupted:
+            logger.warning("marked %d interrupted job(s) failed", interrupted)
+        for job_id in self.store.queued_ids():
+            self._queue.put(job_id)
+        for index in range(self.workers):
+            thread = threading.Thread(target=self._work, name=f"job-worker-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def submit(
+        self,
+        kind: str,
+        params: Mapping[str, Any],
+        *,
+        dedupe_key: str | None = None,
+        owner: str | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Queue a job; with a dedupe key an identical active job is returned instead (created=False)."""
+        if kind not in self._handlers:
+            raise ServiceError(f"No handler registered for job kind '{kind}'.")
+        if owner is not None and self.max_active_per_owner is not None:
+            active = self.store.count_active(owner=owner)
+            if active >= self.max_active_per_owner:
+                raise LimitExceeded(
+                    f"This API key already has {active} queued or running jobs (limit "
+                    f"{self.max_active_per_owner}); wait for one to finish or cancel one."
+                )
+        record, created = self.store.create(kind, dict(params), dedupe_key=dedupe_key, owner=owner)
+        if created:
+            self._queue.put(record.id)
+        return record, created
+
+    def cancel(self, job_id: str, *, kind: str | None = None) -> JobRecord:
+        self.store.get(job_id, kind=kind)
+        return self.store.request_cancel(job_id)
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Stop taking jobs, give running ones ``grace_seconds`` to finish, then fail them cleanly."""
+        deadline = time.monotonic() + grace_seconds
+        for _ in self._threads:
+            self._queue.put(None)
+        while self.running_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stopping.set()  # handlers polling should_stop() now unwind
+        for thread in self._threads:
+            thread.join(timeout=max(1.0, deadline - time.monotonic()))
+        self._threads.clear()
+
+    def _work(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None:
+                return
+            try:
+                self._run_one(job_id)
+            except Exception:  # the worker must survive anything a handler or the DB throws
+                logger.exception("job %s crashed the worker loop", job_id)
+
+    def _run_one(self, job_id: str) -> None:
+        if not self.store.mark_running(job_id):
+            return  # cancelled while queued
+        record = self.store.get(job_id)
+        ctx = JobContext(job_id=job_id, kind=record.kind, params=record.params, _store=self.store,
+                         _stopping=self._stopping)
+        with self._lock:
+            self._running[job_id] = ctx
+        started = time.monotonic()
+        try:
+            result = self._handlers[record.kind](ctx)
+        except JobCancelled:
+            if self._stopping.is_set():
+                ctx.log(SHUTDOWN_REASON)
+                self.store.finish(job_id, "failed", error=SHUTDOWN_REASON)
+            else:
+                ctx.log("cancelled on request")
+                self.store.finish(job_id, "cancelled", error="cancelled on request")
+        except ServiceError as exc:
+            ctx.log(f"failed: {exc.message}")
+            self.store.finish(job_id, "failed", error=exc.message)
+        except Exception as exc:
+            ctx.log("failed with an unexpected error:\n" + traceback.format_exc(limit=8))
+            self.store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            ctx.log(f"succeeded in {time.monotonic() - started:.2f} s")
+            self.store.finish(job_id, "succeeded", result=result)
+        finally:
+            with self._lock:
+                self._running.pop(job_id, None)
+        final = self.store.get(job_id)
+        for listener in self._listeners:
+            try:
+                listener(final)
+            except Exception:
+                logger.exception("job listener failed")

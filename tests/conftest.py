@@ -1,0 +1,72 @@
+"""Shared fixtures: one real server per test session, model files from installed packages."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import onnx
+import pytest
+
+from tests.server import running_server, settings_for
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"package {name} is not installed")
+    return Path(spec.origin).parent
+
+
+ONNX_ZOO_DIR = _package_dir("onnx") / "backend" / "test" / "data" / "light"
+
+
+@pytest.fixture(scope="session")
+def zoo_model_path() -> Callable[[str], Path]:
+    """Path of a structural model-zoo graph shipped inside the onnx package (e.g. 'resnet50')."""
+
+    def path(name: str) -> Path:
+        return ONNX_ZOO_DIR / f"light_{name}.onnx"
+
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet50_bytes() -> bytes:
+    return (ONNX_ZOO_DIR / "light_resnet50.onnx").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def rapidocr_models_dir() -> Path:
+    """Trained PP-OCR models shipped by the rapidocr package."""
+    return _package_dir("rapidocr") / "models"
+
+
+@pytest.fixture(scope="session")
+def server_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("service")
+
+
+@pytest.fixture(scope="session")
+def api(server_root: Path) -> Iterator[httpx.Client]:
+    """A client for the session's shared server (real uvicorn on loopback, default settings)."""
+    with running_server(settings_for(server_root)) as client:
+        yield client
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Callable[..., AbstractContextManager[httpx.Client]]:
+    """Start a dedicated server with overridden settings: `with start_server(max_upload_bytes=10) as c:`."""
+
+    def start(**overrides: Any) -> AbstractContextManager[httpx.Client]:
+        return running_server(settings_for(tmp_path / "server", **overrides))
+
+    return start
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path))
