@@ -1,0 +1,81 @@
+"""Calibration sets: upload (.npz, .npy, or image archives with preprocessing), list, read, delete."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from service.api.deps import ServicesDep
+from service.api.uploads import receive_upload, upload_body_schema
+from service.calibration.preprocess import PreprocessSpec
+from service.errors import BadInput
+
+router = APIRouter(prefix="/v1/calibration-sets", tags=["calibration sets"])
+
+_FORM_FIELDS = {
+    "name": {"type": "string"},
+    "preprocess": {"type": "string", "description": "JSON PreprocessSpec; required for image archives."},
+    "model_id": {"type": "string", "description": "Validate the set against this model's inputs at upload."},
+}
+
+
+def _parse_preprocess(text: str | None) -> PreprocessSpec | None:
+    if not text:
+        return None
+    try:
+        return PreprocessSpec.model_validate(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"The 'preprocess' field is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise BadInput(f"The 'preprocess' field is invalid: {problems}") from exc
+
+
+@router.post("", status_code=201, openapi_extra=upload_body_schema(_FORM_FIELDS))
+async def create_calibration_set(request: Request, services: ServicesDep) -> JSONResponse:
+    """Upload a calibration set; with `model_id`, it is validated against that model's inputs."""
+    catalog = services.calibration_sets
+    upload = await receive_upload(request, services.calibration_uploads, services.settings.max_upload_bytes)
+    try:
+        preprocess = _parse_preprocess(upload.fields.get("preprocess"))
+        model_id = upload.fields.get("model_id") or request.query_params.get("model_id")
+        model_inputs = services.models.get(model_id).info.inputs if model_id else None
+    except BaseException:
+        upload.staged.discard()
+        raise
+    name = upload.fields.get("name") or upload.filename or request.query_params.get("name") or "calibration"
+    record, created = await run_in_threadpool(
+        catalog.register_staged, upload.staged, name, preprocess=preprocess, model_inputs=model_inputs
+    )
+    return JSONResponse(status_code=201 if created else 200, content=record.to_dict())
+
+
+@router.get("")
+def list_calibration_sets(services: ServicesDep) -> list[dict[str, Any]]:
+    """List calibration sets, newest first."""
+    return [record.to_dict() for record in services.calibration_sets.list()]
+
+
+@router.get("/{set_id}")
+def read_calibration_set(set_id: str, services: ServicesDep) -> dict[str, Any]:
+    """One calibration set: format, samples, per-input shape, dtype and stats."""
+    return services.calibration_sets.get(set_id).to_dict()
+
+
+@router.get("/{set_id}/validate")
+def validate_calibration_set(set_id: str, model_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Check a set against a model's inputs; 400 says what does not fit."""
+    binding = services.calibration_sets.bind(set_id, services.models.get(model_id).info.inputs)
+    return {"calibration_set_id": set_id, "model_id": model_id, "valid": True, "binding": binding}
+
+
+@router.delete("/{set_id}", status_code=204)
+def delete_calibration_set(set_id: str, services: ServicesDep) -> Response:
+    """Delete a calibration set that no active job uses."""
+    services.calibration_sets.delete(set_id)
+    return Response(status_code=204)

@@ -1,0 +1,239 @@
+"""The engine cache: engines stored by key, verified on every read, evicted least-recently-used.
+
+An engine is stored in two steps in this order: the plan bytes (atomic blob write), then the row.
+A crash between them leaves a file without a row, which :meth:`EngineCache.reconcile` removes at
+start-up; a row never points at a half-written file. Reads hash the file and compare with the
+recorded digest, so a damaged or truncated plan is dropped from the cache rather than served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.builds.keys import BuildConfig, EngineKey
+from service.errors import NotFound
+from service.jobs.records import utc_now
+from service.store.blobs import BlobStore
+from service.store.db import Database
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptEngine(NotFound):
+    """The stored plan no longer matches its digest; it was removed and must be rebuilt."""
+
+    code = "engine_corrupt"
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    id: str
+    model_id: str
+    built_model_id: str
+    calibration_set_id: str | None
+    backend: str
+    backend_version: str
+    device: str
+    precision: str
+    build_config: BuildConfig
+    plan_sha256: str
+    size_bytes: int
+    file_extension: str
+    build_seconds: float
+    report: dict[str, Any]
+    calibration_cache_sha256: str | None
+    created_at: str
+    last_used_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        report = self.report
+        return {
+            "id": self.id,
+            "model_id": self.model_id,
+            "built_model_id": self.built_model_id,
+            "calibration_set_id": self.calibration_set_id,
+            "backend": self.backend,
+            "backend_version": self.backend_version,
+            "device": self.device,
+            "precision": self.precision,
+            "build_config": self.build_config.to_dict(),
+            "build_seconds": self.build_seconds,
+            "engine_bytes": self.size_bytes,
+            "plan_sha256": self.plan_sha256,
+            "layer_counts": report.get("layer_counts", {}),
+            "fusion_summary": report.get("fusions", {}).get("summary"),
+            "accuracy": report.get("accuracy"),
+            "has_calibration_cache": self.calibration_cache_sha256 is not None,
+            "created_at": self.created_at,
+            "last_used_at": self.last_used_at,
+        }
+
+
+def _record(row: Any) -> EngineRecord:
+    return EngineRecord(
+        id=row["id"],
+        model_id=row["model_id"],
+        built_model_id=row["built_model_id"],
+        calibration_set_id=row["calibration_set_id"],
+        backend=row["backend"],
+        backend_version=row["backend_version"],
+        device=row["device"],
+        precision=row["precision"],
+        build_config=BuildConfig.from_dict(json.loads(row["build_config_json"])),
+        plan_sha256=row["plan_sha256"],
+        size_bytes=int(row["size_bytes"]),
+        file_extension=row["file_extension"],
+        build_seconds=float(row["build_seconds"]),
+        report=json.loads(row["report_json"]),
+        calibration_cache_sha256=row["calibration_cache_sha256"],
+        created_at=row["created_at"],
+        last_used_at=row["last_used_at"],
+    )
+
+
+@dataclass(frozen=True)
+class NewEngine:
+    """What a finished build hands to the cache."""
+
+    key: EngineKey
+    built_model_id: str
+    engine_bytes: bytes
+    file_extension: str
+    build_seconds: float
+    report: dict[str, Any]
+    calibration_cache: bytes | None = None
+
+
+class EngineCache:
+    def __init__(self, db: Database, root: Path, *, budget_bytes: int) -> None:
+        self.db = db
+        self.plans = BlobStore(root / "plans")
+        self.artifacts = BlobStore(root / "artifacts")  # calibration caches and other build outputs
+        self.budget_bytes = budget_bytes
+
+    def lookup(self, key_digest: str) -> EngineRecord | None:
+        """The cached engine for a key, or None; a damaged entry is dropped and reported as a miss."""
+        row = self.db.query_one("SELECT * FROM engines WHERE id = ?", (key_digest,))
+        if row is None:
+            return None
+        record = _record(row)
+        if not self.plans.verify(record.plan_sha256):
+            logger.warning("engine %s failed verification; dropping it from the cache", record.id)
+            self._drop(record)
+            return None
+        self.touch(record.id)
+        return record
+
+    def store(self, new: NewEngine) -> EngineRecord:
+        plan = self.plans.put_bytes(new.engine_bytes)
+        cache_sha = self.artifacts.put_bytes(new.calibration_cache).sha256 if new.calibration_cache else None
+        now = utc_now()
+        key = new.key
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO engines (id, model_id, built_model_id, calibration_set_id, backend, "
+                "backend_version, device, precision, build_config_json, plan_sha256, size_bytes, file_extension, "
+                "build_seconds, report_json, calibration_cache_sha256, created_at, last_used_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key.digest, key.model_id, new.built_model_id, key.calibration_set_id, key.backend.name,
+                    key.backend.version, key.backend.device, key.config.precision,
+                    json.dumps(key.config.to_dict()), plan.sha256, plan.size_bytes, new.file_extension,
+                    new.build_seconds, json.dumps(new.report), cache_sha, now, now,
+                ),
+            )
+        self.evict(keep=key.digest)
+        return self.get(key.digest)
+
+    def get(self, engine_id: str) -> EngineRecord:
+        row = self.db.query_one("SELECT * FROM engines WHERE id = ?", (engine_id,))
+        if row is None:
+            raise NotFound(f"No engine with id '{engine_id}'. List engines with GET /v1/engines.")
+        return _record(row)
+
+    def list(self, *, model_id: str | None = None) -> list[EngineRecord]:
+        if model_id is None:
+            rows = self.db.query("SELECT * FROM engines ORDER BY created_at DESC")
+        else:
+            rows = self.db.query("SELECT * FROM engines WHERE model_id = ? ORDER BY created_at DESC", (model_id,))
+        return [_record(r) for r in rows]
+
+    def verified_plan_path(self, engine_id: str) -> Path:
+        """The plan file, after checking it still matches its digest."""
+        record = self.get(engine_id)
+        if not self.plans.verify(record.plan_sha256):
+            self._drop(record)
+            raise CorruptEngine(
+                f"Engine {engine_id}'s plan file was damaged on disk and has been removed; build it again."
+            )
+        self.touch(engine_id)
+        return self.plans.path_for(record.plan_sha256)
+
+    def read_plan(self, engine_id: str) -> bytes:
+        record = self.get(engine_id)
+        try:
+            data = self.plans.read_bytes(record.plan_sha256, verify=True)
+        except Exception as exc:  # missing or damaged: never serve it
+            self._drop(record)
+            raise CorruptEngine(
+                f"Engine {engine_id}'s plan file is missing or damaged and has been removed; build it again."
+            ) from exc
+        self.touch(engine_id)
+        return data
+
+    def calibration_cache_path(self, engine_id: str) -> Path:
+        record = self.get(engine_id)
+        if record.calibration_cache_sha256 is None:
+            raise NotFound(f"Engine {engine_id} was not calibrated by the service; it has no calibration cache.")
+        return self.artifacts.path_for(record.calibration_cache_sha256)
+
+    def touch(self, engine_id: str) -> None:
+        self.db.execute("UPDATE engines SET last_used_at = ? WHERE id = ?", (utc_now(), engine_id))
+
+    def total_bytes(self) -> int:
+        row = self.db.query_one("SELECT COALESCE(SUM(size_bytes), 0) FROM engines")
+        return int(row[0]) if row else 0
+
+    def evict(self, *, keep: str | None = None) -> list[str]:
+        """Drop least-recently-used engines until the cache fits its budget; returns evicted ids."""
+        evicted: list[str] = []
+        total = self.total_bytes()
+        if total <= self.budget_bytes:
+            return evicted
+        for row in self.db.query("SELECT * FROM engines ORDER BY last_used_at ASC"):
+            if total <= self.budget_bytes:
+                break
+            if row["id"] == keep:
+                continue
+            record = _record(row)
+            self._drop(record)
+            total -= record.size_bytes
+            evicted.append(record.id)
+        return evicted
+
+    def delete(self, engine_id: str) -> None:
+        self._drop(self.get(engine_id))
+
+    def _drop(self, record: EngineRecord) -> None:
+        self.db.execute("DELETE FROM engines WHERE id = ?", (record.id,))
+        if not self.db.query_one("SELECT 1 FROM engines WHERE plan_sha256 = ?", (record.plan_sha256,)):
+            self.plans.delete(record.plan_sha256)
+
+    def reconcile(self) -> dict[str, int]:
+        """Make the index and the files agree: drop rows without a valid file and files without a row."""
+        dropped_rows = 0
+        for record in self.list():
+            if not self.plans.exists(record.plan_sha256):
+                self._drop(record)
+                dropped_rows += 1
+        referenced = {r["plan_sha256"] for r in self.db.query("SELECT plan_sha256 FROM engines")}
+        orphan_files = 0
+        for digest in list(self.plans.digests()):
+            if digest not in referenced:
+                self.plans.delete(digest)
+                orphan_files += 1
+        return {"dropped_rows": dropped_rows, "orphan_files": orphan_files}

@@ -1,0 +1,166 @@
+"""The calibration-set catalog: ingest uploads into their canonical stored form, list, open, delete.
+
+A set's id is the sha256 of the uploaded bytes, extended with the canonical preprocessing JSON when
+images were preprocessed (the same archive preprocessed two ways is two sets). The stored form lives
+in ``<calibration_dir>/<id>/`` (one memory-mappable ``.npy`` per input plus ``info.json``), written
+by :func:`service.calibration.datasets.ingest_calibration_upload` into a temporary directory and
+renamed into place, so a failed ingest leaves neither files nor a row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.calibration.datasets import (
+    CalibrationSet,
+    CalibrationSetInfo,
+    bind_to_model,
+    ingest_calibration_upload,
+)
+from service.calibration.preprocess import PreprocessSpec
+from service.errors import Conflict, NotFound
+from service.jobs.records import utc_now
+from service.onnx_graph.inspect import TensorSpec
+from service.store.blobs import StagedUpload
+from service.store.db import Database
+
+
+@dataclass(frozen=True)
+class CalibrationSetRecord:
+    id: str
+    name: str
+    size_bytes: int
+    info: CalibrationSetInfo
+    created_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "size_bytes": self.size_bytes,
+                "created_at": self.created_at, **self.info.to_dict()}
+
+
+def _record(row: Any) -> CalibrationSetRecord:
+    return CalibrationSetRecord(
+        id=row["id"],
+        name=row["name"],
+        size_bytes=int(row["size_bytes"]),
+        info=CalibrationSetInfo.from_dict(json.loads(row["info_json"])),
+        created_at=row["created_at"],
+    )
+
+
+def calibration_set_id(upload_sha256: str, preprocess: PreprocessSpec | None) -> str:
+    if preprocess is None:
+        return upload_sha256
+    canonical = json.dumps(preprocess.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{upload_sha256}\n{canonical}".encode()).hexdigest()
+
+
+class CalibrationCatalog:
+    def __init__(
+        self, db: Database, root: Path, *, max_archive_members: int, max_archive_uncompressed_bytes: int
+    ) -> None:
+        self.db = db
+        self.root = root
+        self.max_archive_members = max_archive_members
+        self.max_archive_uncompressed_bytes = max_archive_uncompressed_bytes
+        root.mkdir(parents=True, exist_ok=True)
+
+    def directory(self, set_id: str) -> Path:
+        self.get(set_id)
+        return self.root / set_id
+
+    def register_staged(
+        self,
+        staged: StagedUpload,
+        name: str,
+        *,
+        preprocess: PreprocessSpec | None,
+        model_inputs: Sequence[TensorSpec] | None = None,
+    ) -> tuple[CalibrationSetRecord, bool]:
+        """Ingest a streamed upload; validates against ``model_inputs`` when given. Consumes ``staged``."""
+        try:
+            staged.finish()
+            set_id = calibration_set_id(staged.sha256, preprocess)
+            existing = self._find(set_id)
+            if existing is not None:
+                if model_inputs is not None:
+                    bind_to_model(existing.info, model_inputs)
+                return existing, False
+            dest = self.root / set_id
+            if dest.exists():  # a directory without a row: left by a crash between rename and insert
+                shutil.rmtree(dest)
+            info = ingest_calibration_upload(
+                staged.path,
+                name,
+                dest,
+                preprocess=preprocess,
+                max_members=self.max_archive_members,
+                max_uncompressed_bytes=self.max_archive_uncompressed_bytes,
+            )
+            try:
+                if model_inputs is not None:
+                    bind_to_model(info, model_inputs)
+                record = self._insert(set_id, name, staged.size_bytes, info)
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
+            return record, True
+        finally:
+            staged.discard()
+
+    def _insert(self, set_id: str, name: str, size: int, info: CalibrationSetInfo) -> CalibrationSetRecord:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO calibration_sets (id, name, format, size_bytes, samples, info_json, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (set_id, name, info.format, size, info.samples, json.dumps(info.to_dict()), utc_now()),
+            )
+            return _record(conn.execute("SELECT * FROM calibration_sets WHERE id = ?", (set_id,)).fetchone())
+
+    def _find(self, set_id: str) -> CalibrationSetRecord | None:
+        row = self.db.query_one("SELECT * FROM calibration_sets WHERE id = ?", (set_id,))
+        return _record(row) if row is not None else None
+
+    def get(self, set_id: str) -> CalibrationSetRecord:
+        record = self._find(set_id)
+        if record is None:
+            raise NotFound(f"No calibration set with id '{set_id}'. List them with GET /v1/calibration-sets.")
+        return record
+
+    def list(self) -> list[CalibrationSetRecord]:
+        return [_record(r) for r in self.db.query("SELECT * FROM calibration_sets ORDER BY created_at DESC")]
+
+    def open(self, set_id: str) -> CalibrationSet:
+        return CalibrationSet.open(self.directory(set_id))
+
+    def bind(self, set_id: str, model_inputs: Sequence[TensorSpec]) -> dict[str, str]:
+        """Map model input names to stored arrays, or raise InvalidCalibrationSet saying what differs."""
+        return bind_to_model(self.get(set_id).info, model_inputs)
+
+    def delete(self, set_id: str) -> None:
+        self.get(set_id)
+        active = self.db.query(
+            "SELECT id FROM jobs WHERE status IN ('queued', 'running') AND params_json LIKE ? LIMIT 5",
+            (f'%"{set_id}"%',),
+        )
+        if active:
+            ids = ", ".join(r["id"] for r in active)
+            raise Conflict(f"Calibration set {set_id} is used by active jobs ({ids}); cancel them or wait.")
+        self.db.execute("DELETE FROM calibration_sets WHERE id = ?", (set_id,))
+        shutil.rmtree(self.root / set_id, ignore_errors=True)
+
+    def reconcile(self) -> int:
+        """Remove stored directories that have no row (crash between write and insert)."""
+        known = {r["id"] for r in self.db.query("SELECT id FROM calibration_sets")}
+        removed = 0
+        for path in self.root.iterdir():
+            if path.is_dir() and path.name not in known and len(path.name) == 64:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
