@@ -1,0 +1,141 @@
+"""Fixed-range |x| histograms: exact counts, order independence, rejection of bad values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.calibration import histograms
+from service.calibration.histograms import (
+    AbsHistogram,
+    AbsHistogramAccumulator,
+    abs_histogram_from_arrays,
+    max_abs,
+)
+from service.errors import InvalidCalibrationSet
+
+
+def _normal(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+
+
+def test_histogram_counts_every_element_once_and_records_the_exact_max() -> None:
+    values = _normal(10_000)
+    hist = abs_histogram_from_arrays([values], num_bins=256)
+    assert hist.count == values.size
+    assert int(hist.counts.sum()) == values.size
+    assert hist.observed_max == pytest.approx(float(np.abs(values).max()), rel=0, abs=0)
+    assert hist.range_max == hist.observed_max
+
+
+def test_histogram_bins_agree_with_numpy_histogram_of_absolute_values() -> None:
+    values = _normal(50_000, seed=3)
+    hist = abs_histogram_from_arrays([values], num_bins=2048)
+    expected, _ = np.histogram(np.abs(values), bins=2048, range=(0.0, hist.range_max))
+    np.testing.assert_array_equal(hist.counts, expected)
+    np.testing.assert_allclose(hist.edges()[[0, -1]], [0.0, hist.range_max])
+
+
+def test_the_largest_value_lands_in_the_last_bin() -> None:
+    values = np.array([0.0, 0.25, -1.0, 1.0], dtype=np.float32)
+    hist = abs_histogram_from_arrays([values], num_bins=4)
+    np.testing.assert_array_equal(hist.counts, [1, 1, 0, 2])
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(seed=st.integers(0, 2**16), cuts=st.lists(st.integers(0, 3000), max_size=6))
+def test_histogram_ignores_how_values_are_split_into_arrays_and_their_order(
+    seed: int, cuts: list[int]
+) -> None:
+    values = _normal(3000, seed)
+    whole = abs_histogram_from_arrays([values], num_bins=512)
+    pieces = np.split(values, sorted(cuts))
+    rng = np.random.default_rng(seed)
+    shuffled = [pieces[i] for i in rng.permutation(len(pieces))]
+    assert abs_histogram_from_arrays(shuffled, num_bins=512) == whole
+
+
+def test_large_arrays_are_binned_in_chunks_with_identical_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _normal(10_001, seed=5)
+    whole = abs_histogram_from_arrays([values], num_bins=128)
+    monkeypatch.setattr(histograms, "_CHUNK_ELEMENTS", 97)
+    assert abs_histogram_from_arrays([values], num_bins=128) == whole
+
+
+def test_an_all_zero_tensor_fills_the_first_bin() -> None:
+    hist = abs_histogram_from_arrays([np.zeros((4, 5), np.float32)], num_bins=16)
+    assert hist.range_max == 0.0
+    assert hist.counts[0] == 20
+    assert int(hist.counts[1:].sum()) == 0
+
+
+def test_float16_and_float64_values_are_counted_like_float32() -> None:
+    values = np.array([0.5, -2.0, 1.25, 0.0], dtype=np.float16)
+    as16 = abs_histogram_from_arrays([values], num_bins=8)
+    as32 = abs_histogram_from_arrays([values.astype(np.float32)], num_bins=8)
+    as64 = abs_histogram_from_arrays([values.astype(np.float64)], num_bins=8)
+    assert as16 == as32 == as64
+
+
+def test_merging_histograms_with_identical_bins_adds_their_counts() -> None:
+    a, b = _normal(1000, 1), _normal(1000, 2)
+    peak = max(max_abs(a), max_abs(b))
+    left = abs_histogram_from_arrays([a], num_bins=64, range_max=peak)
+    right = abs_histogram_from_arrays([b], num_bins=64, range_max=peak)
+    assert left.merge(right) == abs_histogram_from_arrays([a, b], num_bins=64, range_max=peak)
+
+
+def test_merging_histograms_over_different_ranges_is_refused() -> None:
+    left = abs_histogram_from_arrays([_normal(100, 1)], num_bins=64)
+    right = abs_histogram_from_arrays([_normal(100, 2)], num_bins=64)
+    with pytest.raises(ValueError, match="identical bins"):
+        left.merge(right)
+
+
+def test_histogram_counts_cannot_be_modified() -> None:
+    hist = abs_histogram_from_arrays([_normal(100)], num_bins=8)
+    with pytest.raises(ValueError, match="read-only"):
+        hist.counts[0] = 5
+
+
+def test_values_beyond_the_fixed_range_are_reported_as_changed_data() -> None:
+    accumulator = AbsHistogramAccumulator(1.0, 16, name="conv_out")
+    accumulator.update(np.array([0.5, -1.0], np.float32))
+    with pytest.raises(
+        InvalidCalibrationSet, match=r"'conv_out'.*above the maximum 1 seen on the first pass"
+    ):
+        accumulator.update(np.array([1.5], np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_rejected_with_the_tensor_name(bad: float) -> None:
+    values = np.array([0.5, bad], dtype=np.float32)
+    with pytest.raises(InvalidCalibrationSet, match="'relu_out' produced NaN or infinite values"):
+        max_abs(values, name="relu_out")
+    with pytest.raises(InvalidCalibrationSet, match="'relu_out' produced NaN or infinite values"):
+        AbsHistogramAccumulator(1.0, 8, name="relu_out").update(values)
+
+
+def test_integer_tensors_cannot_be_calibrated() -> None:
+    with pytest.raises(InvalidCalibrationSet, match="'shape' has dtype int64; only floating-point"):
+        max_abs(np.arange(4), name="shape")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"counts": np.array([1, 2]), "range_max": 1.0, "observed_max": 2.0, "count": 3}, "observed_max"),
+        ({"counts": np.array([1, 2]), "range_max": 1.0, "observed_max": 1.0, "count": 4}, "sum of the bins"),
+        ({"counts": np.array([-1, 2]), "range_max": 1.0, "observed_max": 1.0, "count": 1}, "negative"),
+        ({"counts": np.array([1]), "range_max": float("nan"), "observed_max": 0.0, "count": 1}, "finite"),
+        (
+            {"counts": np.array([], np.int64), "range_max": 1.0, "observed_max": 0.0, "count": 0},
+            "at least one",
+        ),
+    ],
+)
+def test_inconsistent_histograms_cannot_be_constructed(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AbsHistogram(**kwargs)  # type: ignore[arg-type]
