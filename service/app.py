@@ -13,8 +13,11 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.api import health, models
+from service.api.auth import install_auth
 from service.api.errors import install_error_handlers
+from service.api.middleware import install_observability
 from service.config import Settings, get_settings
+from service.observability.logging import configure_logging
 from service.runtime import open_services
 
 
@@ -23,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level, json_lines=settings.log_json)  # [observability]
         services = open_services(settings)
         app.state.services = services
         services.runner.start()
@@ -41,4 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in (health.router, models.router):
         app.include_router(router)
+    # [auth][observability] the middlewares cover every route, also routers added later; observability
+    # is added after auth so that it is the outermost and sees (and logs) the answers auth gives itself.
+    install_auth(app, settings)
+    install_observability(app)
     return app

@@ -10,10 +10,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.auth.keys import KeyRing, KeyStore
 from service.catalog.models import ModelCatalog
 from service.config import Settings
 from service.jobs.records import JobStore
 from service.jobs.runner import JobRunner
+from service.observability.metrics import ServiceMetrics
 from service.store.blobs import BlobStore
 from service.store.db import Database
 
@@ -28,6 +30,8 @@ class Services:
     jobs: JobStore
     runner: JobRunner
     models: ModelCatalog
+    keys: KeyRing  # [auth] API keys accepted by this server
+    metrics: ServiceMetrics  # [observability] this app's Prometheus registry
     # Capabilities registered by later layers (calibration sets, engines, runners, metrics...).
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -46,11 +50,27 @@ def open_services(settings: Settings) -> Services:
     db = Database(settings.database_path)
     model_blobs = BlobStore(settings.models_dir, suffix=".onnx")
     jobs = JobStore(db)
+    # [auth] seed the bootstrap key and read the keys file only when auth is on; a bad one stops start-up.
+    bootstrap = settings.bootstrap_api_key
+    keys = (
+        KeyRing.open(
+            db,
+            bootstrap_token=bootstrap.get_secret_value() if bootstrap is not None else None,
+            key_file=settings.api_keys_file,
+        )
+        if settings.auth_enabled
+        else KeyRing(KeyStore(db))
+    )
     runner = JobRunner(
         jobs,
         workers=settings.job_workers,
         max_active_per_owner=settings.max_concurrent_jobs_per_key if settings.auth_enabled else None,
+        owner_limit=keys.job_limit,  # [auth] a key's own concurrent-job limit
     )
+    # [observability] job counts at scrape time, build durations from finished jobs.
+    metrics = ServiceMetrics()
+    metrics.track_jobs(jobs)
+    runner.add_listener(metrics.observe_job)
     services = Services(
         settings=settings,
         db=db,
@@ -58,5 +78,7 @@ def open_services(settings: Settings) -> Services:
         jobs=jobs,
         runner=runner,
         models=ModelCatalog(db, model_blobs),
+        keys=keys,
+        metrics=metrics,
     )
     return services

@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
 from service.api.uploads import receive_upload, upload_body_schema
 from service.calibration.preprocess import PreprocessSpec
@@ -40,7 +41,9 @@ def _parse_preprocess(text: str | None) -> PreprocessSpec | None:
 async def create_calibration_set(request: Request, services: ServicesDep) -> JSONResponse:
     """Upload a calibration set; with `model_id`, it is validated against that model's inputs."""
     catalog = services.calibration_sets
-    upload = await receive_upload(request, services.calibration_uploads, services.settings.max_upload_bytes)
+    upload = await receive_upload(
+        request, services.calibration_uploads, effective_upload_limit(request, services.settings)  # [auth]
+    )
     try:
         preprocess = _parse_preprocess(upload.fields.get("preprocess"))
         model_id = upload.fields.get("model_id") or request.query_params.get("model_id")

@@ -9,6 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel
 
+from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
 from service.api.uploads import receive_upload, upload_body_schema
 
@@ -68,7 +69,9 @@ class FusionReportPublic(BaseModel):
 )
 async def create_model(request: Request, services: ServicesDep) -> JSONResponse:
     """Upload an ONNX model (multipart `file`, or a raw body with `?name=`)."""
-    upload = await receive_upload(request, services.model_blobs, services.settings.max_upload_bytes)
+    upload = await receive_upload(
+        request, services.model_blobs, effective_upload_limit(request, services.settings)  # [auth] per-key
+    )
     name = upload.fields.get("name") or upload.filename or request.query_params.get("name") or "model.onnx"
     record, created = await run_in_threadpool(services.models.register_staged, upload.staged, name)
     return JSONResponse(status_code=201 if created else 200, content=record.to_dict())

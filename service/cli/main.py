@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
+
+if TYPE_CHECKING:  # [auth] the CLI imports its work lazily so `--help` stays fast
+    from service.auth.keys import KeyStore
+    from service.errors import ServiceError
 
 app = typer.Typer(help="TensorRT INT8/FP16 engine-building service.", no_args_is_help=True)
 
@@ -27,6 +33,88 @@ def serve(
         log_level=log_level,
         timeout_graceful_shutdown=30,
     )
+
+
+
+# [auth] `engine-service keys ...`: API keys in the service database (the server sees changes at once).
+keys_app = typer.Typer(help="Create, list and revoke API keys (stored hashed).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _key_store() -> KeyStore:
+    from service.auth.keys import KeyStore
+    from service.config import get_settings
+    from service.store.db import Database
+
+    return KeyStore(Database(get_settings().database_path))
+
+
+def _fail(exc: ServiceError) -> typer.Exit:
+    typer.echo(f"error: {exc.message}", err=True)
+    return typer.Exit(code=1)
+
+
+@keys_app.command("create")
+def create_key(
+    name: str = typer.Option(..., help="Who or what the key is for (shown in listings and logs)."),
+    max_upload_bytes: int | None = typer.Option(
+        None, min=1, help="This key's upload limit in bytes; replaces ENGINE_SERVICE_MAX_UPLOAD_BYTES."
+    ),
+    max_concurrent_jobs: int | None = typer.Option(
+        None, min=1, help="This key's queued+running job limit; replaces the server-wide one."
+    ),
+) -> None:
+    """Create a key and print it once on stdout (only its hash is stored: keep it now)."""
+    from service.errors import ServiceError
+
+    store = _key_store()
+    try:
+        issued = store.create(
+            name, max_upload_bytes=max_upload_bytes, max_concurrent_jobs=max_concurrent_jobs
+        )
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    finally:
+        store.db.close()
+    typer.echo(f"created API key {issued.key.id} ({issued.key.name}); it is shown only this once:", err=True)
+    typer.echo(issued.token)
+
+
+@keys_app.command("list")
+def list_keys(as_json: bool = typer.Option(False, "--json", help="A JSON array instead of a table.")) -> None:
+    """List keys (ids, names, limits, revoked); never the keys themselves."""
+    import json
+
+    store = _key_store()
+    try:
+        keys = store.list()
+    finally:
+        store.db.close()
+    if as_json:
+        typer.echo(json.dumps([key.to_dict() for key in keys], indent=2))
+        return
+    typer.echo(f"{'ID':<22} {'NAME':<24} {'UPLOAD LIMIT':>14} {'JOB LIMIT':>9} {'STATE':<8} CREATED")
+    for key in keys:
+        upload = "-" if key.max_upload_bytes is None else str(key.max_upload_bytes)
+        jobs = "-" if key.max_concurrent_jobs is None else str(key.max_concurrent_jobs)
+        state = "revoked" if key.revoked else "active"
+        created = key.created_at or "-"
+        typer.echo(f"{key.id:<22} {key.name[:24]:<24} {upload:>14} {jobs:>9} {state:<8} {created}")
+
+
+@keys_app.command("revoke")
+def revoke_key(key_id: str = typer.Argument(..., help="The key id from `engine-service keys list`.")) -> None:
+    """Revoke a key: requests with it get 401 from the next request on."""
+    from service.errors import ServiceError
+
+    store = _key_store()
+    try:
+        key = store.revoke(key_id)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    finally:
+        store.db.close()
+    typer.echo(f"revoked API key {key.id} ({key.name})")
 
 
 if __name__ == "__main__":

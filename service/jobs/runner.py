@@ -81,10 +81,19 @@ class JobContext:
 class JobRunner:
     """Runs registered job kinds on a pool of worker threads."""
 
-    def __init__(self, store: JobStore, *, workers: int = 1, max_active_per_owner: int | None = None) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        workers: int = 1,
+        max_active_per_owner: int | None = None,
+        owner_limit: Callable[[str], int | None] | None = None,
+    ) -> None:
         self.store = store
         self.workers = workers
         self.max_active_per_owner = max_active_per_owner
+        # Per-owner override of max_active_per_owner (an API key's own limit); None means "use the default".
+        self.owner_limit = owner_limit
         self._handlers: dict[str, JobHandler] = {}
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
@@ -123,11 +132,13 @@ class JobRunner:
         if kind not in self._handlers:
             raise ServiceError(f"No handler registered for job kind '{kind}'.")
         if owner is not None and self.max_active_per_owner is not None:
+            own_limit = self.owner_limit(owner) if self.owner_limit is not None else None
+            limit = own_limit if own_limit is not None else self.max_active_per_owner
             active = self.store.count_active(owner=owner)
-            if active >= self.max_active_per_owner:
+            if active >= limit:
                 raise LimitExceeded(
                     f"This API key already has {active} queued or running jobs (limit "
-                    f"{self.max_active_per_owner}); wait for one to finish or cancel one."
+                    f"{limit}); wait for one to finish or cancel one."
                 )
         record, created = self.store.create(kind, dict(params), dedupe_key=dedupe_key, owner=owner)
         if created:

@@ -23,7 +23,7 @@ def test_put_bytes_stores_under_the_sha256_and_reads_back(tmp_path: Path) -> Non
 
 def test_chunks_over_the_limit_raise_too_large_and_leave_no_file(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
-    with pytest.raises(TooLarge, match="limit of 10 bytes"):
+    with pytest.raises(TooLarge, match="size limit of 10 bytes"):
         store.put_chunks([b"12345", b"678901"], max_bytes=10)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 

@@ -1,0 +1,1 @@
+"""API keys: generation, hashing at rest, storage, and verification (no HTTP here)."""
