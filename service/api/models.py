@@ -48,9 +48,11 @@ class ModelPublic(BaseModel):
 class FusionPatternPublic(BaseModel):
     kind: str
     nodes: list[str]
+    op_types: list[str]
     activation: str | None = None
     int8_fusable: bool
     blockers: list[str]
+    residual_input: str | None = None
 
 
 class FusionReportPublic(BaseModel):
@@ -108,7 +110,7 @@ def read_model_fusions(model_id: str, services: ServicesDep) -> dict[str, Any]:
     from service.onnx_graph.fusions import analyze_fusions
 
     analysis = analyze_fusions(services.models.load(model_id))
-    return {"model_id": model_id, **analysis.to_dict()}
+    return {"model_id": model_id, "explicit_quantization": analysis.explicit_quantization, **analysis.to_dict()}
 
 
 @router.delete("/{model_id}", status_code=204)

@@ -191,3 +191,47 @@ def test_oversized_upload_is_413_and_leaves_nothing(start_server, tmp_path: Path
         assert "limit" in response.json()["error"]["message"]
         assert client.get("/v1/models").json() == []
     assert [p for p in (tmp_path / "server" / "models").rglob("*") if p.is_file()] == []
+
+
+def test_fusion_report_of_resnet50_counts_its_conv_bn_patterns(api: httpx.Client, resnet50_bytes: bytes) -> None:
+    model_id = api.post("/v1/models", files={"file": ("resnet50.onnx", resnet50_bytes)}).json()["id"]
+    report = api.get(f"/v1/models/{model_id}/fusions").json()
+    kinds = report["summary"]["by_kind"]
+    assert kinds["conv_bn_relu"]["count"] == 33
+    assert kinds["conv_bn_add"]["count"] == 16
+    assert report["explicit_quantization"] is False
+    first = next(p for p in report["patterns"] if p["kind"] == "conv_bn_add")
+    assert first["int8_fusable"] is True and first["blockers"] == []
+    assert len(first["nodes"]) >= 3
+
+
+def test_fusion_report_names_the_blocker_of_an_unquantized_residual(api: httpx.Client) -> None:
+    # x -Q/DQ-> Conv(w DQ) -> BN -> Add(residual = raw x, no Q/DQ) -> y
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.integers(-5, 5, (3, 3, 3, 3)).astype(np.int8), "w_q"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.int8), "zp"),
+        numpy_helper.from_array(np.full(3, 0.01, np.float32), "w_s"),
+        numpy_helper.from_array(np.zeros(3, np.int8), "w_zp"),
+        *(numpy_helper.from_array(np.ones(3, np.float32) * v, n) for n, v in
+          (("bn_scale", 1.0), ("bn_bias", 0.0), ("bn_mean", 0.0), ("bn_var", 1.0))),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["x_q"], name="q"),
+        helper.make_node("DequantizeLinear", ["x_q", "s", "zp"], ["x_dq"], name="dq"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], name="w_dq", axis=0),
+        helper.make_node("Conv", ["x_dq", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["b"], name="bn"),
+        helper.make_node("Add", ["b", "x"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    model_id = api.post("/v1/models", files={"file": ("res.onnx", model.SerializeToString())}).json()["id"]
+    report = api.get(f"/v1/models/{model_id}/fusions").json()
+    (pattern,) = [p for p in report["patterns"] if p["kind"] == "conv_bn_add"]
+    assert pattern["int8_fusable"] is False
+    assert any("residual" in blocker.lower() for blocker in pattern["blockers"])
+    assert report["summary"]["blocked"] >= 1
