@@ -156,11 +156,13 @@ class CalibrationCatalog:
         shutil.rmtree(self.root / set_id, ignore_errors=True)
 
     def reconcile(self) -> int:
-        """Remove stored directories that have no row (crash between write and insert)."""
+        """Remove directories left by a crash: unfinished ingests and stored sets without a row."""
         known = {r["id"] for r in self.db.query("SELECT id FROM calibration_sets")}
         removed = 0
         for path in self.root.iterdir():
-            if path.is_dir() and path.name not in known and len(path.name) == 64:
+            orphan = len(path.name) == 64 and path.name not in known
+            crashed_ingest = path.name.startswith(".tmp-")  # ingest builds in .tmp-* and renames at the end
+            if path.is_dir() and (orphan or crashed_ingest):
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
         return removed
