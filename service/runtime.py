@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.auth.keys import KeyRing, KeyStore
+from service.builds.cache import EngineCache
+from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
 from service.config import Settings
 from service.jobs.records import JobStore
@@ -30,9 +32,12 @@ class Services:
     jobs: JobStore
     runner: JobRunner
     models: ModelCatalog
-    keys: KeyRing  # [auth] API keys accepted by this server
-    metrics: ServiceMetrics  # [observability] this app's Prometheus registry
-    # Capabilities registered by later layers (calibration sets, engines, runners, metrics...).
+    calibration_sets: CalibrationCatalog
+    calibration_uploads: BlobStore  # staging area for calibration uploads before ingest
+    engines: EngineCache
+    keys: KeyRing  # API keys accepted by this server
+    metrics: ServiceMetrics  # this app's Prometheus registry
+    # Capabilities registered by later layers (runner pool, metrics...), closed at shutdown.
     extras: dict[str, Any] = field(default_factory=dict)
 
     def close(self, grace_seconds: float = 30.0) -> None:
@@ -45,12 +50,15 @@ class Services:
 
 
 def open_services(settings: Settings) -> Services:
-    """Open storage, reconcile it with what a previous process left, and start the job runner."""
+    """Open storage, reconcile it with what a previous process left, and register the job kinds.
+
+    The runner is started by the caller (the app's lifespan) once everything is registered.
+    """
     settings.ensure_dirs()
     db = Database(settings.database_path)
     model_blobs = BlobStore(settings.models_dir, suffix=".onnx")
     jobs = JobStore(db)
-    # [auth] seed the bootstrap key and read the keys file only when auth is on; a bad one stops start-up.
+    # Seed the bootstrap key and read the keys file only when auth is on; a bad one stops start-up.
     bootstrap = settings.bootstrap_api_key
     keys = (
         KeyRing.open(
@@ -65,20 +73,36 @@ def open_services(settings: Settings) -> Services:
         jobs,
         workers=settings.job_workers,
         max_active_per_owner=settings.max_concurrent_jobs_per_key if settings.auth_enabled else None,
-        owner_limit=keys.job_limit,  # [auth] a key's own concurrent-job limit
+        owner_limit=keys.job_limit,  # a key's own concurrent-job limit
     )
-    # [observability] job counts at scrape time, build durations from finished jobs.
+    # Job counts at scrape time, build durations from finished jobs.
     metrics = ServiceMetrics()
     metrics.track_jobs(jobs)
     runner.add_listener(metrics.observe_job)
+    models = ModelCatalog(db, model_blobs)
+    calibration_sets = CalibrationCatalog(
+        db,
+        settings.calibration_dir,
+        max_archive_members=settings.max_archive_members,
+        max_archive_uncompressed_bytes=settings.max_archive_uncompressed_bytes,
+    )
+    engines = EngineCache(db, settings.engines_dir, budget_bytes=settings.engine_cache_bytes)
+    reconciled = engines.reconcile()
+    if any(reconciled.values()):
+        logger.warning("engine cache reconciled with the files on disk: %s", reconciled)
+    calibration_sets.reconcile()
     services = Services(
         settings=settings,
         db=db,
         model_blobs=model_blobs,
         jobs=jobs,
         runner=runner,
-        models=ModelCatalog(db, model_blobs),
+        models=models,
+        calibration_sets=calibration_sets,
+        calibration_uploads=BlobStore(settings.calibration_dir / ".incoming"),
+        engines=engines,
         keys=keys,
         metrics=metrics,
     )
+    metrics.set_cache_bytes_source(engines.total_bytes)
     return services

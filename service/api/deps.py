@@ -15,3 +15,9 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def current_owner(request: Request) -> str | None:
+    """The authenticated API key id (set by the auth layer), used as the owner of jobs."""
+    owner = getattr(request.state, "api_key_id", None)
+    return str(owner) if owner is not None else None

@@ -116,12 +116,17 @@ class EngineCache:
         self.budget_bytes = budget_bytes
 
     def lookup(self, key_digest: str) -> EngineRecord | None:
-        """The cached engine for a key, or None; a damaged entry is dropped and reported as a miss."""
+        """The cached engine for a key, or None; a missing or resized file is dropped as a miss.
+
+        Lookups sit on the request path (cache-hit latency), so they check the file's presence and
+        size only; the full sha256 check runs whenever the plan is read, downloaded or loaded.
+        """
         row = self.db.query_one("SELECT * FROM engines WHERE id = ?", (key_digest,))
         if row is None:
             return None
         record = _record(row)
-        if not self.plans.verify(record.plan_sha256):
+        path = self.plans.path_for(record.plan_sha256)
+        if not path.is_file() or path.stat().st_size != record.size_bytes:
             logger.warning("engine %s failed verification; dropping it from the cache", record.id)
             self._drop(record)
             return None

@@ -1,0 +1,119 @@
+"""Builds: request an engine (cache hit or build job), follow the job, cancel it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.api.deps import ServicesDep, current_owner
+from service.api.jobs_common import JobPublic, job_public
+from service.backends.base import ShapeRange
+from service.builds.keys import CalibrationOptions
+from service.builds.requests import BuildRequest
+from service.builds.submit import BUILD_JOB, submit_build
+
+router = APIRouter(prefix="/v1/builds", tags=["builds"])
+
+
+class ShapeRangeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+
+class CalibrationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["entropy", "max", "percentile", "mse", "auto"] = "entropy"
+    percentile: float = Field(default=99.99, gt=50.0, le=100.0)
+    max_samples: int | None = Field(default=None, ge=1)
+    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+class BuildCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str
+    precision: Literal["int8", "fp16", "fp32"]
+    backend: Literal["auto", "tensorrt", "tensorrt-rtx", "onnxruntime"] = "auto"
+    calibration_set_id: str | None = None
+    eval_set_id: str | None = None
+    calibration: CalibrationIn = Field(default_factory=CalibrationIn)
+    keep: list[str] = Field(default_factory=list, description="Node names, op types, 'first' or 'last'.")
+    shapes: dict[str, ShapeRangeIn] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _eval_needs_calibration(self) -> BuildCreate:
+        if self.eval_set_id and not self.calibration_set_id:
+            raise ValueError("eval_set_id is only used together with calibration_set_id")
+        return self
+
+    def to_domain(self) -> BuildRequest:
+        return BuildRequest(
+            model_id=self.model_id,
+            precision=self.precision,
+            backend=self.backend,
+            calibration_set_id=self.calibration_set_id,
+            eval_set_id=self.eval_set_id,
+            calibration=CalibrationOptions(**self.calibration.model_dump()),
+            keep=tuple(self.keep),
+            shapes={k: ShapeRange(tuple(v.min), tuple(v.opt), tuple(v.max)) for k, v in self.shapes.items()},
+        )
+
+
+class BuildPublic(JobPublic):
+    engine_id: str | None = None
+
+
+class BuildAccepted(BaseModel):
+    cache: Literal["hit", "miss"]
+    engine_id: str
+    id: str | None = None
+    status: str | None = None
+    joined_existing: bool | None = None
+
+
+@router.post("", status_code=202, response_model=BuildAccepted,
+             responses={200: {"model": BuildAccepted, "description": "Cache hit: the engine exists."}})
+async def create_build(body: BuildCreate, request: Request, services: ServicesDep) -> JSONResponse:
+    """Request an engine: 200 with `cache: hit` when it exists, else 202 with the build job."""
+    submission = await run_in_threadpool(
+        submit_build,
+        body.to_domain(),
+        models=services.models,
+        calibration_sets=services.calibration_sets,
+        engines=services.engines,
+        runner=services.runner,
+        owner=current_owner(request),
+    )
+    if submission.engine is not None:
+        return JSONResponse(status_code=200, content={"cache": "hit", "engine_id": submission.engine.id})
+    job = submission.job
+    assert job is not None
+    content = {"cache": "miss", "engine_id": job.params["engine_id"], "id": job.id, "status": job.status,
+               "joined_existing": not submission.created}
+    return JSONResponse(status_code=202, content=content)
+
+
+@router.get("", response_model=list[JobPublic])
+def list_builds(services: ServicesDep, limit: int = 100) -> list[dict[str, Any]]:
+    """Recent build jobs, newest first."""
+    return [job_public(r, log_lines=5) for r in services.jobs.list(kind=BUILD_JOB, limit=limit)]
+
+
+@router.get("/{build_id}", response_model=BuildPublic)
+def read_build(build_id: str, services: ServicesDep) -> dict[str, Any]:
+    """A build job: status, progress, phase, log tail, error and, when done, engine_id."""
+    record = services.jobs.get(build_id, kind=BUILD_JOB)
+    body = job_public(record)
+    body["engine_id"] = (record.result or {}).get("engine_id") if record.status == "succeeded" else None
+    return body
+
+
+@router.delete("/{build_id}", response_model=JobPublic)
+def cancel_build(build_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Cancel a queued or running build (finished builds are left as they are)."""
+    return job_public(services.runner.cancel(build_id, kind=BUILD_JOB))

@@ -1,0 +1,84 @@
+"""Engines: list, read, download (plan, calibration cache, the built ONNX), fusion report, delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import FileResponse
+
+from service.api.deps import ServicesDep
+
+router = APIRouter(prefix="/v1/engines", tags=["engines"])
+
+
+@router.get("")
+def list_engines(services: ServicesDep, model_id: str | None = None) -> list[dict[str, Any]]:
+    """Cached engines, newest first (filter by `model_id`)."""
+    return [record.to_dict() for record in services.engines.list(model_id=model_id)]
+
+
+@router.get("/{engine_id}")
+def read_engine(engine_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Backend, version, device, precision, build config, size, layer counts, fusion and accuracy summaries."""
+    record = services.engines.get(engine_id)
+    body = record.to_dict()
+    body["preparation"] = record.report.get("preparation", [])
+    body["kept_layers"] = record.report.get("kept_layers", [])
+    body["quantization"] = record.report.get("quantization")
+    return body
+
+
+@router.get("/{engine_id}/layers")
+def read_engine_layers(engine_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Every engine layer with its type, precision, tensor types and the ONNX nodes fused into it."""
+    record = services.engines.get(engine_id)
+    return {"engine_id": engine_id, **record.report.get("layers", {})}
+
+
+@router.get("/{engine_id}/fusions")
+def read_engine_fusions(engine_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Static fusion patterns checked against the built engine's layers."""
+    record = services.engines.get(engine_id)
+    return {"engine_id": engine_id, "backend": record.backend, "device": record.device,
+            **record.report.get("fusions", {})}
+
+
+@router.get("/{engine_id}/plan", response_class=FileResponse)
+def read_engine_plan(engine_id: str, services: ServicesDep) -> FileResponse:
+    """Download the engine bytes (verified against their sha256 first)."""
+    record = services.engines.get(engine_id)
+    path = services.engines.verified_plan_path(engine_id)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{engine_id[:16]}-{record.precision}-{record.backend}{record.file_extension}",
+        headers={"X-Content-SHA256": record.plan_sha256},
+    )
+
+
+@router.get("/{engine_id}/calibration-cache", response_class=FileResponse)
+def read_engine_calibration_cache(engine_id: str, services: ServicesDep) -> FileResponse:
+    """Download the TensorRT calibration cache the service computed for this engine."""
+    path = services.engines.calibration_cache_path(engine_id)
+    return FileResponse(path, media_type="text/plain", filename=f"{engine_id[:16]}.calibration.cache",
+                        headers={"X-Content-SHA256": path.name})
+
+
+@router.get("/{engine_id}/model.onnx", response_class=FileResponse)
+def read_engine_model(engine_id: str, services: ServicesDep) -> FileResponse:
+    """Download the exact ONNX that was handed to the builder."""
+    record = services.engines.get(engine_id)
+    return FileResponse(
+        services.model_blobs.path_for(record.built_model_id),
+        media_type="application/octet-stream",
+        filename=f"{engine_id[:16]}-built.onnx",
+        headers={"X-Content-SHA256": record.built_model_id},
+    )
+
+
+@router.delete("/{engine_id}", status_code=204)
+def delete_engine(engine_id: str, services: ServicesDep) -> Response:
+    """Remove an engine from the cache."""
+    services.engines.delete(engine_id)
+    return Response(status_code=204)

@@ -1,0 +1,102 @@
+"""Quantizations: calibrate an FP32 model into a Q/DQ model as a job; download its calibration cache."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.api.deps import ServicesDep, current_owner
+from service.api.jobs_common import JobPublic, job_public
+from service.errors import BadInput, Conflict
+from service.quantize.job import QUANTIZATION_JOB
+from service.quantize.skip import SkipSpec
+from service.runtime import Services
+
+router = APIRouter(prefix="/v1/quantizations", tags=["quantizations"])
+
+
+class QuantizationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str
+    calibration_set_id: str
+    eval_set_id: str | None = None
+    method: Literal["entropy", "max", "percentile", "mse", "auto"] = "entropy"
+    percentile: float = Field(default=99.99, gt=50.0, le=100.0)
+    skip: list[str] = Field(default_factory=list, description="Node names, op types, 'first' or 'last'.")
+    sensitivity: Literal["off", "rank", "auto"] = "off"
+    min_snr_db: float | None = Field(default=None, description="Accuracy bound for sensitivity 'auto'.")
+    min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
+    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_samples: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _bound_for_auto(self) -> QuantizationCreate:
+        if self.sensitivity == "auto" and self.min_snr_db is None and self.min_cosine is None:
+            raise ValueError("sensitivity 'auto' needs a bound: min_snr_db and/or min_cosine")
+        return self
+
+
+class QuantizationPublic(JobPublic):
+    qdq_model_id: str | None = None
+
+
+def _validate(body: QuantizationCreate, services: Services) -> None:
+    model = services.models.get(body.model_id)
+    if model.info.quantization.explicit:
+        raise BadInput(f"Model {body.model_id} already has Q/DQ nodes; build it directly with POST /v1/builds.")
+    services.calibration_sets.bind(body.calibration_set_id, model.info.inputs)
+    if body.eval_set_id:
+        services.calibration_sets.bind(body.eval_set_id, model.info.inputs)
+    needs_holdout = body.method == "auto" or body.sensitivity != "off"
+    if needs_holdout and not body.eval_set_id and body.holdout_fraction <= 0:
+        raise BadInput("method 'auto' and sensitivity analysis need held-out samples: "
+                       "give eval_set_id or holdout_fraction > 0.")
+    if body.skip:
+        SkipSpec.parse(body.skip).resolve(services.models.load(body.model_id))
+
+
+@router.post("", status_code=202, response_model=QuantizationPublic)
+async def create_quantization(body: QuantizationCreate, request: Request, services: ServicesDep) -> JSONResponse:
+    """Start calibrating and quantizing an FP32 model; follow it with GET /v1/quantizations/{id}."""
+    await run_in_threadpool(_validate, body, services)
+    record, _ = services.runner.submit(QUANTIZATION_JOB, body.model_dump(), owner=current_owner(request))
+    return JSONResponse(status_code=202, content=job_public(record))
+
+
+@router.get("", response_model=list[QuantizationPublic])
+def list_quantizations(services: ServicesDep, limit: int = 100) -> list[dict[str, Any]]:
+    """Recent quantization jobs, newest first."""
+    return [_public(r) for r in services.jobs.list(kind=QUANTIZATION_JOB, limit=limit)]
+
+
+def _public(record: Any) -> dict[str, Any]:
+    body = job_public(record)
+    body["qdq_model_id"] = (record.result or {}).get("qdq_model_id")
+    return body
+
+
+@router.get("/{job_id}", response_model=QuantizationPublic)
+def read_quantization(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Status, progress, phase, log tail; on success the Q/DQ model id, accuracy and sensitivity."""
+    return _public(services.jobs.get(job_id, kind=QUANTIZATION_JOB))
+
+
+@router.delete("/{job_id}", response_model=QuantizationPublic)
+def cancel_quantization(job_id: str, services: ServicesDep) -> dict[str, Any]:
+    """Cancel a queued or running quantization."""
+    return _public(services.runner.cancel(job_id, kind=QUANTIZATION_JOB))
+
+
+@router.get("/{job_id}/calibration-cache", response_class=FileResponse)
+def read_quantization_calibration_cache(job_id: str, services: ServicesDep) -> FileResponse:
+    """The TensorRT calibration cache (text format read by IInt8EntropyCalibrator2)."""
+    record = services.jobs.get(job_id, kind=QUANTIZATION_JOB)
+    if record.status != "succeeded" or not record.result:
+        raise Conflict(f"Quantization {job_id} is {record.status}; its calibration cache exists once it succeeds.")
+    digest = record.result["calibration_cache_sha256"]
+    return FileResponse(services.engines.artifacts.path_for(digest), media_type="text/plain",
+                        filename=f"{job_id[:16]}.calibration.cache", headers={"X-Content-SHA256": digest})

@@ -1,0 +1,219 @@
+"""One build, as a short chain of named steps run inside a job.
+
+cache lookup -> load model -> prepare (calibrate + place Q/DQ for INT8 on FP32 models; FP16-type
+the rest on strongly typed backends) -> store the exact ONNX handed to the backend -> backend build
+-> layer report -> verify fusions against the static analysis -> accuracy evidence -> store the
+engine atomically. Each step is a function of its inputs so it can be tested alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+
+from service.backends.base import BackendInfo, BuildSpec, BuiltEngine, LayerReport
+from service.backends.registry import get_backend
+from service.builds.cache import EngineCache, NewEngine
+from service.builds.keys import BuildConfig, EngineKey
+from service.catalog.calibration_sets import CalibrationCatalog
+from service.catalog.models import ModelCatalog
+from service.jobs.runner import JobContext
+from service.onnx_graph.fusions import analyze_fusions
+from service.onnx_graph.inspect import model_inputs
+from service.quantize.fp16 import fp16_model_from
+from service.quantize.inputs import calibration_inputs
+from service.quantize.pipeline import QuantizationOutcome, QuantizationPlan, quantize_model
+from service.reports.fusion_report import verify_fusions
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The exact ONNX the backend builds, and how it was derived."""
+
+    model: onnx.ModelProto
+    steps: tuple[str, ...]
+    keep_layers: tuple[str, ...]
+    quantization: QuantizationOutcome | None = None
+
+
+def layer_counts(report: LayerReport) -> dict[str, int]:
+    counts = {"int8": 0, "fp16": 0, "fp32": 0, "mixed": 0, "other": 0}
+    for layer in report.layers:
+        if not layer.is_reformat:
+            counts[layer.precision] = counts.get(layer.precision, 0) + 1
+    counts["reformat"] = report.reformat_count
+    counts["total"] = len(report.layers)
+    return counts
+
+
+def layer_report_dict(report: LayerReport) -> dict[str, Any]:
+    return {
+        "source": report.source,
+        "layers": [
+            {
+                "name": layer.name,
+                "type": layer.type,
+                "precision": layer.precision,
+                "input_dtypes": list(layer.input_dtypes),
+                "output_dtypes": list(layer.output_dtypes),
+                "onnx_nodes": list(layer.onnx_nodes),
+                "is_reformat": layer.is_reformat,
+            }
+            for layer in report.layers
+        ],
+    }
+
+
+class BuildPipeline:
+    """Runs build jobs: ``handle(ctx)`` is registered with the job runner for kind ``build``."""
+
+    def __init__(self, models: ModelCatalog, calibration_sets: CalibrationCatalog, cache: EngineCache) -> None:
+        self.models = models
+        self.calibration_sets = calibration_sets
+        self.cache = cache
+
+    def handle(self, ctx: JobContext) -> dict[str, Any]:
+        params = ctx.params
+        key = engine_key_from_params(params)
+        cached = self.cache.lookup(key.digest)
+        if cached is not None:  # an identical build finished between the request and this job
+            ctx.log("engine already in the cache")
+            return {"engine_id": cached.id, "cache": "hit"}
+        backend = get_backend(key.backend.name)
+        ctx.phase("load", 0.02)
+        model = self.models.load(key.model_id)
+        prepared = self.prepare(ctx, model, key, backend.describe(), params)
+        ctx.check_cancelled()
+        built_model, _ = self.models.add_model(
+            prepared.model, f"{key.model_id[:12]}-{key.config.precision}-{key.backend.name}.onnx",
+            source="build", parent_id=key.model_id,
+        )
+        ctx.phase("build", 0.8)
+        built_model_bytes = self.models.read_bytes(built_model.id)
+        built = backend.build(built_model_bytes, self.build_spec(key.config, prepared))
+        ctx.log(f"{backend.name} built a {len(built.engine_bytes)}-byte engine in {built.build_seconds:.2f} s")
+        ctx.check_cancelled()
+        ctx.phase("verify", 0.92)
+        report = self.evidence(model, prepared, built)
+        record = self.cache.store(
+            NewEngine(
+                key=key,
+                built_model_id=built_model.id,
+                engine_bytes=built.engine_bytes,
+                file_extension=built.file_extension,
+                build_seconds=built.build_seconds,
+                report=report,
+                calibration_cache=prepared.quantization.calibration_cache if prepared.quantization else None,
+            )
+        )
+        return {"engine_id": record.id, "cache": "miss", "build_seconds": built.build_seconds}
+
+    def prepare(
+        self, ctx: JobContext, model: onnx.ModelProto, key: EngineKey, backend: BackendInfo, params: dict[str, Any]
+    ) -> PreparedModel:
+        config = key.config
+        steps: list[str] = []
+        keep = tuple(config.keep)
+        outcome: QuantizationOutcome | None = None
+        prepared = model
+        if config.precision == "int8" and config.calibration is not None:
+            ctx.phase("calibrate", 0.05)
+            outcome = self.calibrate(ctx, model, key, params)
+            keep = tuple(sorted(set(keep) | set(outcome.kept_layers)))
+            if backend.strongly_typed:
+                prepared = outcome.qdq_model
+                steps.append(f"calibrated ({outcome.method}) and placed Q/DQ")
+            else:
+                steps.append(f"calibrated ({outcome.method}); TensorRT reads the calibration cache")
+        elif config.precision == "int8":
+            steps.append("explicitly quantized model used as uploaded")
+        # FP16 typing is for TensorRT-family strongly typed builders; ONNX Runtime's CPU kernels gain
+        # nothing from FP16, so its hybrid engines keep FP32 outside INT8.
+        if backend.strongly_typed and config.precision in ("int8", "fp16") and backend.name != "onnxruntime":
+            ctx.phase("fp16", 0.75)
+            prepared = fp16_model_from(prepared)
+            steps.append("layers outside INT8 typed FP16")
+        return PreparedModel(model=prepared, steps=tuple(steps), keep_layers=keep, quantization=outcome)
+
+    def calibrate(
+        self, ctx: JobContext, model: onnx.ModelProto, key: EngineKey, params: dict[str, Any]
+    ) -> QuantizationOutcome:
+        options = key.config.calibration
+        assert options is not None and key.calibration_set_id is not None  # guaranteed by prepare()
+        inputs = model_inputs(model)
+        dataset = self.calibration_sets.open(key.calibration_set_id)
+        binding = self.calibration_sets.bind(key.calibration_set_id, inputs)
+        eval_id = params.get("eval_set_id")
+        eval_set = self.calibration_sets.open(eval_id) if eval_id else None
+        eval_binding = self.calibration_sets.bind(eval_id, inputs) if eval_id else None
+        data = calibration_inputs(
+            inputs, dataset, binding, eval_set=eval_set, eval_binding=eval_binding,
+            holdout_fraction=options.holdout_fraction, max_samples=options.max_samples,
+        )
+        plan = QuantizationPlan(method=options.method, percentile=options.percentile, skip=key.config.keep)
+        return quantize_model(
+            model, data.calibration, data.calibration_samples, data.holdout, plan,
+            progress=lambda fraction, phase: ctx.progress(0.05 + 0.65 * fraction, phase),
+            should_stop=ctx.should_stop, log=ctx.log,
+        )
+
+    @staticmethod
+    def build_spec(config: BuildConfig, prepared: PreparedModel) -> BuildSpec:
+        outcome = prepared.quantization
+        return BuildSpec(
+            precision=config.precision,
+            shapes=config.shape_map(),
+            keep_layers=prepared.keep_layers,
+            calibration_cache=outcome.calibration_cache if outcome else None,
+            workspace_bytes=config.workspace_bytes,
+        )
+
+    @staticmethod
+    def evidence(
+        model: onnx.ModelProto,
+        prepared: PreparedModel,
+        built: BuiltEngine,
+    ) -> dict[str, Any]:
+        analysis = analyze_fusions(model)
+        verification = verify_fusions(analysis, built.layer_report, backend=built.info.name)
+        accuracy: dict[str, Any] | None = None
+        if prepared.quantization is not None and prepared.quantization.accuracy is not None:
+            accuracy = {
+                "measured_with": "onnxruntime (CPU)",
+                "compared": "FP32 model vs the Q/DQ model built into this engine, on held-out samples",
+                **prepared.quantization.accuracy.to_dict(),
+            }
+        return {
+            "backend": {
+                "name": built.info.name,
+                "version": built.info.version,
+                "device": built.info.device,
+                "compute_capability": built.info.compute_capability,
+            },
+            "preparation": list(prepared.steps),
+            "kept_layers": list(prepared.keep_layers),
+            "layer_counts": layer_counts(built.layer_report),
+            "layers": layer_report_dict(built.layer_report),
+            "fusions": verification.to_dict(),
+            "accuracy": accuracy,
+            "quantization": prepared.quantization.summary() if prepared.quantization else None,
+            "build_log_tail": built.build_log.splitlines()[-60:],
+        }
+
+
+def engine_key_from_params(params: dict[str, Any]) -> EngineKey:
+    canonical = params["key"]
+    backend = BackendInfo(
+        name=canonical["backend"],
+        version=canonical["backend_version"],
+        device=canonical["device"],
+        compute_capability=canonical.get("compute_capability"),
+    )
+    return EngineKey(
+        model_id=canonical["model_sha256"],
+        config=BuildConfig.from_dict(canonical["build_config"]),
+        calibration_set_id=canonical.get("calibration_set_id"),
+        backend=backend,
+    )

@@ -1,0 +1,89 @@
+"""Calibration and held-out batches for a model, from stored calibration sets.
+
+Held-out samples come from a separate evaluation set when one is given, else from a deterministic
+split of the calibration set; they are never used for calibration. Batches are read lazily from
+memory-mapped files, so each pass costs one batch of memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.calibration.datasets import CalibrationSet
+from service.errors import BadInput
+from service.onnx_graph.inspect import TensorSpec
+
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclass(frozen=True)
+class CalibrationInputs:
+    calibration: Batches
+    calibration_samples: int
+    holdout: Batches | None
+    holdout_samples: int
+    batch_size: int
+
+
+def batch_size_for(inputs: Sequence[TensorSpec], preferred: int = DEFAULT_BATCH_SIZE) -> int:
+    """A model with a fixed batch dimension takes exactly that many samples per run."""
+    fixed = {spec.shape[0] for spec in inputs if spec.shape and isinstance(spec.shape[0], int)}
+    if len(fixed) == 1:
+        return int(next(iter(fixed)))
+    return preferred
+
+
+def calibration_inputs(
+    model_inputs: Sequence[TensorSpec],
+    calibration_set: CalibrationSet,
+    binding: Mapping[str, str],
+    *,
+    eval_set: CalibrationSet | None = None,
+    eval_binding: Mapping[str, str] | None = None,
+    holdout_fraction: float = 0.1,
+    max_samples: int | None = None,
+    need_holdout: bool = True,
+) -> CalibrationInputs:
+    batch_size = batch_size_for(model_inputs)
+    if eval_set is not None:
+        calib_range = range(calibration_set.samples)
+        holdout_set, holdout_range, holdout_bind = eval_set, range(eval_set.samples), eval_binding or {}
+    elif need_holdout and holdout_fraction > 0:
+        calib_range, holdout_range = calibration_set.split(holdout_fraction)
+        holdout_set, holdout_bind = calibration_set, binding
+    else:
+        calib_range, holdout_range, holdout_set, holdout_bind = range(calibration_set.samples), range(0), None, {}
+    if max_samples is not None:
+        calib_range = calib_range[:max_samples]
+    usable = (len(calib_range) // batch_size) * batch_size
+    if usable == 0:
+        raise BadInput(
+            f"The calibration set leaves {len(calib_range)} sample(s) for calibration, fewer than one batch of "
+            f"{batch_size}; upload more samples or lower holdout_fraction."
+        )
+    calib_range = calib_range[:usable]
+
+    def calibration() -> Iterable[Mapping[str, np.ndarray]]:
+        return calibration_set.batches(batch_size, start=calib_range.start, stop=calib_range.stop, bind=binding)
+
+    holdout: Batches | None = None
+    holdout_usable = (len(holdout_range) // batch_size) * batch_size
+    if holdout_set is not None and holdout_usable > 0:
+        stop = holdout_range.start + holdout_usable
+        dataset, start, bind = holdout_set, holdout_range.start, holdout_bind
+
+        def holdout_batches() -> Iterable[Mapping[str, np.ndarray]]:
+            return dataset.batches(batch_size, start=start, stop=stop, bind=bind)
+
+        holdout = holdout_batches
+    return CalibrationInputs(
+        calibration=calibration,
+        calibration_samples=usable,
+        holdout=holdout,
+        holdout_samples=holdout_usable if holdout is not None else 0,
+        batch_size=batch_size,
+    )

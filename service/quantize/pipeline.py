@@ -1,0 +1,180 @@
+"""FP32 model + calibration data -> calibrated Q/DQ model, calibration cache and evidence.
+
+The chain: pick the activation tensors that need ranges -> stream the calibration samples through
+ONNX Runtime into fixed-size histograms (two passes, order- and batch-independent) -> thresholds by
+the chosen method (``auto`` tries each and keeps the most accurate on held-out samples) -> Q/DQ
+model -> accuracy vs FP32 on held-out samples -> optional per-layer sensitivity and selective
+quantization. One histogram collection serves every method, so ``auto`` costs one collection plus
+one evaluation per method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from service.calibration.algorithms import thresholds_from_histograms
+from service.calibration.collect import collect_histograms
+from service.calibration.trt_cache import calibration_cache_from_scales
+from service.quantize.placement import tensors_to_calibrate
+from service.quantize.qdq import qdq_model_from_scales
+from service.quantize.sensitivity import rank_layer_sensitivity, select_layers_to_keep
+from service.quantize.skip import SkipSpec
+from service.reports.accuracy import AccuracyReport, evaluate_with_onnxruntime
+
+Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
+SensitivityMode = Literal["off", "rank", "auto"]
+CONCRETE_METHODS: tuple[str, ...] = ("entropy", "max", "percentile", "mse")
+INT8_MAX = 127.0
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """What to do; the caller supplies the data."""
+
+    method: str = "entropy"  # entropy | max | percentile | mse | auto
+    percentile: float = 99.99
+    skip: tuple[str, ...] = ()
+    sensitivity: SensitivityMode = "off"
+    min_snr_db: float | None = None  # the bound for sensitivity "auto"
+    min_cosine: float | None = None
+
+
+@dataclass(frozen=True)
+class QuantizationOutcome:
+    qdq_model: onnx.ModelProto
+    method: str
+    activation_amax: dict[str, float]
+    calibration_cache: bytes
+    accuracy: AccuracyReport | None
+    method_accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sensitivity: list[dict[str, Any]] | None = None
+    kept_layers: tuple[str, ...] = ()
+    quantized_nodes: tuple[str, ...] = ()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "calibrated_tensors": len(self.activation_amax),
+            "quantized_nodes": len(self.quantized_nodes),
+            "kept_layers": list(self.kept_layers),
+            "accuracy": self.accuracy.to_dict() if self.accuracy else None,
+            "method_accuracy": self.method_accuracy,
+            "sensitivity": self.sensitivity,
+        }
+
+
+class Progress:
+    """Maps sub-step progress onto a slice of the job's progress bar."""
+
+    def __init__(self, report: Callable[[float, str | None], None] | None) -> None:
+        self.report = report
+
+    def slice(self, start: float, end: float, phase: str) -> Callable[[int, int], None]:
+        if self.report is not None:
+            self.report(start, phase)
+
+        def update(done: int, total: int) -> None:
+            if self.report is not None and total > 0:
+                self.report(start + (end - start) * min(done / total, 1.0), None)
+
+        return update
+
+
+def _score(report: AccuracyReport) -> float:
+    """One number to rank candidates: the worst output's SNR (higher is better)."""
+    return report.worst_snr_db()
+
+
+def quantize_model(
+    model: onnx.ModelProto,
+    calibration_batches: Batches,
+    calibration_samples: int,
+    holdout_batches: Batches | None,
+    plan: QuantizationPlan,
+    *,
+    progress: Callable[[float, str | None], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> QuantizationOutcome:
+    """Calibrate and quantize ``model``; see the module docstring for the chain."""
+    steps = Progress(progress)
+    say = log or (lambda message: None)
+    skip = SkipSpec.parse(list(plan.skip)) if plan.skip else None
+    tensors = tensors_to_calibrate(model, skip)
+    say(f"calibrating {len(tensors)} activation tensors on {calibration_samples} samples")
+    histograms = collect_histograms(
+        model,
+        calibration_batches,
+        tensors,
+        total_samples=calibration_samples,
+        progress=steps.slice(0.0, 0.5, "calibrate"),
+        should_stop=should_stop,
+    )
+    methods = CONCRETE_METHODS if plan.method == "auto" else (plan.method,)
+    if plan.method == "auto" and holdout_batches is None:
+        raise ValueError("method 'auto' needs held-out samples")  # guarded by the caller's validation
+
+    candidates: dict[str, tuple[dict[str, float], onnx.ModelProto, AccuracyReport | None, tuple[str, ...]]] = {}
+    evaluate = steps.slice(0.5, 0.7, "evaluate")
+    for index, method in enumerate(methods):
+        amax = thresholds_from_histograms(histograms, method, percentile=plan.percentile)  # type: ignore[arg-type]
+        result = qdq_model_from_scales(model, amax, skip=skip)
+        report = (
+            evaluate_with_onnxruntime(model, result.model, holdout_batches())
+            if holdout_batches is not None
+            else None
+        )
+        candidates[method] = (amax, result.model, report, result.quantized_nodes)
+        if report is not None:
+            say(f"method {method}: worst-output SNR {report.worst_snr_db():.2f} dB")
+        evaluate(index + 1, len(methods))
+        if should_stop is not None and should_stop():
+            from service.errors import JobCancelled
+
+            raise JobCancelled("cancelled during evaluation")
+
+    if plan.method == "auto":
+        best = max(candidates, key=lambda m: _score(candidates[m][2]))  # type: ignore[arg-type]
+        say(f"auto picked '{best}'")
+    else:
+        best = plan.method
+    amax, qdq, accuracy, quantized = candidates[best]
+    method_accuracy = {m: c[2].to_dict() for m, c in candidates.items() if c[2] is not None}
+
+    sensitivity: list[dict[str, Any]] | None = None
+    kept: tuple[str, ...] = tuple(sorted(skip.resolve(model))) if skip else ()
+    if plan.sensitivity != "off" and holdout_batches is not None:
+        ranking = rank_layer_sensitivity(
+            model, amax, holdout_batches, progress=steps.slice(0.7, 0.9, "sensitivity"), should_stop=should_stop
+        )
+        sensitivity = [entry.to_dict() for entry in ranking]
+        if plan.sensitivity == "auto":
+            selection = select_layers_to_keep(
+                model, amax, holdout_batches, ranking, min_snr_db=plan.min_snr_db, min_cosine=plan.min_cosine
+            )
+            kept = tuple(sorted(set(kept) | set(selection.kept_layers)))
+            say(f"selective quantization keeps {len(selection.kept_layers)} layer(s) out of INT8")
+            if selection.kept_layers:
+                keep_spec = SkipSpec.parse(list(kept))
+                result = qdq_model_from_scales(model, amax, skip=keep_spec)
+                qdq, quantized = result.model, result.quantized_nodes
+                accuracy = evaluate_with_onnxruntime(model, qdq, holdout_batches())
+    if progress is not None:
+        progress(0.95, "finalize")
+    scales = {name: max(value, 1e-12) / INT8_MAX for name, value in amax.items()}
+    return QuantizationOutcome(
+        qdq_model=qdq,
+        method=best,
+        activation_amax=dict(amax),
+        calibration_cache=calibration_cache_from_scales(scales),
+        accuracy=accuracy,
+        method_accuracy=method_accuracy,
+        sensitivity=sensitivity,
+        kept_layers=kept,
+        quantized_nodes=tuple(quantized),
+    )
