@@ -66,6 +66,8 @@ class BuildSpec:
     calibration_batch_size: int = 8
     workspace_bytes: int | None = None
     timing_cache_path: str | None = None
+    # Samples ``calibration_batches`` yields per pass, when the caller knows; otherwise one pass counts them.
+    calibration_samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ class LayerReport:
 
     layers: tuple[EngineLayer, ...]
     source: Literal["builder_log", "engine_inspector", "optimized_graph"]
+    # ONNX nodes of the built model that no layer names: folded into constants, removed as no-ops
+    # (Flatten/Reshape/Identity), or not traceable. Together with the layers' onnx_nodes, every node of
+    # the model handed to the backend is accounted for.
+    unmapped_nodes: tuple[str, ...] = ()
 
     def precision_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -101,6 +107,10 @@ class LayerReport:
     def layers_for_node(self, node_name: str) -> tuple[EngineLayer, ...]:
         return tuple(layer for layer in self.layers if node_name in layer.onnx_nodes)
 
+    def mapped_nodes(self) -> frozenset[str]:
+        """Every ONNX node name that at least one layer names."""
+        return frozenset(node for layer in self.layers for node in layer.onnx_nodes)
+
 
 @dataclass(frozen=True)
 class BuiltEngine:
@@ -112,6 +122,8 @@ class BuiltEngine:
     build_seconds: float
     build_log: str = ""
     file_extension: str = ".plan"  # ".plan" for TensorRT engines, ".onnx" for ONNX Runtime
+    # The INT8 calibration cache TensorRT 10's calibrator wrote during this build, if it ran one.
+    calibration_cache: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,31 @@ class Runner(Protocol):
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None: ...
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Where one inference call spent its time, in milliseconds.
+
+    GPU runners measure each stage with CUDA events on their stream; CPU runners have no copies, so
+    ``h2d_ms`` and ``d2h_ms`` are 0 and ``compute_ms`` is wall-clock time of the run call.
+    """
+
+    h2d_ms: float
+    compute_ms: float
+    d2h_ms: float
+    device: str = "cpu"
+
+    @property
+    def total_ms(self) -> float:
+        return self.h2d_ms + self.compute_ms + self.d2h_ms
+
+
+@runtime_checkable
+class TimedRunner(Runner, Protocol):
+    """A runner that also reports per-stage timings (every runner in this package is one)."""
+
+    def infer_timed(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], StageTimings]: ...
 
 
 @runtime_checkable
