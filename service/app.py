@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import builds, calibration_sets, engines, health, models
+from service.api import builds, calibration_sets, engines, health, models, quantizations
 from service.api.auth import install_auth
 from service.api.errors import install_error_handlers
 from service.api.middleware import install_observability
@@ -43,7 +43,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for router in (health.router, models.router, calibration_sets.router, builds.router, engines.router):
+    for router in (
+        health.router,
+        models.router,
+        calibration_sets.router,
+        builds.router,
+        engines.router,
+        quantizations.router,
+    ):
         app.include_router(router)
     # [auth][observability] the middlewares cover every route, also routers added later; observability
     # is added after auth so that it is the outermost and sees (and logs) the answers auth gives itself.

@@ -12,12 +12,15 @@ from typing import Any
 
 from service.auth.keys import KeyRing, KeyStore
 from service.builds.cache import EngineCache
+from service.builds.pipeline import BuildPipeline
+from service.builds.submit import BUILD_JOB
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
 from service.config import Settings
 from service.jobs.records import JobStore
 from service.jobs.runner import JobRunner
 from service.observability.metrics import ServiceMetrics
+from service.quantize.job import QUANTIZATION_JOB, QuantizationJob
 from service.store.blobs import BlobStore
 from service.store.db import Database
 
@@ -105,4 +108,6 @@ def open_services(settings: Settings) -> Services:
         metrics=metrics,
     )
     metrics.set_cache_bytes_source(engines.total_bytes)
+    runner.register(BUILD_JOB, BuildPipeline(models, calibration_sets, engines).handle)
+    runner.register(QUANTIZATION_JOB, QuantizationJob(models, calibration_sets, engines.artifacts).handle)
     return services

@@ -76,8 +76,12 @@ class BuildAccepted(BaseModel):
     joined_existing: bool | None = None
 
 
-@router.post("", status_code=202, response_model=BuildAccepted,
-             responses={200: {"model": BuildAccepted, "description": "Cache hit: the engine exists."}})
+@router.post(
+    "",
+    status_code=202,
+    response_model=BuildAccepted,
+    responses={200: {"model": BuildAccepted, "description": "Cache hit: the engine exists."}},
+)
 async def create_build(body: BuildCreate, request: Request, services: ServicesDep) -> JSONResponse:
     """Request an engine: 200 with `cache: hit` when it exists, else 202 with the build job."""
     submission = await run_in_threadpool(
@@ -93,8 +97,13 @@ async def create_build(body: BuildCreate, request: Request, services: ServicesDe
         return JSONResponse(status_code=200, content={"cache": "hit", "engine_id": submission.engine.id})
     job = submission.job
     assert job is not None
-    content = {"cache": "miss", "engine_id": job.params["engine_id"], "id": job.id, "status": job.status,
-               "joined_existing": not submission.created}
+    content = {
+        "cache": "miss",
+        "engine_id": job.params["engine_id"],
+        "id": job.id,
+        "status": job.status,
+        "joined_existing": not submission.created,
+    }
     return JSONResponse(status_code=202, content=content)
 
 

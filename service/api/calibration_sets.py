@@ -42,7 +42,9 @@ async def create_calibration_set(request: Request, services: ServicesDep) -> JSO
     """Upload a calibration set; with `model_id`, it is validated against that model's inputs."""
     catalog = services.calibration_sets
     upload = await receive_upload(
-        request, services.calibration_uploads, effective_upload_limit(request, services.settings)  # [auth]
+        request,
+        services.calibration_uploads,
+        effective_upload_limit(request, services.settings),  # [auth]
     )
     try:
         preprocess = _parse_preprocess(upload.fields.get("preprocess"))

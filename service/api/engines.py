@@ -40,8 +40,12 @@ def read_engine_layers(engine_id: str, services: ServicesDep) -> dict[str, Any]:
 def read_engine_fusions(engine_id: str, services: ServicesDep) -> dict[str, Any]:
     """Static fusion patterns checked against the built engine's layers."""
     record = services.engines.get(engine_id)
-    return {"engine_id": engine_id, "backend": record.backend, "device": record.device,
-            **record.report.get("fusions", {})}
+    return {
+        "engine_id": engine_id,
+        "backend": record.backend,
+        "device": record.device,
+        **record.report.get("fusions", {}),
+    }
 
 
 @router.get("/{engine_id}/plan", response_class=FileResponse)
@@ -61,8 +65,12 @@ def read_engine_plan(engine_id: str, services: ServicesDep) -> FileResponse:
 def read_engine_calibration_cache(engine_id: str, services: ServicesDep) -> FileResponse:
     """Download the TensorRT calibration cache the service computed for this engine."""
     path = services.engines.calibration_cache_path(engine_id)
-    return FileResponse(path, media_type="text/plain", filename=f"{engine_id[:16]}.calibration.cache",
-                        headers={"X-Content-SHA256": path.name})
+    return FileResponse(
+        path,
+        media_type="text/plain",
+        filename=f"{engine_id[:16]}.calibration.cache",
+        headers={"X-Content-SHA256": path.name},
+    )
 
 
 @router.get("/{engine_id}/model.onnx", response_class=FileResponse)

@@ -27,6 +27,11 @@ def install_error_handlers(app: FastAPI) -> None:
             for err in exc.errors()
         ]
         summary = "; ".join(f"{'.'.join(map(str, p['location']))}: {p['message']}" for p in problems[:5])
-        body = {"error": {"code": "invalid_request", "message": f"The request does not match the schema: {summary}",
-                          "details": {"problems": problems}}}
+        body = {
+            "error": {
+                "code": "invalid_request",
+                "message": f"The request does not match the schema: {summary}",
+                "details": {"problems": problems},
+            }
+        }
         return JSONResponse(status_code=422, content=body)

@@ -45,4 +45,6 @@ def _dirs_writable(services: ServicesDep) -> bool:
     import os
 
     settings = services.settings
-    return all(os.access(d, os.W_OK) for d in (settings.engines_dir, settings.calibration_dir, settings.models_dir))
+    return all(
+        os.access(d, os.W_OK) for d in (settings.engines_dir, settings.calibration_dir, settings.models_dir)
+    )

@@ -72,7 +72,9 @@ class FusionReportPublic(BaseModel):
 async def create_model(request: Request, services: ServicesDep) -> JSONResponse:
     """Upload an ONNX model (multipart `file`, or a raw body with `?name=`)."""
     upload = await receive_upload(
-        request, services.model_blobs, effective_upload_limit(request, services.settings)  # [auth] per-key
+        request,
+        services.model_blobs,
+        effective_upload_limit(request, services.settings),  # [auth] per-key
     )
     name = upload.fields.get("name") or upload.filename or request.query_params.get("name") or "model.onnx"
     record, created = await run_in_threadpool(services.models.register_staged, upload.staged, name)
@@ -110,7 +112,11 @@ def read_model_fusions(model_id: str, services: ServicesDep) -> dict[str, Any]:
     from service.onnx_graph.fusions import analyze_fusions
 
     analysis = analyze_fusions(services.models.load(model_id))
-    return {"model_id": model_id, "explicit_quantization": analysis.explicit_quantization, **analysis.to_dict()}
+    return {
+        "model_id": model_id,
+        "explicit_quantization": analysis.explicit_quantization,
+        **analysis.to_dict(),
+    }
 
 
 @router.delete("/{model_id}", status_code=204)

@@ -47,20 +47,26 @@ class QuantizationPublic(JobPublic):
 def _validate(body: QuantizationCreate, services: Services) -> None:
     model = services.models.get(body.model_id)
     if model.info.quantization.explicit:
-        raise BadInput(f"Model {body.model_id} already has Q/DQ nodes; build it directly with POST /v1/builds.")
+        raise BadInput(
+            f"Model {body.model_id} already has Q/DQ nodes; build it directly with POST /v1/builds."
+        )
     services.calibration_sets.bind(body.calibration_set_id, model.info.inputs)
     if body.eval_set_id:
         services.calibration_sets.bind(body.eval_set_id, model.info.inputs)
     needs_holdout = body.method == "auto" or body.sensitivity != "off"
     if needs_holdout and not body.eval_set_id and body.holdout_fraction <= 0:
-        raise BadInput("method 'auto' and sensitivity analysis need held-out samples: "
-                       "give eval_set_id or holdout_fraction > 0.")
+        raise BadInput(
+            "method 'auto' and sensitivity analysis need held-out samples: "
+            "give eval_set_id or holdout_fraction > 0."
+        )
     if body.skip:
         SkipSpec.parse(body.skip).resolve(services.models.load(body.model_id))
 
 
 @router.post("", status_code=202, response_model=QuantizationPublic)
-async def create_quantization(body: QuantizationCreate, request: Request, services: ServicesDep) -> JSONResponse:
+async def create_quantization(
+    body: QuantizationCreate, request: Request, services: ServicesDep
+) -> JSONResponse:
     """Start calibrating and quantizing an FP32 model; follow it with GET /v1/quantizations/{id}."""
     await run_in_threadpool(_validate, body, services)
     record, _ = services.runner.submit(QUANTIZATION_JOB, body.model_dump(), owner=current_owner(request))
@@ -96,7 +102,13 @@ def read_quantization_calibration_cache(job_id: str, services: ServicesDep) -> F
     """The TensorRT calibration cache (text format read by IInt8EntropyCalibrator2)."""
     record = services.jobs.get(job_id, kind=QUANTIZATION_JOB)
     if record.status != "succeeded" or not record.result:
-        raise Conflict(f"Quantization {job_id} is {record.status}; its calibration cache exists once it succeeds.")
+        raise Conflict(
+            f"Quantization {job_id} is {record.status}; its calibration cache exists once it succeeds."
+        )
     digest = record.result["calibration_cache_sha256"]
-    return FileResponse(services.engines.artifacts.path_for(digest), media_type="text/plain",
-                        filename=f"{job_id[:16]}.calibration.cache", headers={"X-Content-SHA256": digest})
+    return FileResponse(
+        services.engines.artifacts.path_for(digest),
+        media_type="text/plain",
+        filename=f"{job_id[:16]}.calibration.cache",
+        headers={"X-Content-SHA256": digest},
+    )

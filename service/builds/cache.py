@@ -145,10 +145,23 @@ class EngineCache:
                 "build_seconds, report_json, calibration_cache_sha256, created_at, last_used_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    key.digest, key.model_id, new.built_model_id, key.calibration_set_id, key.backend.name,
-                    key.backend.version, key.backend.device, key.config.precision,
-                    json.dumps(key.config.to_dict()), plan.sha256, plan.size_bytes, new.file_extension,
-                    new.build_seconds, json.dumps(new.report), cache_sha, now, now,
+                    key.digest,
+                    key.model_id,
+                    new.built_model_id,
+                    key.calibration_set_id,
+                    key.backend.name,
+                    key.backend.version,
+                    key.backend.device,
+                    key.config.precision,
+                    json.dumps(key.config.to_dict()),
+                    plan.sha256,
+                    plan.size_bytes,
+                    new.file_extension,
+                    new.build_seconds,
+                    json.dumps(new.report),
+                    cache_sha,
+                    now,
+                    now,
                 ),
             )
         self.evict(keep=key.digest)
@@ -164,7 +177,9 @@ class EngineCache:
         if model_id is None:
             rows = self.db.query("SELECT * FROM engines ORDER BY created_at DESC")
         else:
-            rows = self.db.query("SELECT * FROM engines WHERE model_id = ? ORDER BY created_at DESC", (model_id,))
+            rows = self.db.query(
+                "SELECT * FROM engines WHERE model_id = ? ORDER BY created_at DESC", (model_id,)
+            )
         return [_record(r) for r in rows]
 
     def verified_plan_path(self, engine_id: str) -> Path:
@@ -193,7 +208,9 @@ class EngineCache:
     def calibration_cache_path(self, engine_id: str) -> Path:
         record = self.get(engine_id)
         if record.calibration_cache_sha256 is None:
-            raise NotFound(f"Engine {engine_id} was not calibrated by the service; it has no calibration cache.")
+            raise NotFound(
+                f"Engine {engine_id} was not calibrated by the service; it has no calibration cache."
+            )
         return self.artifacts.path_for(record.calibration_cache_sha256)
 
     def touch(self, engine_id: str) -> None:

@@ -47,7 +47,8 @@ class BuildConfig:
             "precision": self.precision,
             "keep": sorted(self.keep),
             "shapes": {
-                name: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for name, r in sorted(self.shapes)
+                name: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)}
+                for name, r in sorted(self.shapes)
             },
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "workspace_bytes": self.workspace_bytes,

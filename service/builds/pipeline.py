@@ -69,7 +69,9 @@ def layer_report_dict(report: LayerReport) -> dict[str, Any]:
 class BuildPipeline:
     """Runs build jobs: ``handle(ctx)`` is registered with the job runner for kind ``build``."""
 
-    def __init__(self, models: ModelCatalog, calibration_sets: CalibrationCatalog, cache: EngineCache) -> None:
+    def __init__(
+        self, models: ModelCatalog, calibration_sets: CalibrationCatalog, cache: EngineCache
+    ) -> None:
         self.models = models
         self.calibration_sets = calibration_sets
         self.cache = cache
@@ -87,13 +89,17 @@ class BuildPipeline:
         prepared = self.prepare(ctx, model, key, backend.describe(), params)
         ctx.check_cancelled()
         built_model, _ = self.models.add_model(
-            prepared.model, f"{key.model_id[:12]}-{key.config.precision}-{key.backend.name}.onnx",
-            source="build", parent_id=key.model_id,
+            prepared.model,
+            f"{key.model_id[:12]}-{key.config.precision}-{key.backend.name}.onnx",
+            source="build",
+            parent_id=key.model_id,
         )
         ctx.phase("build", 0.8)
         built_model_bytes = self.models.read_bytes(built_model.id)
         built = backend.build(built_model_bytes, self.build_spec(key.config, prepared))
-        ctx.log(f"{backend.name} built a {len(built.engine_bytes)}-byte engine in {built.build_seconds:.2f} s")
+        ctx.log(
+            f"{backend.name} built a {len(built.engine_bytes)}-byte engine in {built.build_seconds:.2f} s"
+        )
         ctx.check_cancelled()
         ctx.phase("verify", 0.92)
         report = self.evidence(model, prepared, built)
@@ -111,7 +117,12 @@ class BuildPipeline:
         return {"engine_id": record.id, "cache": "miss", "build_seconds": built.build_seconds}
 
     def prepare(
-        self, ctx: JobContext, model: onnx.ModelProto, key: EngineKey, backend: BackendInfo, params: dict[str, Any]
+        self,
+        ctx: JobContext,
+        model: onnx.ModelProto,
+        key: EngineKey,
+        backend: BackendInfo,
+        params: dict[str, Any],
     ) -> PreparedModel:
         config = key.config
         steps: list[str] = []
@@ -149,14 +160,24 @@ class BuildPipeline:
         eval_set = self.calibration_sets.open(eval_id) if eval_id else None
         eval_binding = self.calibration_sets.bind(eval_id, inputs) if eval_id else None
         data = calibration_inputs(
-            inputs, dataset, binding, eval_set=eval_set, eval_binding=eval_binding,
-            holdout_fraction=options.holdout_fraction, max_samples=options.max_samples,
+            inputs,
+            dataset,
+            binding,
+            eval_set=eval_set,
+            eval_binding=eval_binding,
+            holdout_fraction=options.holdout_fraction,
+            max_samples=options.max_samples,
         )
         plan = QuantizationPlan(method=options.method, percentile=options.percentile, skip=key.config.keep)
         return quantize_model(
-            model, data.calibration, data.calibration_samples, data.holdout, plan,
+            model,
+            data.calibration,
+            data.calibration_samples,
+            data.holdout,
+            plan,
             progress=lambda fraction, phase: ctx.progress(0.05 + 0.65 * fraction, phase),
-            should_stop=ctx.should_stop, log=ctx.log,
+            should_stop=ctx.should_stop,
+            log=ctx.log,
         )
 
     @staticmethod

@@ -48,9 +48,7 @@ def check_shapes(shapes: Mapping[str, ShapeRange], inputs: Sequence[TensorSpec])
         for axis, model_dim in enumerate(spec.shape):
             lo, mid, hi = shape_range.min[axis], shape_range.opt[axis], shape_range.max[axis]
             if not lo <= mid <= hi:
-                raise BadInput(
-                    f"Input '{name}' axis {axis}: need min <= opt <= max, got {lo}, {mid}, {hi}."
-                )
+                raise BadInput(f"Input '{name}' axis {axis}: need min <= opt <= max, got {lo}, {mid}, {hi}.")
             if isinstance(model_dim, int) and (lo, mid, hi) != (model_dim,) * 3:
                 raise BadInput(
                     f"Input '{name}' axis {axis} is fixed at {model_dim} in the model, but the shape "
@@ -69,9 +67,7 @@ def build_config_from_request(request: BuildRequest, model: ModelInfo) -> BuildC
         raise BadInput(f"calibration_set_id only applies to precision 'int8', not '{request.precision}'.")
     check_shapes(request.shapes, model.inputs)
     calibration = (
-        request.calibration
-        if request.precision == "int8" and not model.quantization.explicit
-        else None
+        request.calibration if request.precision == "int8" and not model.quantization.explicit else None
     )
     # The held-out set can change the engine (method "auto" and sensitivity pick by accuracy on it).
     extra = (("eval_set_id", request.eval_set_id),) if calibration is not None and request.eval_set_id else ()

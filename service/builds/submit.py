@@ -54,8 +54,14 @@ def submit_build(
         calibration_sets.bind(request.calibration_set_id, model.info.inputs)
         if request.eval_set_id:
             calibration_sets.bind(request.eval_set_id, model.info.inputs)
-        if config.calibration.method == "auto" and not request.eval_set_id and config.calibration.holdout_fraction <= 0:
-            raise BadInput("method 'auto' compares methods on held-out samples: give eval_set_id or holdout_fraction > 0.")
+        if (
+            config.calibration.method == "auto"
+            and not request.eval_set_id
+            and config.calibration.holdout_fraction <= 0
+        ):
+            raise BadInput(
+                "method 'auto' compares methods on held-out samples: give eval_set_id or holdout_fraction > 0."
+            )
     key = engine_key(request, config, backend.describe())
     cached = engines.lookup(key.digest)
     if cached is not None:

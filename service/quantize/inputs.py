@@ -29,12 +29,12 @@ class CalibrationInputs:
     batch_size: int
 
 
-def batch_size_for(inputs: Sequence[TensorSpec], preferred: int = DEFAULT_BATCH_SIZE) -> int:
-    """A model with a fixed batch dimension takes exactly that many samples per run."""
+def batch_size_for(inputs: Sequence[TensorSpec], preferred: int = DEFAULT_BATCH_SIZE) -> tuple[int, bool]:
+    """The samples per run, and whether the model fixes it (then every batch must be exactly that)."""
     fixed = {spec.shape[0] for spec in inputs if spec.shape and isinstance(spec.shape[0], int)}
     if len(fixed) == 1:
-        return int(next(iter(fixed)))
-    return preferred
+        return int(next(iter(fixed))), True
+    return preferred, False
 
 
 def calibration_inputs(
@@ -48,7 +48,7 @@ def calibration_inputs(
     max_samples: int | None = None,
     need_holdout: bool = True,
 ) -> CalibrationInputs:
-    batch_size = batch_size_for(model_inputs)
+    batch_size, fixed_batch = batch_size_for(model_inputs)
     if eval_set is not None:
         calib_range = range(calibration_set.samples)
         holdout_set, holdout_range, holdout_bind = eval_set, range(eval_set.samples), eval_binding or {}
@@ -56,10 +56,16 @@ def calibration_inputs(
         calib_range, holdout_range = calibration_set.split(holdout_fraction)
         holdout_set, holdout_bind = calibration_set, binding
     else:
-        calib_range, holdout_range, holdout_set, holdout_bind = range(calibration_set.samples), range(0), None, {}
+        calib_range, holdout_range, holdout_set, holdout_bind = (
+            range(calibration_set.samples),
+            range(0),
+            None,
+            {},
+        )
     if max_samples is not None:
         calib_range = calib_range[:max_samples]
-    usable = (len(calib_range) // batch_size) * batch_size
+    # A dynamic batch takes a shorter last batch; a fixed one only whole batches.
+    usable = (len(calib_range) // batch_size) * batch_size if fixed_batch else len(calib_range)
     if usable == 0:
         raise BadInput(
             f"The calibration set leaves {len(calib_range)} sample(s) for calibration, fewer than one batch of "
@@ -68,10 +74,12 @@ def calibration_inputs(
     calib_range = calib_range[:usable]
 
     def calibration() -> Iterable[Mapping[str, np.ndarray]]:
-        return calibration_set.batches(batch_size, start=calib_range.start, stop=calib_range.stop, bind=binding)
+        return calibration_set.batches(
+            batch_size, start=calib_range.start, stop=calib_range.stop, bind=binding
+        )
 
     holdout: Batches | None = None
-    holdout_usable = (len(holdout_range) // batch_size) * batch_size
+    holdout_usable = (len(holdout_range) // batch_size) * batch_size if fixed_batch else len(holdout_range)
     if holdout_set is not None and holdout_usable > 0:
         stop = holdout_range.start + holdout_usable
         dataset, start, bind = holdout_set, holdout_range.start, holdout_bind

@@ -51,13 +51,21 @@ class QuantizationJob:
             min_cosine=params.get("min_cosine"),
         )
         outcome = quantize_model(
-            model, data.calibration, data.calibration_samples, data.holdout, plan,
-            progress=ctx.progress, should_stop=ctx.should_stop, log=ctx.log,
+            model,
+            data.calibration,
+            data.calibration_samples,
+            data.holdout,
+            plan,
+            progress=ctx.progress,
+            should_stop=ctx.should_stop,
+            log=ctx.log,
         )
         ctx.check_cancelled()
         qdq_record, _ = self.models.add_model(
-            outcome.qdq_model, f"{record.name.removesuffix('.onnx')}.int8-qdq.onnx",
-            source="quantization", parent_id=record.id,
+            outcome.qdq_model,
+            f"{record.name.removesuffix('.onnx')}.int8-qdq.onnx",
+            source="quantization",
+            parent_id=record.id,
         )
         cache = self.artifacts.put_bytes(outcome.calibration_cache)
         ctx.log(f"Q/DQ model {qdq_record.id}; calibration cache {cache.sha256}")

@@ -20,6 +20,7 @@ import onnx
 from service.calibration.algorithms import thresholds_from_histograms
 from service.calibration.collect import collect_histograms
 from service.calibration.trt_cache import calibration_cache_from_scales
+from service.errors import BadInput, JobCancelled
 from service.quantize.placement import tensors_to_calibrate
 from service.quantize.qdq import qdq_model_from_scales
 from service.quantize.sensitivity import rank_layer_sensitivity, select_layers_to_keep
@@ -53,6 +54,7 @@ class QuantizationOutcome:
     accuracy: AccuracyReport | None
     method_accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
     sensitivity: list[dict[str, Any]] | None = None
+    selection: dict[str, Any] | None = None
     kept_layers: tuple[str, ...] = ()
     quantized_nodes: tuple[str, ...] = ()
 
@@ -65,6 +67,7 @@ class QuantizationOutcome:
             "accuracy": self.accuracy.to_dict() if self.accuracy else None,
             "method_accuracy": self.method_accuracy,
             "sensitivity": self.sensitivity,
+            "selection": self.selection,
         }
 
 
@@ -117,9 +120,14 @@ def quantize_model(
     )
     methods = CONCRETE_METHODS if plan.method == "auto" else (plan.method,)
     if plan.method == "auto" and holdout_batches is None:
-        raise ValueError("method 'auto' needs held-out samples")  # guarded by the caller's validation
+        raise BadInput(
+            "method 'auto' picks the method by accuracy on held-out samples, and none are left: give "
+            "eval_set_id, raise holdout_fraction, or upload more samples."
+        )
 
-    candidates: dict[str, tuple[dict[str, float], onnx.ModelProto, AccuracyReport | None, tuple[str, ...]]] = {}
+    candidates: dict[
+        str, tuple[dict[str, float], onnx.ModelProto, AccuracyReport | None, tuple[str, ...]]
+    ] = {}
     evaluate = steps.slice(0.5, 0.7, "evaluate")
     for index, method in enumerate(methods):
         amax = thresholds_from_histograms(histograms, method, percentile=plan.percentile)  # type: ignore[arg-type]
@@ -134,8 +142,6 @@ def quantize_model(
             say(f"method {method}: worst-output SNR {report.worst_snr_db():.2f} dB")
         evaluate(index + 1, len(methods))
         if should_stop is not None and should_stop():
-            from service.errors import JobCancelled
-
             raise JobCancelled("cancelled during evaluation")
 
     if plan.method == "auto":
@@ -147,22 +153,38 @@ def quantize_model(
     method_accuracy = {m: c[2].to_dict() for m, c in candidates.items() if c[2] is not None}
 
     sensitivity: list[dict[str, Any]] | None = None
+    selection_summary: dict[str, Any] | None = None
     kept: tuple[str, ...] = tuple(sorted(skip.resolve(model))) if skip else ()
     if plan.sensitivity != "off" and holdout_batches is not None:
         ranking = rank_layer_sensitivity(
-            model, amax, holdout_batches, progress=steps.slice(0.7, 0.9, "sensitivity"), should_stop=should_stop
+            model,
+            amax,
+            holdout_batches,
+            skip=skip,
+            progress=steps.slice(0.7, 0.85, "sensitivity"),
+            should_stop=should_stop,
         )
         sensitivity = [entry.to_dict() for entry in ranking]
         if plan.sensitivity == "auto":
             selection = select_layers_to_keep(
-                model, amax, holdout_batches, ranking, min_snr_db=plan.min_snr_db, min_cosine=plan.min_cosine
+                model,
+                amax,
+                holdout_batches,
+                ranking,
+                min_snr_db=plan.min_snr_db,
+                min_cosine=plan.min_cosine,
+                skip=skip,
+                progress=steps.slice(0.85, 0.95, "selective"),
+                should_stop=should_stop,
             )
+            selection_summary = {k: v for k, v in selection.to_dict().items() if k != "qdq"}
             kept = tuple(sorted(set(kept) | set(selection.kept_layers)))
-            say(f"selective quantization keeps {len(selection.kept_layers)} layer(s) out of INT8")
+            say(
+                f"selective quantization keeps {len(selection.kept_layers)} layer(s) out of INT8; "
+                f"bound {'met' if selection.met else 'NOT met'} (SNR {selection.snr_db:.2f} dB)"
+            )
             if selection.kept_layers:
-                keep_spec = SkipSpec.parse(list(kept))
-                result = qdq_model_from_scales(model, amax, skip=keep_spec)
-                qdq, quantized = result.model, result.quantized_nodes
+                qdq, quantized = selection.qdq.model, selection.qdq.quantized_nodes
                 accuracy = evaluate_with_onnxruntime(model, qdq, holdout_batches())
     if progress is not None:
         progress(0.95, "finalize")
@@ -175,6 +197,7 @@ def quantize_model(
         accuracy=accuracy,
         method_accuracy=method_accuracy,
         sensitivity=sensitivity,
+        selection=selection_summary,
         kept_layers=kept,
         quantized_nodes=tuple(quantized),
     )

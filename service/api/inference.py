@@ -1,0 +1,126 @@
+"""Inference: POST /v1/engines/{id}/infer in JSON, npz or raw tensor bytes (see service.serving.codecs)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from service.api.deps import ServicesDep
+from service.errors import BackendUnavailable, TooLarge
+from service.runtime import Services
+from service.serving import RUNNER_POOL
+from service.serving.codecs import (
+    DEFAULT_MAX_INFERENCE_BYTES,
+    DTYPE_HEADER,
+    JSON_MEDIA,
+    NPZ_MEDIA,
+    RAW_MEDIA,
+    SHAPE_HEADER,
+    EncodedOutputs,
+    WireFormat,
+    check_output_choice,
+    decode_inputs,
+    encode_outputs,
+    request_format,
+    response_format,
+)
+from service.serving.runner_pool import RunnerPool
+from service.serving.validation import validate_feeds
+
+router = APIRouter(prefix="/v1/engines", tags=["inference"])
+
+_BODY_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            JSON_MEDIA: {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {"inputs": {"type": "object", "additionalProperties": {"type": "array"}}},
+                }
+            },
+            NPZ_MEDIA: {"schema": {"type": "string", "format": "binary"}},
+            RAW_MEDIA: {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "parameters": [
+        {"name": DTYPE_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+         "description": f"numpy dtype of a {RAW_MEDIA} body, e.g. float32"},
+        {"name": SHAPE_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+         "description": f"shape of a {RAW_MEDIA} body, comma-separated, e.g. 1,3,224,224"},
+    ],
+}  # fmt: skip
+
+
+def runner_pool(services: Services) -> RunnerPool:
+    pool = services.extras.get(RUNNER_POOL)
+    if not isinstance(pool, RunnerPool):
+        raise BackendUnavailable("Inference is not set up on this server (no runner pool was registered).")
+    return pool
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with TooLarge as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"The request declares {declared} bytes; an inference request may hold {limit}.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"The request body passed {limit} bytes, the most an inference request may hold.")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def run_inference(
+    services: Services,
+    engine_id: str,
+    fmt: WireFormat,
+    body: bytes,
+    headers: Mapping[str, str],
+    answer: WireFormat,
+    chosen: str | None,
+) -> EncodedOutputs:
+    """Decode, validate, infer and encode, holding the engine's warm runner for the duration."""
+    pool = runner_pool(services)
+    with pool.lease(engine_id) as runner:
+        check_output_choice(answer, [spec.name for spec in runner.outputs], chosen)
+        raw = decode_inputs(fmt, body, headers, [spec.name for spec in runner.inputs])
+        feeds = validate_feeds(raw, runner.inputs, allow_safe_casts=fmt == "json")
+        outputs = runner.infer(feeds)
+    metadata = None
+    if answer == "json":
+        record = services.engines.get(engine_id)
+        metadata = {"engine_id": engine_id, "backend": record.backend, "precision": record.precision}
+    return encode_outputs(outputs, answer, chosen=chosen, metadata=metadata)
+
+
+@router.post(
+    "/{engine_id}/infer",
+    openapi_extra=_BODY_SCHEMA,
+    responses={
+        200: {"content": {JSON_MEDIA: {}, NPZ_MEDIA: {}, RAW_MEDIA: {}},
+              "description": "The outputs, in the request's format or the one Accept names."},
+        400: {"description": "Inputs do not match the engine (names, dtypes, shapes), or a malformed body."},
+        409: {"description": "The engine's backend cannot run on this host; the message names one that can."},
+        413: {"description": "The body is larger than an inference request may be."},
+    },
+)  # fmt: skip
+async def infer_engine(
+    engine_id: str, request: Request, services: ServicesDep, output: str | None = None
+) -> Response:
+    """Run the engine on one batch: JSON, npz or raw tensor bytes in; the same (or what Accept asks) out."""
+    fmt = request_format(request.headers.get("content-type"))
+    answer = response_format(request.headers.get("accept"), fmt)
+    limit = min(services.settings.max_upload_bytes, DEFAULT_MAX_INFERENCE_BYTES)
+    body = await read_body(request, limit)
+    encoded = await run_in_threadpool(
+        run_inference, services, engine_id, fmt, body, request.headers, answer, output
+    )
+    return Response(content=encoded.body, media_type=encoded.media_type, headers=dict(encoded.headers))
