@@ -18,7 +18,7 @@ from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
 from service.config import Settings
 from service.jobs.records import JobStore
-from service.jobs.runner import JobRunner
+from service.jobs.runner import JobQueue, JobRunner
 from service.observability.metrics import ServiceMetrics
 from service.quantize.job import QUANTIZATION_JOB, QuantizationJob
 from service.store.blobs import BlobStore
@@ -72,11 +72,17 @@ def open_services(settings: Settings) -> Services:
         if settings.auth_enabled
         else KeyRing(KeyStore(db))
     )
+    queue: JobQueue | None = None  # None: the embedded runner's in-process queue
+    if settings.queue_backend == "redis":
+        from service.jobs.redis_queue import RedisJobQueue  # imported only when used
+
+        queue = RedisJobQueue.connect(settings.redis_url)
     runner = JobRunner(
         jobs,
         workers=settings.job_workers,
         max_active_per_owner=settings.max_concurrent_jobs_per_key if settings.auth_enabled else None,
         owner_limit=keys.job_limit,  # a key's own concurrent-job limit
+        queue=queue,
     )
     # Job counts at scrape time, build durations from finished jobs.
     metrics = ServiceMetrics()
@@ -90,7 +96,9 @@ def open_services(settings: Settings) -> Services:
         max_archive_uncompressed_bytes=settings.max_archive_uncompressed_bytes,
     )
     engines = EngineCache(db, settings.engines_dir, budget_bytes=settings.engine_cache_bytes)
-    reconciled = engines.reconcile()
+    # With a shared queue, other processes may be storing an engine right now: only sweep orphan
+    # plans old enough that no live build can still be about to insert their row.
+    reconciled = engines.reconcile(min_orphan_age_s=3600.0 if settings.queue_backend == "redis" else 0.0)
     if any(reconciled.values()):
         logger.warning("engine cache reconciled with the files on disk: %s", reconciled)
     calibration_sets.reconcile()

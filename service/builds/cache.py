@@ -8,8 +8,10 @@ recorded digest, so a damaged or truncated plan is dropped from the cache rather
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,7 +175,7 @@ class EngineCache:
             raise NotFound(f"No engine with id '{engine_id}'. List engines with GET /v1/engines.")
         return _record(row)
 
-    def list(self, *, model_id: str | None = None) -> list[EngineRecord]:
+    def list(self, *, model_id: str | None = None) -> builtins.list[EngineRecord]:
         if model_id is None:
             rows = self.db.query("SELECT * FROM engines ORDER BY created_at DESC")
         else:
@@ -220,9 +222,9 @@ class EngineCache:
         row = self.db.query_one("SELECT COALESCE(SUM(size_bytes), 0) FROM engines")
         return int(row[0]) if row else 0
 
-    def evict(self, *, keep: str | None = None) -> list[str]:
+    def evict(self, *, keep: str | None = None) -> builtins.list[str]:
         """Drop least-recently-used engines until the cache fits its budget; returns evicted ids."""
-        evicted: list[str] = []
+        evicted: builtins.list[str] = []
         total = self.total_bytes()
         if total <= self.budget_bytes:
             return evicted
@@ -245,8 +247,12 @@ class EngineCache:
         if not self.db.query_one("SELECT 1 FROM engines WHERE plan_sha256 = ?", (record.plan_sha256,)):
             self.plans.delete(record.plan_sha256)
 
-    def reconcile(self) -> dict[str, int]:
-        """Make the index and the files agree: drop rows without a valid file and files without a row."""
+    def reconcile(self, *, min_orphan_age_s: float = 0.0) -> dict[str, int]:
+        """Make the index and the files agree: drop rows without a file and files without a row.
+
+        ``min_orphan_age_s`` spares plan files younger than that (a build in another process writes
+        the file before its row).
+        """
         dropped_rows = 0
         for record in self.list():
             if not self.plans.exists(record.plan_sha256):
@@ -254,8 +260,9 @@ class EngineCache:
                 dropped_rows += 1
         referenced = {r["plan_sha256"] for r in self.db.query("SELECT plan_sha256 FROM engines")}
         orphan_files = 0
+        cutoff = time.time() - min_orphan_age_s
         for digest in list(self.plans.digests()):
-            if digest not in referenced:
+            if digest not in referenced and self.plans.path_for(digest).stat().st_mtime <= cutoff:
                 self.plans.delete(digest)
                 orphan_files += 1
         return {"dropped_rows": dropped_rows, "orphan_files": orphan_files}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from service.cli.client import client_app
 
 if TYPE_CHECKING:  # [auth] the CLI imports its work lazily so `--help` stays fast
     from service.auth.keys import KeyStore
@@ -15,7 +17,9 @@ app = typer.Typer(help="TensorRT INT8/FP16 engine-building service.", no_args_is
 
 @app.command()
 def serve(
-    host: str | None = typer.Option(None, help="Bind address (default from ENGINE_SERVICE_HOST or 127.0.0.1)."),
+    host: str | None = typer.Option(
+        None, help="Bind address (default from ENGINE_SERVICE_HOST or 127.0.0.1)."
+    ),
     port: int | None = typer.Option(None, help="Port (default from ENGINE_SERVICE_PORT or 8000)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
@@ -34,6 +38,38 @@ def serve(
         timeout_graceful_shutdown=30,
     )
 
+
+@app.command()
+def worker(
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Serve only this backend (repeatable); default: every backend that can build here."
+        ),
+    ] = None,
+    generic: bool = typer.Option(
+        True, "--generic/--no-generic", help="Also run untargeted jobs (quantization)."
+    ),
+    burst: bool = typer.Option(False, help="Exit once the queues are empty instead of waiting for jobs."),
+    grace_seconds: float = typer.Option(
+        240.0, help="On SIGTERM, how long the running job may take to finish."
+    ),
+    name: str | None = typer.Option(None, help="Worker name shown in Redis and job logs (default: random)."),
+) -> None:
+    """Run jobs from Redis for the targets this host can build (needs ENGINE_SERVICE_QUEUE_BACKEND=redis)."""
+    try:
+        from service.jobs.worker import run_worker
+    except ImportError as exc:  # rq and redis are the optional 'redis' extra
+        typer.echo(
+            f"error: the worker needs the 'redis' extra (pip install 'engine-service[redis]'): {exc}",
+            err=True,
+        )
+        raise typer.Exit(code=2) from exc
+
+    code = run_worker(
+        backends=backend or [], generic=generic, burst=burst, grace_seconds=grace_seconds, name=name
+    )
+    raise typer.Exit(code=code)
 
 
 # [auth] `engine-service keys ...`: API keys in the service database (the server sees changes at once).
@@ -115,6 +151,10 @@ def revoke_key(key_id: str = typer.Argument(..., help="The key id from `engine-s
     finally:
         store.db.close()
     typer.echo(f"revoked API key {key.id} ({key.name})")
+
+
+# [client] build|infer|benchmark|models|... talk to a server; `local build` runs without one.
+app.add_typer(client_app)
 
 
 if __name__ == "__main__":

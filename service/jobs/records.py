@@ -7,6 +7,7 @@ died is failed with a reason a person can act on.
 
 from __future__ import annotations
 
+import builtins
 import json
 import uuid
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ class JobStore:
             raise NotFound(f"No {what} with id '{job_id}'.")
         return _row_to_record(row)
 
-    def list(self, *, kind: str | None = None, limit: int = 100) -> list[JobRecord]:
+    def list(self, *, kind: str | None = None, limit: int = 100) -> builtins.list[JobRecord]:
         if kind is None:
             rows = self.db.query("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
         else:
@@ -120,8 +121,10 @@ class JobStore:
             )
         return [_row_to_record(r) for r in rows]
 
-    def queued_ids(self) -> list[str]:
-        return [r["id"] for r in self.db.query("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at")]
+    def queued_ids(self) -> builtins.list[str]:
+        return [
+            r["id"] for r in self.db.query("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at")
+        ]
 
     def count_active(self, *, owner: str | None = None) -> int:
         if owner is None:
@@ -159,7 +162,12 @@ class JobStore:
             conn.execute("UPDATE jobs SET log = ? WHERE id = ?", (log, job_id))
 
     def finish(
-        self, job_id: str, status: JobStatus, *, result: dict[str, Any] | None = None, error: str | None = None
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
     ) -> None:
         self.db.execute(
             "UPDATE jobs SET status = ?, result_json = ?, error = ?, finished_at = ?, "

@@ -3,8 +3,14 @@
 Long work (quantization, builds, benchmarks, evaluations) runs here, never inside a request. Each
 job kind has one handler ``handler(ctx) -> result dict``; the handler reports through its
 :class:`JobContext` and checks ``ctx.check_cancelled()`` between steps. Rows live in SQLite
-(:mod:`service.jobs.records`), so status survives the process; on start the runner fails the jobs a
-dead process left running and re-queues the ones that never started.
+(:mod:`service.jobs.records`), so status survives the process.
+
+Where a queued job waits is pluggable (:class:`JobQueue`). The default :class:`LocalJobQueue` is the
+embedded runner: this process's worker threads take the jobs, and on start the runner fails the jobs a
+dead process left running and re-queues the ones that never started. With a remote queue
+(:mod:`service.jobs.redis_queue`) this process only dispatches; worker processes call
+:meth:`JobRunner.execute`, and the rows stay the single source of truth either way. Every job carries
+a :class:`JobTarget`: the backend identity a build needs, or any worker for the rest.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from service.errors import JobCancelled, LimitExceeded, ServiceError
 from service.jobs.records import JobRecord, JobStore
@@ -61,7 +67,9 @@ class JobContext:
 
     def log(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
-        self._store.append_log(self.job_id, "".join(f"{stamp} {line}\n" for line in message.splitlines() or [""]))
+        self._store.append_log(
+            self.job_id, "".join(f"{stamp} {line}\n" for line in message.splitlines() or [""])
+        )
 
     def should_stop(self) -> bool:
         """True when cancellation was requested or the server is shutting down (cheap to poll)."""
@@ -78,8 +86,69 @@ class JobContext:
             raise JobCancelled(f"Job {self.job_id} was cancelled.")
 
 
+@dataclass(frozen=True)
+class JobTarget:
+    """Which workers may run a job: those that build for one backend identity, or (all None) any worker."""
+
+    backend: str | None = None
+    version: str | None = None
+    device: str | None = None
+    compute_capability: str | None = None
+
+    @property
+    def is_any(self) -> bool:
+        return self.backend is None
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> JobTarget:
+        """The target of a job from its params: build jobs carry ``key`` with the backend identity."""
+        key = params.get("key")
+        if not isinstance(key, Mapping):
+            return cls()
+        backend, version, device = key.get("backend"), key.get("backend_version"), key.get("device")
+        if not (isinstance(backend, str) and isinstance(version, str) and isinstance(device, str)):
+            return cls()
+        capability = key.get("compute_capability")
+        return cls(backend, version, device, capability if isinstance(capability, str) else None)
+
+
+class JobQueue(Protocol):
+    """Where a queued job waits until a worker takes it."""
+
+    def put(self, job_id: str, target: JobTarget) -> None:
+        """Hand a queued job to the workers that can run ``target``. Putting a job twice runs it once
+        (the row's queued -> running transition admits one taker); raise ServiceError when it cannot be
+        queued."""
+        ...
+
+    def discard(self, job_id: str) -> None:
+        """Forget a job cancelled before it started (best effort: a taker skips it anyway)."""
+        ...
+
+
+class LocalJobQueue:
+    """The embedded queue: jobs wait in memory for this process's runner threads."""
+
+    def __init__(self) -> None:
+        self._ids: queue.Queue[str | None] = queue.Queue()
+
+    def put(self, job_id: str, target: JobTarget) -> None:
+        self._ids.put(job_id)  # every local thread can run every kind, so the target does not matter
+
+    def discard(self, job_id: str) -> None:
+        return None  # the row is already cancelled; the thread that takes it skips it
+
+    def take(self) -> str | None:
+        """Block until a job id arrives; None tells the calling thread to exit."""
+        return self._ids.get()
+
+    def release(self) -> None:
+        """Make one thread blocked in :meth:`take` exit."""
+        self._ids.put(None)
+
+
 class JobRunner:
-    """Runs registered job kinds on a pool of worker threads."""
+    """Runs registered job kinds: on its own worker threads (local queue) or for a remote worker."""
 
     def __init__(
         self,
@@ -88,6 +157,7 @@ class JobRunner:
         workers: int = 1,
         max_active_per_owner: int | None = None,
         owner_limit: Callable[[str], int | None] | None = None,
+        queue: JobQueue | None = None,
     ) -> None:
         self.store = store
         self.workers = workers
@@ -95,7 +165,7 @@ class JobRunner:
         # Per-owner override of max_active_per_owner (an API key's own limit); None means "use the default".
         self.owner_limit = owner_limit
         self._handlers: dict[str, JobHandler] = {}
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self.queue: JobQueue = queue if queue is not None else LocalJobQueue()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._running: dict[str, JobContext] = {}
@@ -109,14 +179,27 @@ class JobRunner:
         """Called with the final record of every finished job (metrics hook)."""
         self._listeners.append(listener)
 
+    @property
+    def runs_locally(self) -> bool:
+        """True when this process's threads run the jobs (the embedded runner)."""
+        return isinstance(self.queue, LocalJobQueue)
+
     def start(self) -> None:
-        interrupted = self.store.mark_interrupted()
-        if interrupted:
-            logger.warning("marked %d interrupted job(s) failed", interrupted)
-        for job_id in self.store.queued_ids():
-            self._queue.put(job_id)
+        """Re-queue what never started; with the local queue also fail what a dead process left running
+        and start the worker threads. (With a remote queue, running rows belong to live workers.)"""
+        if self.runs_locally:
+            interrupted = self.store.mark_interrupted()
+            if interrupted:
+                logger.warning("marked %d interrupted job(s) failed", interrupted)
+        queued: list[str] = self.store.queued_ids()
+        for job_id in queued:
+            self.queue.put(job_id, JobTarget.of(self.store.get(job_id).params))
+        if not isinstance(self.queue, LocalJobQueue):
+            return
         for index in range(self.workers):
-            thread = threading.Thread(target=self._work, name=f"job-worker-{index}", daemon=True)
+            thread = threading.Thread(
+                target=self._work, args=(self.queue,), name=f"job-worker-{index}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 
@@ -142,12 +225,19 @@ class JobRunner:
                 )
         record, created = self.store.create(kind, dict(params), dedupe_key=dedupe_key, owner=owner)
         if created:
-            self._queue.put(record.id)
+            try:
+                self.queue.put(record.id, JobTarget.of(record.params))
+            except ServiceError as exc:  # never leave a queued row that no worker will ever see
+                self.store.finish(record.id, "failed", error=exc.message)
+                raise
         return record, created
 
     def cancel(self, job_id: str, *, kind: str | None = None) -> JobRecord:
         self.store.get(job_id, kind=kind)
-        return self.store.request_cancel(job_id)
+        record = self.store.request_cancel(job_id)
+        if record.status == "cancelled" and record.started_at is None:
+            self.queue.discard(job_id)
+        return record
 
     def running_ids(self) -> list[str]:
         with self._lock:
@@ -156,8 +246,9 @@ class JobRunner:
     def stop(self, grace_seconds: float = 30.0) -> None:
         """Stop taking jobs, give running ones ``grace_seconds`` to finish, then fail them cleanly."""
         deadline = time.monotonic() + grace_seconds
-        for _ in self._threads:
-            self._queue.put(None)
+        if isinstance(self.queue, LocalJobQueue):
+            for _ in self._threads:
+                self.queue.release()
         while self.running_ids() and time.monotonic() < deadline:
             time.sleep(0.05)
         self._stopping.set()  # handlers polling should_stop() now unwind
@@ -165,22 +256,30 @@ class JobRunner:
             thread.join(timeout=max(1.0, deadline - time.monotonic()))
         self._threads.clear()
 
-    def _work(self) -> None:
+    def _work(self, local: LocalJobQueue) -> None:
         while True:
-            job_id = self._queue.get()
+            job_id = local.take()
             if job_id is None:
                 return
             try:
-                self._run_one(job_id)
+                self.execute(job_id)
             except Exception:  # the worker must survive anything a handler or the DB throws
                 logger.exception("job %s crashed the worker loop", job_id)
 
-    def _run_one(self, job_id: str) -> None:
+    def execute(self, job_id: str, *, taken_by: str | None = None) -> bool:
+        """Run one queued job to its final state here; False when it was no longer queued.
+
+        Local threads call this, and so do remote workers for the jobs they take from their queue;
+        ``taken_by`` names the worker in the job's log.
+        """
         if not self.store.mark_running(job_id):
-            return  # cancelled while queued
+            return False  # cancelled while queued, or another worker took it first
         record = self.store.get(job_id)
-        ctx = JobContext(job_id=job_id, kind=record.kind, params=record.params, _store=self.store,
-                         _stopping=self._stopping)
+        ctx = JobContext(
+            job_id=job_id, kind=record.kind, params=record.params, _store=self.store, _stopping=self._stopping
+        )
+        if taken_by:
+            ctx.log(f"taken by {taken_by}")
         with self._lock:
             self._running[job_id] = ctx
         started = time.monotonic()
@@ -199,6 +298,10 @@ class JobRunner:
         except Exception as exc:
             ctx.log("failed with an unexpected error:\n" + traceback.format_exc(limit=8))
             self.store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        except BaseException:  # SystemExit/KeyboardInterrupt (a worker's cold shutdown): record, then go
+            ctx.log(SHUTDOWN_REASON)
+            self.store.finish(job_id, "failed", error=SHUTDOWN_REASON)
+            raise
         else:
             ctx.log(f"succeeded in {time.monotonic() - started:.2f} s")
             self.store.finish(job_id, "succeeded", result=result)
@@ -211,3 +314,4 @@ class JobRunner:
                 listener(final)
             except Exception:
                 logger.exception("job listener failed")
+        return True

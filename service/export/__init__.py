@@ -1,0 +1,1 @@
+"""Exports of cached engines into the formats serving systems load (Triton model repositories)."""

@@ -1,0 +1,306 @@
+"""Build workers: take jobs from Redis for the targets this host can build, and run them here.
+
+``engine-service worker`` opens the same storage as the API server (data roots and metadata database
+from the settings), works out which targets it can build from the backend registry, and runs an RQ
+worker on those targets' queues plus the generic one (:mod:`service.jobs.redis_queue`). A job is run
+through the process's :class:`~service.jobs.runner.JobRunner`, so handlers, progress, logs,
+cancellation and the shutdown grace period behave exactly as in the embedded runner.
+
+RQ's ``SimpleWorker`` runs each job in this process rather than in a forked child: a CUDA context
+does not survive ``fork``, backends keep loaded libraries between builds, and the SQLite connection
+must not be shared with a child. One worker runs one job at a time; run one worker per GPU.
+
+RQ finds ``execute_job`` by its import path, so the job function reaches the worker's runner through
+a context variable the worker sets in its own thread (several workers can share a process in tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from types import FrameType, TracebackType
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq.exceptions import AbandonedJobError
+from rq.executions import Execution
+from rq.job import Job
+from rq.queue import Queue
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.timeouts import TimerDeathPenalty
+from rq.worker import SimpleWorker, WorkerStatus
+
+from service.backends.base import Availability, BackendInfo
+from service.errors import NotFound
+from service.jobs.redis_queue import GENERIC_QUEUE, RedisJobQueue, queue_name
+from service.jobs.runner import JobRunner, JobTarget
+
+logger = logging.getLogger(__name__)
+
+ABANDONED_REASON = (
+    "interrupted: the worker running this job stopped without finishing it (its process or host was lost); "
+    "nothing it produced was kept. Submit the same request again to retry."
+)
+# Check for dead workers' jobs every minute (RQ's default is ten): a lost build should not look
+# "running" for long.
+MAINTENANCE_INTERVAL_S = 60
+
+
+@dataclass(frozen=True)
+class _Binding:
+    runner: JobRunner
+    label: str
+
+
+_binding: ContextVar[_Binding | None] = ContextVar("engine_service_worker", default=None)
+
+
+def execute_job(job_id: str) -> str:
+    """RQ's entry point: run the row ``job_id`` on this worker's runner; returns its final status."""
+    binding = _binding.get()
+    if binding is None:
+        raise RuntimeError(
+            "execute_job runs only inside `engine-service worker`; another kind of RQ worker took it."
+        )
+    store = binding.runner.store
+    try:
+        store.get(job_id)
+    except NotFound:
+        # The API server queued a row this worker cannot see: they do not share one database.
+        logger.error(
+            "job %s is not in this worker's database (%s); the worker and the API server must use the same "
+            "ENGINE_SERVICE_DATABASE_PATH",
+            job_id,
+            store.db.path,
+        )
+        raise
+    if not binding.runner.execute(job_id, taken_by=binding.label):
+        return "skipped"  # cancelled while it waited, or already taken
+    return store.get(job_id).status
+
+
+def job_failed(
+    job: Job,
+    connection: Redis,
+    exc_type: type[BaseException],
+    exc: BaseException,
+    tb: TracebackType | None,
+) -> None:
+    """RQ's failure callback: fail the row when RQ gives up on its job (a dead worker, or a crash
+    outside the handler, which the runner would otherwise have recorded itself)."""
+    binding = _binding.get()
+    if binding is None:
+        logger.warning("RQ job %s failed outside an engine-service worker; its row is left as it is", job.id)
+        return
+    store = binding.runner.store
+    try:
+        record = store.get(job.id)
+    except NotFound:
+        return  # execute_job logged why
+    if not record.active:
+        return
+    reason = (
+        ABANDONED_REASON
+        if isinstance(exc, AbandonedJobError)
+        else f"the worker failed while running this job: {exc_type.__name__}: {exc}"
+    )
+    store.append_log(job.id, f"{time.strftime('%H:%M:%S')} {reason}\n")
+    store.finish(job.id, "failed", error=reason)
+
+
+def targets_from_statuses(
+    statuses: Sequence[tuple[BackendInfo | None, Availability]], *, backends: Sequence[str] = ()
+) -> tuple[JobTarget, ...]:
+    """The targets of the backends that can build here (optionally only those named in ``backends``)."""
+    targets = []
+    for info, availability in statuses:
+        if info is None or not availability.can_build:
+            continue
+        if backends and info.name not in backends:
+            continue
+        targets.append(JobTarget(info.name, info.version, info.device, info.compute_capability))
+    return tuple(targets)
+
+
+def local_targets(backends: Sequence[str] = ()) -> tuple[JobTarget, ...]:
+    """What this host can build, from the backend registry."""
+    from service.backends.registry import backend_statuses
+
+    return targets_from_statuses(backend_statuses(), backends=backends)
+
+
+class _RqWorker(SimpleWorker):
+    """RQ's in-process worker, plus heartbeats during long jobs and the runner's shutdown grace."""
+
+    # No SIGALRM: jobs have no RQ timeout, and a worker may run outside the main thread.
+    death_penalty_class = TimerDeathPenalty
+
+    def __init__(self, *args: Any, on_warm_stop: Callable[[], None] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_warm_stop = on_warm_stop
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        # SimpleWorker sends no heartbeats while its job runs; without them RQ would declare any build
+        # longer than its heartbeat timeout (seven minutes for jobs without a timeout) abandoned.
+        beat = threading.Thread(
+            target=self._beat, args=(job, execution, done), name=f"{self.name}-heartbeat", daemon=True
+        )
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat(self, job: Job, execution: Execution, done: threading.Event) -> None:
+        while not done.wait(self.job_monitoring_interval):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except RedisError as exc:
+                logger.warning("worker %s: heartbeat failed: %s", self.name, exc)
+
+    def _install_signal_handlers(self) -> None:
+        # Signal handlers can only be installed from the main thread; a worker embedded in a thread is
+        # stopped by its owner instead.
+        if threading.current_thread() is threading.main_thread():
+            super()._install_signal_handlers()
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        # Warm shutdown (SIGTERM/SIGINT): RQ takes no new job; the running one gets the grace period.
+        if self.get_state() == WorkerStatus.BUSY and self._on_warm_stop is not None:
+            self._on_warm_stop()
+        super().request_stop(signum, frame)
+
+
+class JobWorker:
+    """One RQ worker that runs the jobs of ``targets`` (and, with ``generic``, untargeted jobs)."""
+
+    def __init__(
+        self,
+        runner: JobRunner,
+        queue: RedisJobQueue,
+        targets: Sequence[JobTarget],
+        *,
+        generic: bool = True,
+        name: str | None = None,
+        grace_seconds: float = 240.0,
+        job_monitoring_interval: int = 30,
+    ) -> None:
+        self.runner = runner
+        self.queue = queue
+        self.targets = tuple(t for t in targets if not t.is_any)
+        self.queue_names = tuple(dict.fromkeys(queue_name(t) for t in self.targets)) + (
+            (GENERIC_QUEUE,) if generic else ()
+        )
+        if not self.queue_names:
+            raise ValueError("a worker needs at least one target or the generic queue")
+        self.grace_seconds = grace_seconds
+        self._rq = _RqWorker(
+            list(self.queue_names),
+            name=name,
+            connection=queue.connection,
+            serializer=JSONSerializer,
+            maintenance_interval=MAINTENANCE_INTERVAL_S,
+            job_monitoring_interval=job_monitoring_interval,
+            on_warm_stop=self._start_grace_period,
+        )
+        self.name = self._rq.name
+        self.label = f"worker {self.name} on {socket.gethostname()}"
+
+    def run(self, *, burst: bool = False) -> bool:
+        """Work until stopped (or, with ``burst``, until the queues are empty); True if any job ran."""
+        self.queue.register_targets(self.targets)
+        with self._bound():
+            return bool(self._rq.work(burst=burst, logging_level=None))
+
+    def recover_abandoned(self, *, now: float | None = None) -> None:
+        """Fail the rows of jobs whose worker died on this worker's queues.
+
+        RQ runs this check in its periodic maintenance; ``now`` (a Unix time) lets a caller look past
+        the heartbeat timeout at once.
+        """
+        with self._bound():
+            for name in self.queue_names:
+                queue = Queue(name, connection=self.queue.connection, serializer=JSONSerializer)
+                registry = StartedJobRegistry(queue=queue, death_penalty_class=TimerDeathPenalty)
+                registry.cleanup(timestamp=now)
+
+    @contextmanager
+    def _bound(self) -> Iterator[None]:
+        token = _binding.set(_Binding(self.runner, self.label))
+        try:
+            yield
+        finally:
+            _binding.reset(token)
+
+    def _start_grace_period(self) -> None:
+        # runner.stop waits up to the grace period for the running job, then makes it unwind through
+        # its cancellation checks and records it failed with the shutdown reason.
+        threading.Thread(
+            target=self.runner.stop, args=(self.grace_seconds,), name="worker-shutdown", daemon=True
+        ).start()
+
+
+def run_worker(
+    *,
+    backends: Sequence[str] = (),
+    generic: bool = True,
+    burst: bool = False,
+    grace_seconds: float = 240.0,
+    name: str | None = None,
+) -> int:
+    """The ``engine-service worker`` command; returns the process exit code."""
+    from service.backends.registry import backend_names
+    from service.config import get_settings
+    from service.errors import ServiceError
+    from service.observability.logging import configure_logging
+    from service.runtime import open_services
+
+    settings = get_settings()
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    if settings.queue_backend != "redis":
+        logger.error(
+            "ENGINE_SERVICE_QUEUE_BACKEND is '%s': the API server runs jobs itself and queues none in Redis. "
+            "Set it to 'redis' for the server and for every worker.",
+            settings.queue_backend,
+        )
+        return 2
+    try:
+        queue = RedisJobQueue.connect(settings.redis_url)
+        targets = local_targets(backends)
+    except ServiceError as exc:
+        logger.error("%s", exc.message)
+        return 2
+    unknown = sorted(set(backends) - set(backend_names()))
+    if unknown:
+        logger.error("unknown backend(s) %s; choose from %s", unknown, ", ".join(backend_names()))
+        return 2
+    if backends and not targets:
+        logger.error("none of the backends %s can build on this host", list(backends))
+        return 2
+    if not targets and not generic:
+        logger.error(
+            "no backend can build on this host and --no-generic was given: this worker would take nothing"
+        )
+        return 2
+    services = open_services(settings)
+    try:
+        worker = JobWorker(
+            services.runner, queue, targets, generic=generic, name=name, grace_seconds=grace_seconds
+        )
+        logger.info("%s listens on %s", worker.label, ", ".join(worker.queue_names))
+        worker.run(burst=burst)
+    finally:
+        services.close(grace_seconds)
+    return 0
