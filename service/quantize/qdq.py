@@ -1,0 +1,257 @@
+"""Insert Q/DQ into an FP32 model from activation amax values: the explicit-quantization ONNX.
+
+Contract: :func:`qdq_model_from_scales` takes an FP32 model and the amax of every tensor
+:func:`~service.quantize.placement.tensors_to_calibrate` lists and returns a :class:`QdqResult` whose
+model passes ``onnx.checker`` (full check), runs in ONNX Runtime and parses in TensorRT 10/11 and
+TensorRT-RTX. Placement follows ``placement.py``; the encoding follows TensorRT's expectations:
+
+- activations: per-tensor symmetric INT8, ``scale = amax / 127``, zero point 0 (an explicit int8 zero
+  point, since QuantizeLinear without one produces uint8);
+- weights: pre-quantized INT8 initializers feeding a DequantizeLinear with per-output-channel scales
+  (``amax_c / 127``, values clipped to [-127, 127]); TensorRT would quantize float weights behind a Q
+  itself, but pre-quantizing stores a quarter of the bytes and pins the rounding, so ONNX Runtime and
+  TensorRT run exactly the same integer weights;
+- bias stays a float input of the layer (TensorRT-RTX rejects int32 bias behind DequantizeLinear);
+- a zero amax (a tensor or channel that was all zeros in calibration) gets scale 1, which keeps every
+  later value representable instead of dividing by zero;
+- scales are rounded up to values FP16 represents exactly, so ``fp16.py`` can type the INT8 layers
+  FP16 (DequantizeLinear then outputs FP16) without re-rounding anything;
+- one QuantizeLinear per tensor and one DequantizeLinear per consuming node: the quantized tensor is
+  produced once (TensorRT fuses the Q into its producer) and every consumer has a DQ of its own to
+  fuse into itself (TensorRT fuses a DQ into its consumer; a DQ shared by a Conv and a residual Add
+  would have to be duplicated by the optimizer first). ONNX Runtime's QDQ transformers also want one
+  DQ per node unit. Measured: TensorRT-RTX 1.7 builds the same layers from a shared DQ, so this
+  choice costs nothing there and spares every other consumer a duplication pass.
+
+Models below opset 13 are upgraded with ``onnx.version_converter`` (per-channel DequantizeLinear needs
+the ``axis`` attribute of opset 13); the IR version is raised to match. Tensor names survive, so amax
+values collected on the original model apply.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from service.errors import BadInput
+from service.quantize._graph import (
+    GraphIndex,
+    NameAllocator,
+    WeightedLayer,
+    canonical_model,
+    remove_unused_initializers,
+)
+from service.quantize.placement import QDQ_MIN_OPSET, ActivationSite, QdqPlan, plan_qdq
+from service.quantize.skip import SkipSpec
+
+INT8_MAX = 127  # symmetric narrow range [-127, 127], as TensorRT quantizes
+FP16_SMALLEST_SUBNORMAL = 2.0**-24
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class QdqResult:
+    """The Q/DQ model and what went into INT8."""
+
+    model: onnx.ModelProto
+    quantized_nodes: tuple[str, ...]  # weighted layers now fed by Q/DQ, topological order
+    kept_nodes: tuple[str, ...]  # weighted layers left in float (skipped or sigmoid/softmax heads)
+    per_channel_weights: int  # weight tensors quantized with per-output-channel scales
+    activation_tensors: tuple[str, ...] = ()  # tensors that got a QuantizeLinear
+
+
+def qdq_model_from_scales(
+    model: onnx.ModelProto,
+    activation_amax: Mapping[str, float],
+    *,
+    skip: SkipSpec | None = None,
+    quantize_heads: bool = False,
+) -> QdqResult:
+    """The explicitly quantized model for ``model`` given per-tensor activation amax values.
+
+    Raises BadInput when an amax the placement needs is missing, negative or not finite (naming the
+    tensors), when ``skip`` names unknown nodes, or when the model already contains Q/DQ.
+    """
+    work = canonical_model(model, min_opset=QDQ_MIN_OPSET)
+    plan = plan_qdq(work, skip, quantize_heads=quantize_heads)
+    scales = _activation_scales(plan, activation_amax)
+    per_channel = _insert(work, plan, scales)
+    onnx.checker.check_model(work)
+    return QdqResult(
+        model=work,
+        quantized_nodes=plan.quantized_nodes,
+        kept_nodes=plan.kept_nodes,
+        per_channel_weights=per_channel,
+        activation_tensors=plan.tensors,
+    )
+
+
+def quantize_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 values and float32 scales of a float weight (per channel along ``axis``).
+
+    Scales are FP16-exact (see :func:`fp16_exact_scales`), so FP16 typing never re-rounds them.
+    """
+    values = weight.astype(np.float64)
+    if axis is None:
+        amax = np.asarray(np.max(np.abs(values)) if values.size else 0.0)
+        shape: list[int] = []
+    else:
+        reduce_axes = tuple(a for a in range(values.ndim) if a != axis)
+        amax = np.max(np.abs(values), axis=reduce_axes) if values.size else np.zeros(values.shape[axis])
+        shape = [-1 if a == axis else 1 for a in range(values.ndim)]
+    scale = fp16_exact_scales(np.where(amax > 0, amax / INT8_MAX, 1.0))
+    quantized = np.clip(np.rint(values / scale.astype(np.float64).reshape(shape)), -INT8_MAX, INT8_MAX)
+    return quantized.astype(np.int8), scale
+
+
+def activation_scale(amax: float) -> float:
+    """The per-tensor INT8 scale for an activation range [-amax, amax] (FP16-exact, 1 for amax 0)."""
+    return float(fp16_exact_scales(np.asarray(amax / INT8_MAX if amax > 0 else 1.0))[()])
+
+
+def fp16_exact_scales(scales: np.ndarray) -> np.ndarray:
+    """``scales`` rounded up to values FP16 represents exactly, as float32.
+
+    Rounding up never clips: ``amax / scale`` stays <= 127. Scales below FP16's smallest subnormal
+    (2**-24; a channel whose weights are all below 7.6e-6) become that value, scales above FP16's largest
+    value (an amax beyond 8.3e6, which FP16 layers could not carry anyway) that value. The cost is at most one
+    FP16 ulp (2**-11 relative) of extra grid coarseness; the gain is that one Q/DQ model serves both
+    FP32-typed and FP16-typed INT8 layers without rounding the scales a second time.
+    """
+    target = np.atleast_1d(np.clip(np.asarray(scales, dtype=np.float64), FP16_SMALLEST_SUBNORMAL, FP16_MAX))
+    half = target.astype(np.float16)
+    low = half.astype(np.float64) < target  # never true at FP16_MAX, so nextafter cannot overflow
+    half[low] = np.nextafter(half[low], np.float16(np.inf))
+    return half.astype(np.float32).reshape(np.shape(scales))
+
+
+def _activation_scales(plan: QdqPlan, activation_amax: Mapping[str, float]) -> dict[str, float]:
+    missing = [t for t in plan.tensors if t not in activation_amax]
+    if missing:
+        shown = ", ".join(repr(t) for t in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise BadInput(
+            f"no activation amax for {len(missing)} tensor(s) the Q/DQ placement needs: {shown}{more}. "
+            "Calibrate the tensors listed by tensors_to_calibrate() for this model and skip list.",
+            details={"missing_tensors": missing},
+        )
+    scales: dict[str, float] = {}
+    invalid = []
+    for tensor in plan.tensors:
+        amax = float(activation_amax[tensor])
+        if not math.isfinite(amax) or amax < 0:
+            invalid.append(f"{tensor!r}={amax}")
+            continue
+        scales[tensor] = activation_scale(amax)
+    if invalid:
+        raise BadInput(
+            f"activation amax values must be finite and >= 0; got {', '.join(invalid[:8])}. "
+            "Recalibrate: a non-finite range means the calibration batches produced inf/NaN.",
+        )
+    return scales
+
+
+def _insert(model: onnx.ModelProto, plan: QdqPlan, scales: Mapping[str, float]) -> int:
+    """Rewrite the graph in place; return how many weight tensors got per-channel scales."""
+    graph = model.graph
+    index = GraphIndex(graph)
+    names = NameAllocator(graph)
+    before: dict[str, list[onnx.NodeProto]] = {}  # DQ nodes to emit right before a consumer
+    after: dict[str, list[onnx.NodeProto]] = {}  # Q nodes to emit right after a producer ("" = start)
+
+    for site in plan.activations:
+        _plan_activation(site, scales[site.tensor], index, names, graph, before, after)
+
+    per_channel = 0
+    weight_cache: dict[tuple[str, int | None], tuple[str, str, str]] = {}
+    old_weights: set[str] = set()
+    for layer in plan.weights:
+        key = (layer.weight, layer.axis)
+        if key not in weight_cache:
+            weight_cache[key] = _add_quantized_weight(layer, index, names, graph)
+            per_channel += layer.axis is not None
+        q_name, scale_name, zero_name = weight_cache[key]
+        node = index.nodes_by_name[layer.node]
+        dq_out = names.fresh(f"{layer.weight}_dequantized")
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [q_name, scale_name, zero_name],
+            [dq_out],
+            name=names.fresh(f"{layer.node}_weight_DequantizeLinear"),
+        )
+        if layer.axis is not None:
+            dq.attribute.append(helper.make_attribute("axis", layer.axis))
+        before.setdefault(layer.node, []).append(dq)
+        node.input[1] = dq_out
+        old_weights.add(layer.weight)
+
+    ordered: list[onnx.NodeProto] = list(after.get("", []))
+    for node in graph.node:
+        ordered.extend(before.get(node.name, []))
+        ordered.append(node)
+        for out in node.output:
+            ordered.extend(after.get(out, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    remove_unused_initializers(graph, old_weights)
+    return per_channel
+
+
+def _plan_activation(
+    site: ActivationSite,
+    scale: float,
+    index: GraphIndex,
+    names: NameAllocator,
+    graph: onnx.GraphProto,
+    before: dict[str, list[onnx.NodeProto]],
+    after: dict[str, list[onnx.NodeProto]],
+) -> None:
+    tensor = site.tensor
+    scale_name = names.fresh(f"{tensor}_scale")
+    zero_name = names.fresh(f"{tensor}_zero_point")
+    graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), scale_name))
+    graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int8), zero_name))
+    quantized = names.fresh(f"{tensor}_quantized")
+    q = helper.make_node(
+        "QuantizeLinear",
+        [tensor, scale_name, zero_name],
+        [quantized],
+        name=names.fresh(f"{tensor}_QuantizeLinear"),
+    )
+    producer = index.producer_of(tensor)
+    after.setdefault(tensor if producer is not None else "", []).append(q)
+
+    dq_for_node: dict[str, str] = {}
+    for edge in site.edges:
+        node = index.nodes_by_name[edge.node]
+        if edge.node not in dq_for_node:
+            dq_out = names.fresh(f"{tensor}_dequantized")
+            dq = helper.make_node(
+                "DequantizeLinear",
+                [quantized, scale_name, zero_name],
+                [dq_out],
+                name=names.fresh(f"{tensor}_DequantizeLinear"),
+            )
+            before.setdefault(edge.node, []).append(dq)
+            dq_for_node[edge.node] = dq_out
+        node.input[edge.input_index] = dq_for_node[edge.node]
+
+
+def _add_quantized_weight(
+    layer: WeightedLayer, index: GraphIndex, names: NameAllocator, graph: onnx.GraphProto
+) -> tuple[str, str, str]:
+    weight = index.constant(layer.weight)
+    quantized, scale = quantize_weight(weight, layer.axis)
+    q_name = names.fresh(f"{layer.weight}_int8")
+    scale_name = names.fresh(f"{layer.weight}_scale")
+    zero_name = names.fresh(f"{layer.weight}_zero_point")
+    zero = np.zeros(scale.shape, dtype=np.int8)
+    graph.initializer.append(numpy_helper.from_array(quantized, q_name))
+    graph.initializer.append(numpy_helper.from_array(scale, scale_name))
+    graph.initializer.append(numpy_helper.from_array(zero, zero_name))
+    return q_name, scale_name, zero_name
