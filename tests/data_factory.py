@@ -8,7 +8,18 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "page", "text", "camera", "coins")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "page",
+    "text",
+    "camera",
+    "coins",
+)
 
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:

@@ -39,7 +39,9 @@ class _GraphBuilder:
     def conv(self, x: str, cin: int, cout: int, name: str, k: int = 3, stride: int = 1) -> str:
         w = self.weight(f"{name}.weight", (cout, cin, k, k), scale=(2.0 / (cin * k * k)) ** 0.5)
         b = self.weight(f"{name}.bias", (cout,), scale=0.05)
-        return self.node("Conv", [x, w, b], name, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2)
+        return self.node(
+            "Conv", [x, w, b], name, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2
+        )
 
     def bn(self, x: str, c: int, name: str) -> str:
         scale = self.const(f"{name}.scale", (1.0 + 0.1 * self.rng.standard_normal(c)).astype(np.float32))
@@ -56,7 +58,9 @@ class _GraphBuilder:
         opset: int,
     ) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tests")
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tests"
+        )
         # Parsers lag behind the newest IR; pin the IR version that introduced this opset's era.
         model.ir_version = 8 if opset <= 17 else 10
         onnx.checker.check_model(model)

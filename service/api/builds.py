@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -108,7 +108,9 @@ async def create_build(body: BuildCreate, request: Request, services: ServicesDe
 
 
 @router.get("", response_model=list[JobPublic])
-def list_builds(services: ServicesDep, limit: int = 100) -> list[dict[str, Any]]:
+def list_builds(
+    services: ServicesDep, limit: int = Query(default=100, ge=1, le=1000)
+) -> list[dict[str, Any]]:
     """Recent build jobs, newest first."""
     return [job_public(r, log_lines=5) for r in services.jobs.list(kind=BUILD_JOB, limit=limit)]
 

@@ -20,7 +20,7 @@ def list_engines(services: ServicesDep, model_id: str | None = None) -> list[dic
 
 @router.get("/{engine_id}")
 def read_engine(engine_id: str, services: ServicesDep) -> dict[str, Any]:
-    """Backend, version, device, precision, build config, size, layer counts, fusion and accuracy summaries."""
+    """Backend, version, device, precision, build config, size, layer counts, fusions and accuracy."""
     record = services.engines.get(engine_id)
     body = record.to_dict()
     body["preparation"] = record.report.get("preparation", [])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -74,7 +74,9 @@ async def create_quantization(
 
 
 @router.get("", response_model=list[QuantizationPublic])
-def list_quantizations(services: ServicesDep, limit: int = 100) -> list[dict[str, Any]]:
+def list_quantizations(
+    services: ServicesDep, limit: int = Query(default=100, ge=1, le=1000)
+) -> list[dict[str, Any]]:
     """Recent quantization jobs, newest first."""
     return [_public(r) for r in services.jobs.list(kind=QUANTIZATION_JOB, limit=limit)]
 

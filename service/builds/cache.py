@@ -142,9 +142,10 @@ class EngineCache:
         key = new.key
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO engines (id, model_id, built_model_id, calibration_set_id, backend, "
-                "backend_version, device, precision, build_config_json, plan_sha256, size_bytes, file_extension, "
-                "build_seconds, report_json, calibration_cache_sha256, created_at, last_used_at) "
+                "INSERT OR REPLACE INTO engines (id, model_id, built_model_id, calibration_set_id, "
+                "backend, backend_version, device, precision, build_config_json, plan_sha256, size_bytes, "
+                "file_extension, build_seconds, report_json, calibration_cache_sha256, created_at, "
+                "last_used_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     key.digest,

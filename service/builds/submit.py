@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.backends.registry import resolve_backend
+from service.backends.shapes import shape_ranges_for
 from service.builds.cache import EngineCache, EngineRecord
 from service.builds.requests import BuildRequest, build_config_from_request, engine_key
 from service.catalog.calibration_sets import CalibrationCatalog
@@ -47,6 +48,8 @@ def submit_build(
             "ask for fp32 or int8, or use backend 'tensorrt-rtx' for an FP16 GPU engine."
         )
     config = build_config_from_request(request, model.info)
+    # TensorRT-family builders need a range for every dynamic input; ONNX Runtime takes any shape.
+    shape_ranges_for(model.info.inputs, request.shapes, complete=backend.name != "onnxruntime")
     if request.keep:
         SkipSpec.parse(list(request.keep)).resolve(models.load(request.model_id))  # unknown names -> 400
     if config.calibration is not None:
@@ -60,7 +63,8 @@ def submit_build(
             and config.calibration.holdout_fraction <= 0
         ):
             raise BadInput(
-                "method 'auto' compares methods on held-out samples: give eval_set_id or holdout_fraction > 0."
+                "method 'auto' compares methods on held-out samples: "
+                "give eval_set_id or holdout_fraction > 0."
             )
     key = engine_key(request, config, backend.describe())
     cached = engines.lookup(key.digest)

@@ -40,8 +40,13 @@ class CalibrationSetRecord:
     created_at: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "size_bytes": self.size_bytes,
-                "created_at": self.created_at, **self.info.to_dict()}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "size_bytes": self.size_bytes,
+            "created_at": self.created_at,
+            **self.info.to_dict(),
+        }
 
 
 def _record(row: Any) -> CalibrationSetRecord:
@@ -117,7 +122,8 @@ class CalibrationCatalog:
     def _insert(self, set_id: str, name: str, size: int, info: CalibrationSetInfo) -> CalibrationSetRecord:
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT OR IGNORE INTO calibration_sets (id, name, format, size_bytes, samples, info_json, created_at) "
+                "INSERT OR IGNORE INTO calibration_sets "
+                "(id, name, format, size_bytes, samples, info_json, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (set_id, name, info.format, size, info.samples, json.dumps(info.to_dict()), utc_now()),
             )

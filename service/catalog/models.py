@@ -132,7 +132,9 @@ class ModelCatalog:
         )
         if engines:
             ids = ", ".join(r["id"] for r in engines)
-            raise Conflict(f"Model {model_id} has engines ({ids}); delete them first with DELETE /v1/engines/{{id}}.")
+            raise Conflict(
+                f"Model {model_id} has engines ({ids}); delete them first with DELETE /v1/engines/{{id}}."
+            )
         active = self.db.query(
             "SELECT id FROM jobs WHERE status IN ('queued', 'running') AND params_json LIKE ? LIMIT 5",
             (f'%"{model_id}"%',),

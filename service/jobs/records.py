@@ -179,7 +179,8 @@ class JobStore:
         """Flag an active job for cancellation; a queued one is cancelled at once."""
         with self.db.transaction() as conn:
             conn.execute(
-                "UPDATE jobs SET status = 'cancelled', finished_at = ?, error = 'cancelled before it started' "
+                "UPDATE jobs SET status = 'cancelled', finished_at = ?, "
+                "error = 'cancelled before it started' "
                 "WHERE id = ? AND status = 'queued'",
                 (utc_now(), job_id),
             )

@@ -127,13 +127,17 @@ def quantization_info(model: onnx.ModelProto) -> QuantizationInfo:
     per_channel = 0
     fed_ops: Counter[str] = Counter()
     for node in graph.node:
-        if node.op_type not in DEQUANTIZE_OPS:
+        # The checker does not verify ops of unregistered domains, so a Q/DQ node there may lack inputs.
+        if node.op_type not in DEQUANTIZE_OPS or not node.input or not node.output:
             continue
         source = producers.get(node.input[0])
-        if source is not None and source.op_type in QUANTIZE_OPS:
+        quantized_source = source is not None and source.op_type in QUANTIZE_OPS and bool(source.input)
+        if quantized_source:
             qdq_pairs += 1
-        weight_like = node.input[0] in initializers or node.input[0] in constants or (
-            source is not None and source.op_type in QUANTIZE_OPS and source.input[0] in initializers
+        weight_like = (
+            node.input[0] in initializers
+            or node.input[0] in constants
+            or (quantized_source and source is not None and source.input[0] in initializers)
         )
         if weight_like and _is_per_channel(node, initializers):
             per_channel += 1

@@ -68,8 +68,8 @@ def calibration_inputs(
     usable = (len(calib_range) // batch_size) * batch_size if fixed_batch else len(calib_range)
     if usable == 0:
         raise BadInput(
-            f"The calibration set leaves {len(calib_range)} sample(s) for calibration, fewer than one batch of "
-            f"{batch_size}; upload more samples or lower holdout_fraction."
+            f"The calibration set leaves {len(calib_range)} sample(s) for calibration, fewer than one "
+            f"batch of {batch_size}; upload more samples or lower holdout_fraction."
         )
     calib_range = calib_range[:usable]
 

@@ -51,7 +51,9 @@ class StagedUpload:
     def write(self, chunk: bytes) -> None:
         self.size_bytes += len(chunk)
         if self.size_bytes > self.max_bytes:
-            raise TooLarge(f"The upload exceeds the size limit of {self.max_bytes} bytes; send a smaller file.")
+            raise TooLarge(
+                f"The upload exceeds the size limit of {self.max_bytes} bytes; send a smaller file."
+            )
         self._hash.update(chunk)
         self._file.write(chunk)
 

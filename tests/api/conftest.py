@@ -39,18 +39,27 @@ def build_engine(api: httpx.Client, **request: Any) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def classifier(api: httpx.Client) -> dict[str, str]:
     """A small ResNet-style classifier and a 64-sample calibration set for it."""
-    model_id = api.post("/v1/models", files={"file": ("classifier.onnx", model_bytes(resnet_block_classifier()))}
-                        ).json()["id"]
-    set_id = api.post("/v1/calibration-sets", files={"file": ("calib.npz", npz_bytes(input=classifier_samples(64)))},
-                      data={"model_id": model_id}).json()["id"]
+    model_id = api.post(
+        "/v1/models", files={"file": ("classifier.onnx", model_bytes(resnet_block_classifier()))}
+    ).json()["id"]
+    set_id = api.post(
+        "/v1/calibration-sets",
+        files={"file": ("calib.npz", npz_bytes(input=classifier_samples(64)))},
+        data={"model_id": model_id},
+    ).json()["id"]
     return {"model_id": model_id, "calibration_set_id": set_id}
 
 
 @pytest.fixture(scope="session")
 def rtx_int8_engine(api: httpx.Client, classifier: dict[str, str]) -> dict[str, Any]:
     """The session's one TensorRT-RTX INT8 build of the classifier."""
-    return build_engine(api, model_id=classifier["model_id"], precision="int8", backend="tensorrt-rtx",
-                        calibration_set_id=classifier["calibration_set_id"])
+    return build_engine(
+        api,
+        model_id=classifier["model_id"],
+        precision="int8",
+        backend="tensorrt-rtx",
+        calibration_set_id=classifier["calibration_set_id"],
+    )
 
 
 @pytest.fixture(scope="session")

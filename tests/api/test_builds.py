@@ -31,7 +31,9 @@ def test_rtx_int8_build_reports_int8_layers_fusions_and_accuracy(
     assert engine["has_calibration_cache"] is True
 
 
-def test_engine_fusion_report_explains_int8_epilogues(api: httpx.Client, rtx_int8_engine: dict[str, Any]) -> None:
+def test_engine_fusion_report_explains_int8_epilogues(
+    api: httpx.Client, rtx_int8_engine: dict[str, Any]
+) -> None:
     report = api.get(f"/v1/engines/{rtx_int8_engine['engine_id']}/fusions").json()
     assert report["backend"] == "tensorrt-rtx"
     conv_patterns = [p for p in report["patterns"] if p["kind"].startswith("conv_bn")]
@@ -49,7 +51,9 @@ def test_downloads_return_verified_plan_calibration_cache_and_built_onnx(
     plan = api.get(f"/v1/engines/{engine_id}/plan")
     assert plan.status_code == 200
     assert hashlib.sha256(plan.content).hexdigest() == plan.headers["x-content-sha256"]
-    assert "attachment" in plan.headers["content-disposition"] and ".plan" in plan.headers["content-disposition"]
+    assert (
+        "attachment" in plan.headers["content-disposition"] and ".plan" in plan.headers["content-disposition"]
+    )
     cache = api.get(f"/v1/engines/{engine_id}/calibration-cache")
     assert cache.status_code == 200 and cache.text.startswith("TRT-") and "EntropyCalibration2" in cache.text
     built = onnx.load_model_from_string(api.get(f"/v1/engines/{engine_id}/model.onnx").content)
@@ -60,14 +64,22 @@ def test_downloads_return_verified_plan_calibration_cache_and_built_onnx(
 def test_the_repeated_request_is_a_cache_hit(
     api: httpx.Client, classifier: dict[str, str], rtx_int8_engine: dict[str, Any]
 ) -> None:
-    response = api.post("/v1/builds", json={"model_id": classifier["model_id"], "precision": "int8",
-                                             "backend": "tensorrt-rtx",
-                                             "calibration_set_id": classifier["calibration_set_id"]})
+    response = api.post(
+        "/v1/builds",
+        json={
+            "model_id": classifier["model_id"],
+            "precision": "int8",
+            "backend": "tensorrt-rtx",
+            "calibration_set_id": classifier["calibration_set_id"],
+        },
+    )
     assert response.status_code == 200
     assert response.json() == {"cache": "hit", "engine_id": rtx_int8_engine["engine_id"]}
 
 
-def test_layers_endpoint_lists_onnx_nodes_per_engine_layer(api: httpx.Client, ort_fp32_engine: dict[str, Any]) -> None:
+def test_layers_endpoint_lists_onnx_nodes_per_engine_layer(
+    api: httpx.Client, ort_fp32_engine: dict[str, Any]
+) -> None:
     layers = api.get(f"/v1/engines/{ort_fp32_engine['engine_id']}/layers").json()
     assert layers["source"] == "optimized_graph"
     named = {node for layer in layers["layers"] for node in layer["onnx_nodes"]}
@@ -75,8 +87,9 @@ def test_layers_endpoint_lists_onnx_nodes_per_engine_layer(api: httpx.Client, or
 
 
 def test_concurrent_identical_requests_build_once(api: httpx.Client) -> None:
-    model_id = api.post("/v1/models", files={"file": ("c.onnx", model_bytes(resnet_block_classifier(seed=31)))}
-                        ).json()["id"]
+    model_id = api.post(
+        "/v1/models", files={"file": ("c.onnx", model_bytes(resnet_block_classifier(seed=31)))}
+    ).json()["id"]
     body = {"model_id": model_id, "precision": "fp32", "backend": "onnxruntime"}
     answers: list[httpx.Response] = []
     barrier = threading.Barrier(6)
@@ -104,10 +117,22 @@ def test_concurrent_identical_requests_build_once(api: httpx.Client) -> None:
         ({"precision": "int8", "calibration_set_id": None}, 400, "calibration_set_id"),
         ({"model_id": "0" * 64}, 404, "No model"),
         ({"precision": "int8", "calibration_set_id": "0" * 64}, 404, "No calibration set"),
-        ({"shapes": {"nope": {"min": [1, 3, 16, 16], "opt": [1, 3, 16, 16], "max": [1, 3, 16, 16]}}}, 400, "not a model input"),
+        (
+            {"shapes": {"nope": {"min": [1, 3, 16, 16], "opt": [1, 3, 16, 16], "max": [1, 3, 16, 16]}}},
+            400,
+            "not inputs of the model",
+        ),
         ({"shapes": {"input": {"min": [1, 3, 16], "opt": [1, 3, 16], "max": [1, 3, 16]}}}, 400, "rank"),
-        ({"shapes": {"input": {"min": [4, 3, 16, 16], "opt": [2, 3, 16, 16], "max": [8, 3, 16, 16]}}}, 400, "min <= opt <= max"),
-        ({"shapes": {"input": {"min": [1, 3, 8, 8], "opt": [1, 3, 16, 16], "max": [1, 3, 16, 16]}}}, 400, "fixed"),
+        (
+            {"shapes": {"input": {"min": [4, 3, 16, 16], "opt": [2, 3, 16, 16], "max": [8, 3, 16, 16]}}},
+            400,
+            "min <= opt <= max",
+        ),
+        (
+            {"shapes": {"input": {"min": [1, 3, 8, 8], "opt": [1, 3, 16, 16], "max": [1, 3, 16, 16]}}},
+            400,
+            "fixed",
+        ),
         ({"keep": ["no_such_layer"]}, 400, "no_such_layer"),
         ({"backend": "onnxruntime", "precision": "fp16"}, 400, "FP16"),
         ({"precision": "int4"}, 422, "precision"),
@@ -117,7 +142,11 @@ def test_concurrent_identical_requests_build_once(api: httpx.Client) -> None:
 def test_bad_build_requests_are_rejected_before_any_job(
     api: httpx.Client, classifier: dict[str, str], change: dict[str, Any], status: int, message: str
 ) -> None:
-    body: dict[str, Any] = {"model_id": classifier["model_id"], "precision": "fp32", "backend": "tensorrt-rtx"}
+    body: dict[str, Any] = {
+        "model_id": classifier["model_id"],
+        "precision": "fp32",
+        "backend": "tensorrt-rtx",
+    }
     body.update(change)
     before = len(api.get("/v1/builds").json())
     response = api.post("/v1/builds", json=body)
@@ -147,19 +176,27 @@ def _plan_files(root: Path) -> list[Path]:
 
 def test_a_queued_build_can_be_cancelled(start_server: Any) -> None:
     with start_server(job_workers=1) as client:
-        model_id = client.post("/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier(seed=41)))}
-                               ).json()["id"]
-        other = client.post("/v1/models", files={"file": ("n.onnx", model_bytes(resnet_block_classifier(seed=42)))}
-                            ).json()["id"]
-        first = client.post("/v1/builds", json={"model_id": model_id, "precision": "fp16", "backend": "tensorrt-rtx"})
-        second = client.post("/v1/builds", json={"model_id": other, "precision": "fp16", "backend": "tensorrt-rtx"})
+        model_id = client.post(
+            "/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier(seed=41)))}
+        ).json()["id"]
+        other = client.post(
+            "/v1/models", files={"file": ("n.onnx", model_bytes(resnet_block_classifier(seed=42)))}
+        ).json()["id"]
+        first = client.post(
+            "/v1/builds", json={"model_id": model_id, "precision": "fp16", "backend": "tensorrt-rtx"}
+        )
+        second = client.post(
+            "/v1/builds", json={"model_id": other, "precision": "fp16", "backend": "tensorrt-rtx"}
+        )
         cancelled = client.delete(f"/v1/builds/{second.json()['id']}").json()
         assert cancelled["status"] in ("cancelled", "running")  # running only if the first already finished
         final = wait_for_job(client, f"/v1/builds/{second.json()['id']}")
         assert wait_for_job(client, f"/v1/builds/{first.json()['id']}")["status"] == "succeeded"
         if cancelled["status"] == "cancelled":
             assert final["status"] == "cancelled" and final["engine_id"] is None
-            retry = client.post("/v1/builds", json={"model_id": other, "precision": "fp16", "backend": "tensorrt-rtx"})
+            retry = client.post(
+                "/v1/builds", json={"model_id": other, "precision": "fp16", "backend": "tensorrt-rtx"}
+            )
             assert retry.status_code == 202  # a cancelled build is not a cached engine
 
 
@@ -167,9 +204,12 @@ def test_least_recently_used_engines_are_evicted_over_the_budget(start_server: A
     with start_server(engine_cache_bytes=12_000) as client:
         ids = []
         for seed in (51, 52):
-            model_id = client.post("/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier(seed=seed)))}
-                                   ).json()["id"]
-            ids.append(build_engine(client, model_id=model_id, precision="fp32", backend="onnxruntime")["engine_id"])
+            model_id = client.post(
+                "/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier(seed=seed)))}
+            ).json()["id"]
+            ids.append(
+                build_engine(client, model_id=model_id, precision="fp32", backend="onnxruntime")["engine_id"]
+            )
         listed = {e["id"] for e in client.get("/v1/engines").json()}
         assert ids[1] in listed and ids[0] not in listed
         assert client.get(f"/v1/engines/{ids[0]}").status_code == 404
@@ -178,8 +218,9 @@ def test_least_recently_used_engines_are_evicted_over_the_budget(start_server: A
 
 def test_a_damaged_plan_is_never_served_and_the_engine_is_rebuilt(start_server: Any, tmp_path: Path) -> None:
     with start_server() as client:
-        model_id = client.post("/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier(seed=61)))}
-                               ).json()["id"]
+        model_id = client.post(
+            "/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier(seed=61)))}
+        ).json()["id"]
         body = {"model_id": model_id, "precision": "fp32", "backend": "onnxruntime"}
         engine_id = build_engine(client, **body)["engine_id"]
         (plan,) = _plan_files(tmp_path / "server")
@@ -197,8 +238,9 @@ def test_a_damaged_plan_is_never_served_and_the_engine_is_rebuilt(start_server: 
 
 
 def test_delete_engine_removes_it(api: httpx.Client) -> None:
-    model_id = api.post("/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier(seed=71)))}
-                        ).json()["id"]
+    model_id = api.post(
+        "/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier(seed=71)))}
+    ).json()["id"]
     engine_id = build_engine(api, model_id=model_id, precision="fp32", backend="onnxruntime")["engine_id"]
     assert api.delete(f"/v1/models/{model_id}").status_code == 409  # engines still use it
     assert api.delete(f"/v1/engines/{engine_id}").status_code == 204

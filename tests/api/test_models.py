@@ -31,21 +31,34 @@ def test_upload_multipart_creates_record_with_io_and_op_counts(api: httpx.Client
     assert record["outputs"] == [{"name": "logits", "dtype": "float32", "shape": ["N", 10]}]
     assert record["op_counts"]["Conv"] == 4
     assert record["op_counts"]["BatchNormalization"] == 3
-    assert record["quantization"] == {"explicit": False, "qdq_pairs": 0, "per_channel_weights": 0, "quantized_ops": {}}
+    assert record["quantization"] == {
+        "explicit": False,
+        "qdq_pairs": 0,
+        "per_channel_weights": 0,
+        "quantized_ops": {},
+    }
 
 
 def test_same_bytes_uploaded_twice_returns_200_and_the_same_record(api: httpx.Client) -> None:
     data = model_bytes(resnet_block_classifier(seed=12))
     first = api.post("/v1/models", files={"file": ("a.onnx", data)})
-    second = api.post("/v1/models", content=data, params={"name": "b.onnx"},
-                      headers={"content-type": "application/octet-stream"})
+    second = api.post(
+        "/v1/models",
+        content=data,
+        params={"name": "b.onnx"},
+        headers={"content-type": "application/octet-stream"},
+    )
     assert (first.status_code, second.status_code) == (201, 200)
     assert second.json() == first.json()
 
 
 def test_raw_body_upload_takes_the_name_from_the_query(api: httpx.Client, resnet50_bytes: bytes) -> None:
-    response = api.post("/v1/models", content=resnet50_bytes, params={"name": "resnet50"},
-                        headers={"content-type": "application/octet-stream"})
+    response = api.post(
+        "/v1/models",
+        content=resnet50_bytes,
+        params={"name": "resnet50"},
+        headers={"content-type": "application/octet-stream"},
+    )
     assert response.status_code in (200, 201)
     record = response.json()
     assert record["name"] == "resnet50"
@@ -101,15 +114,21 @@ def test_qdq_model_reports_explicit_quantization(api: httpx.Client) -> None:
         helper.make_node("Conv", ["x_dq", "w_dq"], ["y"], name="conv", pads=[1, 1, 1, 1]),
     ]
     graph = helper.make_graph(
-        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits,
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     response = api.post("/v1/models", files={"file": ("qdq.onnx", model.SerializeToString())})
     assert response.status_code == 201, response.text
     assert response.json()["quantization"] == {
-        "explicit": True, "qdq_pairs": 1, "per_channel_weights": 1, "quantized_ops": {"Conv": 2},
+        "explicit": True,
+        "qdq_pairs": 1,
+        "per_channel_weights": 1,
+        "quantized_ops": {"Conv": 2},
     }
 
 
@@ -123,7 +142,8 @@ def _external_data_model(tmp_path: Path) -> bytes:
 def _invalid_graph() -> bytes:
     # A Relu whose input is produced by nothing: the checker rejects it.
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["missing"], ["y"], name="relu")], "bad",
+        [helper.make_node("Relu", ["missing"], ["y"], name="relu")],
+        "bad",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
@@ -183,17 +203,24 @@ def test_oversized_upload_is_413_and_leaves_nothing(start_server, tmp_path: Path
         if form == "multipart":
             response = client.post("/v1/models", files={"file": ("big.onnx", data)})
         elif form == "raw":
-            response = client.post("/v1/models", content=data, headers={"content-type": "application/octet-stream"})
+            response = client.post(
+                "/v1/models", content=data, headers={"content-type": "application/octet-stream"}
+            )
         else:
-            response = client.post("/v1/models", content=iter([data[:500], data[500:]]),
-                                   headers={"content-type": "application/octet-stream"})
+            response = client.post(
+                "/v1/models",
+                content=iter([data[:500], data[500:]]),
+                headers={"content-type": "application/octet-stream"},
+            )
         assert response.status_code == 413, response.text
         assert "limit" in response.json()["error"]["message"]
         assert client.get("/v1/models").json() == []
     assert [p for p in (tmp_path / "server" / "models").rglob("*") if p.is_file()] == []
 
 
-def test_fusion_report_of_resnet50_counts_its_conv_bn_patterns(api: httpx.Client, resnet50_bytes: bytes) -> None:
+def test_fusion_report_of_resnet50_counts_its_conv_bn_patterns(
+    api: httpx.Client, resnet50_bytes: bytes
+) -> None:
     model_id = api.post("/v1/models", files={"file": ("resnet50.onnx", resnet50_bytes)}).json()["id"]
     report = api.get(f"/v1/models/{model_id}/fusions").json()
     kinds = report["summary"]["by_kind"]
@@ -214,19 +241,28 @@ def test_fusion_report_names_the_blocker_of_an_unquantized_residual(api: httpx.C
         numpy_helper.from_array(np.array(0, np.int8), "zp"),
         numpy_helper.from_array(np.full(3, 0.01, np.float32), "w_s"),
         numpy_helper.from_array(np.zeros(3, np.int8), "w_zp"),
-        *(numpy_helper.from_array(np.ones(3, np.float32) * v, n) for n, v in
-          (("bn_scale", 1.0), ("bn_bias", 0.0), ("bn_mean", 0.0), ("bn_var", 1.0))),
+        *(
+            numpy_helper.from_array(np.ones(3, np.float32) * v, n)
+            for n, v in (("bn_scale", 1.0), ("bn_bias", 0.0), ("bn_mean", 0.0), ("bn_var", 1.0))
+        ),
     ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["x_q"], name="q"),
         helper.make_node("DequantizeLinear", ["x_q", "s", "zp"], ["x_dq"], name="dq"),
         helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["w"], name="w_dq", axis=0),
         helper.make_node("Conv", ["x_dq", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["b"], name="bn"),
+        helper.make_node(
+            "BatchNormalization", ["c", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["b"], name="bn"
+        ),
         helper.make_node("Add", ["b", "x"], ["y"], name="add"),
     ]
-    graph = helper.make_graph(nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     model_id = api.post("/v1/models", files={"file": ("res.onnx", model.SerializeToString())}).json()["id"]

@@ -1,4 +1,4 @@
-"""Quantization jobs over real HTTP: FP32 model + data -> Q/DQ model, calibration cache, accuracy, sensitivity."""
+"""Quantization jobs over HTTP: FP32 model + data -> Q/DQ model, calibration cache, accuracy, sensitivity."""
 
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ def test_quantization_gives_a_qdq_model_cache_accuracy_and_sensitivity(
     assert fusions["summary"]["blocked"] == 0
 
 
-def test_auto_method_compares_every_method_on_held_out_samples(api: httpx.Client, classifier: dict[str, str]) -> None:
+def test_auto_method_compares_every_method_on_held_out_samples(
+    api: httpx.Client, classifier: dict[str, str]
+) -> None:
     result = _quantize(api, **classifier, method="auto")["result"]
     assert set(result["method_accuracy"]) == {"entropy", "max", "percentile", "mse"}
     best = max(result["method_accuracy"].items(), key=lambda kv: kv[1]["worst_snr_db"])[0]
@@ -73,11 +75,20 @@ def test_trained_ppocr_classifier_on_real_photos_keeps_its_predictions(
     model = (rapidocr_models_dir / "ch_ppocr_mobile_v2.0_cls_mobile.onnx").read_bytes()
     model_id = api.post("/v1/models", files={"file": ("ppocr_cls.onnx", model)}).json()["id"]
     preprocess = {"size": [48, 192], "resize": "letterbox", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-    uploaded = api.post("/v1/calibration-sets", files={"file": ("photos.zip", photo_zip(40, max_side=192))},
-                        data={"preprocess": json.dumps(preprocess), "model_id": model_id})
+    uploaded = api.post(
+        "/v1/calibration-sets",
+        files={"file": ("photos.zip", photo_zip(40, max_side=192))},
+        data={"preprocess": json.dumps(preprocess), "model_id": model_id},
+    )
     assert uploaded.status_code == 201, uploaded.text
-    result = _quantize(api, model_id=model_id, calibration_set_id=uploaded.json()["id"], method="auto",
-                       holdout_fraction=0.25, sensitivity="rank")["result"]
+    result = _quantize(
+        api,
+        model_id=model_id,
+        calibration_set_id=uploaded.json()["id"],
+        method="auto",
+        holdout_fraction=0.25,
+        sensitivity="rank",
+    )["result"]
     # Photos are out of domain for a text-direction classifier: entropy clips this MobileNetV3's
     # activations too hard (measured: cosine 0.84, top-1 0.4) while percentile keeps it (0.985, 0.9).
     # "auto" exists for exactly this, and must pick a method that keeps the predictions.
@@ -110,18 +121,29 @@ def test_bad_quantization_requests_are_rejected(
     assert message in response.json()["error"]["message"]
 
 
-def test_a_calibration_set_for_another_model_is_rejected(api: httpx.Client, classifier: dict[str, str]) -> None:
-    adder = api.post("/v1/models", files={"file": ("adder.onnx", model_bytes(two_input_adder()))}).json()["id"]
-    response = api.post("/v1/quantizations", json={"model_id": adder, "calibration_set_id": classifier["calibration_set_id"]})
+def test_a_calibration_set_for_another_model_is_rejected(
+    api: httpx.Client, classifier: dict[str, str]
+) -> None:
+    adder = api.post("/v1/models", files={"file": ("adder.onnx", model_bytes(two_input_adder()))}).json()[
+        "id"
+    ]
+    response = api.post(
+        "/v1/quantizations", json={"model_id": adder, "calibration_set_id": classifier["calibration_set_id"]}
+    )
     assert response.status_code == 400
     assert "image" in response.json()["error"]["message"]
 
 
-def test_calibration_cache_of_an_unfinished_or_unknown_job(api: httpx.Client, classifier: dict[str, str]) -> None:
+def test_calibration_cache_of_an_unfinished_or_unknown_job(
+    api: httpx.Client, classifier: dict[str, str]
+) -> None:
     assert api.get("/v1/quantizations/nope/calibration-cache").status_code == 404
-    other = api.post("/v1/calibration-sets", files={"file": ("x.npz", npz_bytes(input=classifier_samples(16, seed=8)))}
-                     ).json()["id"]
-    job = api.post("/v1/quantizations", json={"model_id": classifier["model_id"], "calibration_set_id": other}).json()
+    other = api.post(
+        "/v1/calibration-sets", files={"file": ("x.npz", npz_bytes(input=classifier_samples(16, seed=8)))}
+    ).json()["id"]
+    job = api.post(
+        "/v1/quantizations", json={"model_id": classifier["model_id"], "calibration_set_id": other}
+    ).json()
     early = api.get(f"/v1/quantizations/{job['id']}/calibration-cache")
     assert early.status_code in (200, 409)
     wait_for_job(api, f"/v1/quantizations/{job['id']}")

@@ -12,17 +12,29 @@ from service.builds.cache import CorruptEngine, EngineCache, NewEngine
 from service.builds.keys import BuildConfig, CalibrationOptions, EngineKey
 from service.store.db import Database
 
-RTX = BackendInfo(name="tensorrt-rtx", version="1.7.1.116", device="ahead-of-time (no GPU)", compute_capability="sm_89")
+RTX = BackendInfo(
+    name="tensorrt-rtx", version="1.7.1.116", device="ahead-of-time (no GPU)", compute_capability="sm_89"
+)
 
 
 def _key(model: str = "a" * 64, precision: str = "fp32", **kw: object) -> EngineKey:
-    return EngineKey(model_id=model, config=BuildConfig(precision=precision, **kw), calibration_set_id=None,  # type: ignore[arg-type]
-                     backend=RTX)
+    return EngineKey(
+        model_id=model,
+        config=BuildConfig(precision=precision, **kw),
+        calibration_set_id=None,  # type: ignore[arg-type]
+        backend=RTX,
+    )
 
 
 def _new(key: EngineKey, payload: bytes) -> NewEngine:
-    return NewEngine(key=key, built_model_id=key.model_id, engine_bytes=payload, file_extension=".plan",
-                     build_seconds=1.5, report={"layer_counts": {"fp32": 3}})
+    return NewEngine(
+        key=key,
+        built_model_id=key.model_id,
+        engine_bytes=payload,
+        file_extension=".plan",
+        build_seconds=1.5,
+        report={"layer_counts": {"fp32": 3}},
+    )
 
 
 @pytest.fixture
@@ -40,9 +52,15 @@ def test_the_key_is_stable_and_separates_what_can_change_the_engine() -> None:
         _key(keep=("conv1",)),
         _key(shapes=shapes),
         _key(precision="int8", calibration=CalibrationOptions(method="max")),
-        EngineKey(model_id="a" * 64, config=BuildConfig(precision="fp32"), calibration_set_id="c" * 64, backend=RTX),
-        EngineKey(model_id="a" * 64, config=BuildConfig(precision="fp32"), calibration_set_id=None,
-                  backend=BackendInfo(name="tensorrt-rtx", version="1.8", device=RTX.device)),
+        EngineKey(
+            model_id="a" * 64, config=BuildConfig(precision="fp32"), calibration_set_id="c" * 64, backend=RTX
+        ),
+        EngineKey(
+            model_id="a" * 64,
+            config=BuildConfig(precision="fp32"),
+            calibration_set_id=None,
+            backend=BackendInfo(name="tensorrt-rtx", version="1.8", device=RTX.device),
+        ),
     ]
     digests = {v.digest for v in variants}
     assert len(digests) == len(variants) and base.digest not in digests
@@ -59,12 +77,21 @@ def test_a_stored_engine_is_found_by_its_key_and_reads_back(cache: EngineCache) 
     assert record.build_config == key.config
 
 
-def test_a_damaged_plan_is_a_miss_and_is_removed(cache: EngineCache) -> None:
+def test_a_damaged_plan_is_never_read_and_is_removed(cache: EngineCache) -> None:
     key = _key()
     record = cache.store(_new(key, b"plan-bytes"))
-    cache.plans.path_for(record.plan_sha256).write_bytes(b"plan-byt")  # truncated on disk
+    cache.plans.path_for(record.plan_sha256).write_bytes(b"plan-bytez")  # same size, other bytes
+    assert cache.lookup(key.digest) is not None  # the cheap check cannot see it...
     with pytest.raises(CorruptEngine, match="build it again"):
-        cache.read_plan(record.id)
+        cache.read_plan(record.id)  # ...the full check on read does
+    assert cache.lookup(key.digest) is None
+    assert cache.list() == []
+
+
+def test_a_truncated_plan_is_a_cache_miss(cache: EngineCache) -> None:
+    key = _key()
+    record = cache.store(_new(key, b"plan-bytes"))
+    cache.plans.path_for(record.plan_sha256).write_bytes(b"plan")
     assert cache.lookup(key.digest) is None
     assert cache.list() == []
 
