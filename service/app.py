@@ -12,7 +12,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import builds, calibration_sets, engines, health, models, quantizations, triton
+from service.api import (
+    builds,
+    calibration_sets,
+    engines,
+    health,
+    inference,
+    models,
+    quantizations,
+    reports,
+    triton,
+)
 from service.api.auth import install_auth
 from service.api.errors import install_error_handlers
 from service.api.middleware import install_observability
@@ -51,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engines.router,
         quantizations.router,
         triton.router,
+        inference.router,
+        reports.router,
     ):
         app.include_router(router)
     # [auth][observability] the middlewares cover every route, also routers added later; observability

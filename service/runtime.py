@@ -118,4 +118,9 @@ def open_services(settings: Settings) -> Services:
     metrics.set_cache_bytes_source(engines.total_bytes)
     runner.register(BUILD_JOB, BuildPipeline(models, calibration_sets, engines).handle)
     runner.register(QUANTIZATION_JOB, QuantizationJob(models, calibration_sets, engines.artifacts).handle)
+    # Warm runners for inference and the benchmark/evaluation/comparison job kinds. Imported here:
+    # the reports layer reads Services, so a module-level import would be circular.
+    from service.reports.jobs import register as register_reports
+
+    register_reports(services)
     return services

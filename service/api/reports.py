@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -144,7 +144,9 @@ async def create_comparison(body: ComparisonCreate, request: Request, services: 
 
 
 @router.get("/v1/reports", response_model=list[JobPublic])
-def list_reports(services: ServicesDep, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+def list_reports(
+    services: ServicesDep, kind: str | None = None, limit: int = Query(default=100, ge=1, le=1000)
+) -> list[dict[str, Any]]:
     """Recent report jobs, newest first (filter by `kind`: benchmark, evaluation, comparison)."""
     if kind is not None and kind not in REPORT_KINDS:
         raise NotFound(f"No report kind '{kind}'; the kinds are {', '.join(REPORT_KINDS)}.")

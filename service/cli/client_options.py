@@ -1,0 +1,88 @@
+"""What every client command shares: the connection options, the session, and error reporting.
+
+Contract: commands declare ``url: UrlOption = DEFAULT_URL``, ``api_key: ApiKeyOption = None`` and
+``as_json: JsonOption = False`` and open :func:`client_session`, which yields an
+:class:`~service.cli.client_api.ApiClient` and an :class:`~service.cli.render.Output` and turns every
+:class:`~service.cli.client_api.ClientError` and :class:`~service.errors.ServiceError` into the message
+on stderr and the error's exit code. Exit codes: 0 success, 1 the server or the input said no,
+2 usage, 3 no server answered, 4 a download failed its sha256 check, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import typer
+
+from service.cli.client_jobs import InterruptPolicy
+
+if TYPE_CHECKING:
+    from service.cli.client_api import ApiClient
+    from service.cli.render import Output
+
+CLIENT_PANEL = "Client: talk to a server"
+CONNECTION_PANEL = "Connection"
+
+UrlOption = Annotated[
+    str,
+    typer.Option(
+        "--url", envvar="ENGINE_SERVICE_URL", help="Engine service URL.", rich_help_panel=CONNECTION_PANEL
+    ),
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="ENGINE_SERVICE_API_KEY",
+        help="API key, sent as X-API-Key.",
+        show_default=False,
+        rich_help_panel=CONNECTION_PANEL,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+InterruptOption = Annotated[
+    InterruptPolicy,
+    typer.Option(
+        "--on-interrupt",
+        help="What Ctrl-C does while waiting: ask, cancel (the job) or detach (leave it running). "
+        "'ask' detaches when stdin is not a terminal.",
+    ),
+]
+OutputPath = Annotated[
+    Path | None,
+    typer.Option("-o", "--output", help="File or directory to write (default: the server's file name)."),
+]
+WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job until it ends.")]
+Precision = Literal["int8", "fp16", "fp32"]
+Backend = Literal["auto", "tensorrt", "tensorrt-rtx", "onnxruntime"]
+Method = Literal["entropy", "max", "percentile", "mse", "auto"]
+
+
+@contextmanager
+def reported_errors(out: Output) -> Iterator[None]:
+    """Print ClientError / ServiceError messages on stderr and exit with their code."""
+    from service.cli.client_api import ClientError
+    from service.errors import ServiceError
+
+    try:
+        yield
+    except ClientError as exc:
+        out.error(exc.message)
+        raise typer.Exit(exc.exit_code) from exc
+    except ServiceError as exc:
+        out.error(exc.message)
+        raise typer.Exit(1) from exc
+
+
+@contextmanager
+def client_session(url: str, api_key: str | None, as_json: bool) -> Iterator[tuple[ApiClient, Output]]:
+    """A client for ``url`` and an output for one command, with errors reported (see the module docstring)."""
+    from service.cli.client_api import ApiClient
+    from service.cli.render import Output
+
+    out = Output(as_json=as_json)
+    with reported_errors(out), ApiClient.connect(url, api_key) as api:
+        yield api, out

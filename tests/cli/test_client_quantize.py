@@ -1,0 +1,58 @@
+"""`engine-service quantize` and the quantizations group against a real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import Cli, errors_of, json_of
+from tests.data_factory import classifier_samples, npz_bytes
+
+
+@pytest.fixture(scope="module")
+def calib_id(cli_module: Cli, classifier_id: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("quantize") / "calib.npz"
+    path.write_bytes(npz_bytes(input=classifier_samples(20, seed=1030)))
+    return str(json_of(cli_module("calib", "upload", str(path), "--model", classifier_id, "--json"))["id"])
+
+
+def test_quantize_prints_the_qdq_model_accuracy_and_layer_sensitivity(
+    cli: Cli, classifier_id: str, calib_id: str
+) -> None:
+    result = cli("quantize", classifier_id, "--calib", calib_id, "--sensitivity", "rank")
+
+    assert result.exit_code == 0, result.output
+    for title in (
+        "Quantization",
+        "Accuracy vs FP32 (held-out samples)",
+        "Accuracy per output",
+        "Layer sensitivity",
+    ):
+        assert title in result.stdout
+    assert "stem_conv" in result.stdout
+    assert "quantization" in result.stderr and "succeeded" in result.stderr
+
+
+def test_quantize_json_names_the_qdq_model_and_its_calibration_cache_downloads(
+    cli: Cli, classifier_id: str, calib_id: str, tmp_path: Path
+) -> None:
+    job = json_of(cli("quantize", classifier_id, "--calib", calib_id, "--method", "max", "--json"))
+    saved = json_of(
+        cli("quantizations", "calibration-cache", job["id"], "-o", str(tmp_path / "calib.cache"), "--json")
+    )
+    model = json_of(cli("models", "show", job["qdq_model_id"], "--json"))
+
+    assert job["status"] == "succeeded" and job["result"]["method"] == "max"
+    assert model["quantization"]["explicit"] is True and model["parent_id"] == classifier_id
+    assert saved["verified"] is True and (tmp_path / "calib.cache").stat().st_size > 0
+
+
+def test_quantize_auto_sensitivity_without_a_bound_is_refused_with_the_reason(
+    cli: Cli, classifier_id: str, calib_id: str
+) -> None:
+    result = cli("quantize", classifier_id, "--calib", calib_id, "--sensitivity", "auto")
+
+    (error,) = errors_of(result)
+    assert result.exit_code == 1
+    assert "min_snr_db" in error
