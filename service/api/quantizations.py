@@ -32,6 +32,11 @@ class QuantizationCreate(BaseModel):
     min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
     holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     max_samples: int | None = Field(default=None, ge=1)
+    target: Literal["tensorrt", "onnxruntime"] = Field(
+        default="tensorrt",
+        description="Whose Q/DQ placement: 'tensorrt' (TensorRT, TensorRT-RTX) or 'onnxruntime' "
+        "(integer kernels of ONNX Runtime's CPU provider; that model is for ONNX Runtime only).",
+    )
 
     @model_validator(mode="after")
     def _bound_for_auto(self) -> QuantizationCreate:

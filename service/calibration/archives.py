@@ -195,6 +195,10 @@ class SafeZip:
         _check_zip_directory(path, max_members)
         try:
             self._zip = zipfile.ZipFile(path)
+        except NotImplementedError as exc:  # a member needing a newer zip version than zipfile reads
+            raise InvalidCalibrationSet(
+                f"The zip archive uses a feature that is not supported ({exc})."
+            ) from exc
         except _ARCHIVE_ERRORS as exc:
             raise InvalidCalibrationSet(f"The upload is not a readable zip archive ({exc}).") from exc
         try:

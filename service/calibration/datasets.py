@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from tokenize import TokenError
 from typing import IO, TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -640,7 +641,8 @@ def _read_header(stream: IO[bytes], what: str) -> _ArrayHeader:
             raise InvalidCalibrationSet(
                 f"{what} uses .npy format version {version}; save it with numpy.save."
             )
-    except ValueError as exc:
+    # numpy tokenizes the header text to parse it, so damaged headers can also raise these two.
+    except (ValueError, SyntaxError, TokenError) as exc:
         raise InvalidCalibrationSet(f"{what} is not a valid .npy array ({exc}).") from exc
     if dtype.hasobject:
         raise InvalidCalibrationSet(
@@ -653,6 +655,10 @@ def _read_header(stream: IO[bytes], what: str) -> _ArrayHeader:
         )
     if not shape:
         raise InvalidCalibrationSet(f"{what} is a scalar; the first axis must index the samples.")
+    if any(dim < 0 for dim in shape):  # numpy's header parser accepts these; allocating them would fail
+        raise InvalidCalibrationSet(
+            f"{what} declares a negative dimension (shape {list(shape)}); it is damaged."
+        )
     if shape[0] == 0:
         raise InvalidCalibrationSet(f"{what} is empty (0 samples); the set needs at least one sample.")
     if 0 in shape:

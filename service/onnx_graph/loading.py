@@ -9,7 +9,8 @@ could point anywhere on the server).
 from __future__ import annotations
 
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from service.errors import InvalidModel
 
@@ -44,7 +45,8 @@ def model_from_bytes(data: bytes, *, check: bool = True) -> onnx.ModelProto:
     if not model.graph.node:
         raise InvalidModel("The ONNX graph has no nodes; the file may be truncated.")
     _reject_external_data(model)
-    if check:
+    if check:  # stored models (check=False) passed this at upload; the walk costs tens of ms on big graphs
+        _reject_invalid_utf8(model)
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
@@ -60,6 +62,28 @@ def _reject_external_data(model: onnx.ModelProto) -> None:
                 f"Tensor '{tensor.name}' stores its data in an external file ('{location}'). "
                 "Upload a self-contained model: onnx.save(onnx.load(path), out, save_as_external_data=False)."
             )
+
+
+def _reject_invalid_utf8(model: onnx.ModelProto) -> None:
+    """ONNX strings are UTF-8; protobuf (proto2) does not check, and hands invalid ones back as bytes.
+
+    Such a name would break the checker's error message and every JSON summary of the model, so
+    the whole message tree is walked once (cheap: tensors' data are bytes or numbers, not strings).
+    """
+    stack: list[Message] = [model]
+    while stack:
+        message = stack.pop()
+        for field, value in message.ListFields():
+            if field.type == FieldDescriptor.TYPE_STRING:
+                for text in (value,) if isinstance(value, str | bytes) else value:
+                    if isinstance(text, bytes):
+                        raise InvalidModel(
+                            f"The model's {message.DESCRIPTOR.name}.{field.name} holds {text[:40]!r}, which "
+                            "is not valid UTF-8 text; ONNX names and strings must be UTF-8. The file may be "
+                            "damaged."
+                        )
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                stack.extend((value,) if isinstance(value, Message) else value)
 
 
 def _all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
