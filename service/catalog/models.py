@@ -8,6 +8,7 @@ parsed and passed the checker, and a failed registration removes its staged file
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,20 @@ class ModelCatalog:
 
     def load(self, model_id: str) -> onnx.ModelProto:
         return model_from_bytes(self.read_bytes(model_id), check=False)
+
+    def reconcile(self, *, min_orphan_age_s: float = 0.0) -> int:
+        """Remove model files without a row (a crash between the blob commit and the insert).
+
+        Files younger than ``min_orphan_age_s`` are spared: another process may be about to insert.
+        """
+        known = {row["id"] for row in self.db.query("SELECT id FROM models")}
+        cutoff = time.time() - min_orphan_age_s
+        removed = 0
+        for digest in list(self.blobs.digests()):
+            if digest not in known and self.blobs.path_for(digest).stat().st_mtime <= cutoff:
+                self.blobs.delete(digest)
+                removed += 1
+        return removed
 
     def delete(self, model_id: str) -> None:
         self.get(model_id)
