@@ -21,14 +21,14 @@ def read_health() -> dict[str, str]:
 @router.get("/readyz")
 def read_readiness(services: ServicesDep) -> JSONResponse:
     """Readiness: storage writable and at least one backend usable."""
-    from service.backends.registry import backend_statuses
+    from service.backends.registry import backend_names, backend_statuses
 
     storage_ok = services.db.writable() and _dirs_writable(services)
     backends: list[dict[str, Any]] = []
-    for info, availability in backend_statuses():
+    for name, (info, availability) in zip(backend_names(), backend_statuses(), strict=True):
         backends.append(
             {
-                "name": info.name if info else None,
+                "name": name,
                 "version": info.version if info else None,
                 "device": info.device if info else None,
                 "can_build": availability.can_build,
