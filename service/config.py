@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     default_backend: str = "auto"
 
     # Jobs.
-    job_workers: int = Field(default=1, ge=1, le=64)
+    # Two workers by default so a long benchmark or calibration does not hold every build back.
+    job_workers: int = Field(default=2, ge=1, le=64)
     queue_backend: Literal["embedded", "redis"] = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
 

@@ -47,12 +47,22 @@ _BODY_SCHEMA: dict[str, Any] = {
         },
     },
     "parameters": [
-        {"name": DTYPE_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
-         "description": f"numpy dtype of a {RAW_MEDIA} body, e.g. float32"},
-        {"name": SHAPE_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
-         "description": f"shape of a {RAW_MEDIA} body, comma-separated, e.g. 1,3,224,224"},
+        {
+            "name": DTYPE_HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": f"numpy dtype of a {RAW_MEDIA} body, e.g. float32",
+        },
+        {
+            "name": SHAPE_HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": f"shape of a {RAW_MEDIA} body, comma-separated, e.g. 1,3,224,224",
+        },
     ],
-}  # fmt: skip
+}
 
 
 def runner_pool(services: Services) -> RunnerPool:
@@ -104,13 +114,15 @@ def run_inference(
     "/{engine_id}/infer",
     openapi_extra=_BODY_SCHEMA,
     responses={
-        200: {"content": {JSON_MEDIA: {}, NPZ_MEDIA: {}, RAW_MEDIA: {}},
-              "description": "The outputs, in the request's format or the one Accept names."},
+        200: {
+            "content": {JSON_MEDIA: {}, NPZ_MEDIA: {}, RAW_MEDIA: {}},
+            "description": "The outputs, in the request's format or the one Accept names.",
+        },
         400: {"description": "Inputs do not match the engine (names, dtypes, shapes), or a malformed body."},
         409: {"description": "The engine's backend cannot run on this host; the message names one that can."},
         413: {"description": "The body is larger than an inference request may be."},
     },
-)  # fmt: skip
+)
 async def infer_engine(engine_id: str, request: Request, output: str | None = None) -> Response:
     """Run the engine on one batch: JSON, npz or raw tensor bytes in; the same (or what Accept asks) out."""
     # The services are read from the app directly rather than through the sync ServicesDep dependency,

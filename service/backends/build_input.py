@@ -20,6 +20,7 @@ from service.onnx_graph.inspect import TensorSpec, model_inputs
 from service.onnx_graph.loading import model_from_bytes
 
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+PLACEHOLDER_DIM = "?"
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,6 +32,7 @@ class BuildInput:
     node_names: tuple[str, ...]
     shape_ranges: Mapping[str, ShapeRange] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # defaults applied, said in the build log
+    parser_bytes: bytes = b""  # the bytes to hand to an ONNX parser (see independent_placeholder_dims)
 
     @property
     def has_qdq(self) -> bool:
@@ -52,10 +54,34 @@ def build_input_from(model_bytes: bytes, spec: BuildSpec, *, complete_shapes: bo
     model = model_from_bytes(model_bytes, check=False)
     inputs = model_inputs(model)
     ranges, notes = shape_ranges_for(inputs, spec.shapes, complete=complete_shapes)
+    renamed = independent_placeholder_dims(model)
+    if renamed:
+        notes = (
+            *notes,
+            f"dimensions named '{PLACEHOLDER_DIM}' made independent ({', '.join(renamed)}): TensorRT "
+            "reads equal dimension names as equal sizes",
+        )
     return BuildInput(
         model=model,
         inputs=inputs,
         node_names=tuple(node.name for node in model.graph.node if node.name),
         shape_ranges=ranges,
         notes=notes,
+        parser_bytes=model.SerializeToString() if renamed else model_bytes,
     )
+
+
+def independent_placeholder_dims(model: onnx.ModelProto) -> list[str]:
+    """Give every graph I/O dimension named ``?`` its own name, in place; returns the new names.
+
+    Some exporters (PaddlePaddle's, e.g. PP-OCR's classifier: ``[?, 3, ?, ?]``) write ``?`` for
+    "unknown". ONNX Runtime treats those as independent, but TensorRT's parser treats dimensions
+    sharing a name as one size, so a 48x192 profile would be rejected as inconsistent.
+    """
+    renamed: list[str] = []
+    for value in (*model.graph.input, *model.graph.output):
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_param") and dim.dim_param == PLACEHOLDER_DIM:
+                dim.dim_param = f"{value.name}_dim{axis}"
+                renamed.append(dim.dim_param)
+    return renamed

@@ -99,7 +99,7 @@ class TensorRtBackend:
         with primary_context():
             builder = trt.Builder(logger)
             network, parser = common.network_from_onnx(
-                trt, builder, logger, model, strongly_typed=strongly_typed, label=LABEL
+                trt, builder, logger, facts.parser_bytes, strongly_typed=strongly_typed, label=LABEL
             )
             config = common.builder_config(trt, builder, workspace_bytes=spec.workspace_bytes)
             common.add_optimization_profile(trt, builder, config, network, facts.shape_ranges)

@@ -108,7 +108,7 @@ class TensorRtRtxBackend:
         started = time.perf_counter()
         builder = trt.Builder(logger)
         network, parser = common.network_from_onnx(
-            trt, builder, logger, model, strongly_typed=True, label=LABEL
+            trt, builder, logger, facts.parser_bytes, strongly_typed=True, label=LABEL
         )
         config = common.builder_config(trt, builder, workspace_bytes=spec.workspace_bytes)
         self._set_targets(trt, config)

@@ -12,6 +12,7 @@ import builtins
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,11 @@ class EngineCache:
         self.plans = BlobStore(root / "plans")
         self.artifacts = BlobStore(root / "artifacts")  # calibration caches and other build outputs
         self.budget_bytes = budget_bytes
+        self._drop_listeners: builtins.list[Callable[[str], None]] = []
+
+    def add_drop_listener(self, listener: Callable[[str], None]) -> None:
+        """Called with the id of every engine leaving the cache (delete, eviction, damage)."""
+        self._drop_listeners.append(listener)
 
     def lookup(self, key_digest: str) -> EngineRecord | None:
         """The cached engine for a key, or None; a missing or resized file is dropped as a miss.
@@ -245,6 +251,8 @@ class EngineCache:
 
     def _drop(self, record: EngineRecord) -> None:
         self.db.execute("DELETE FROM engines WHERE id = ?", (record.id,))
+        for listener in self._drop_listeners:
+            listener(record.id)
         if not self.db.query_one("SELECT 1 FROM engines WHERE plan_sha256 = ?", (record.plan_sha256,)):
             self.plans.delete(record.plan_sha256)
 

@@ -20,7 +20,7 @@ pass has counted N samples. A batch's sample count is its first input's leading 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,11 @@ import onnx
 
 from service.calibration.histograms import DEFAULT_NUM_BINS, AbsHistogram, AbsHistogramAccumulator, max_abs
 from service.errors import BadInput, InvalidCalibrationSet, InvalidModel, JobCancelled
+from service.onnx_graph.inspect import model_inputs
+
+# Activations fetched by one session run: a 640x640 detector produces ~270 MiB of them per sample,
+# so whole batches of 8 would cost ~2 GiB; runs are cut to stay near this.
+DEFAULT_ACTIVATION_BUDGET_BYTES = 256 * 1024 * 1024
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -61,8 +66,14 @@ def collect_histograms(
     progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
     intra_op_threads: int | None = None,
+    activation_budget_bytes: int = DEFAULT_ACTIVATION_BUDGET_BYTES,
 ) -> dict[str, AbsHistogram]:
     """Histogram of |x| for each of ``tensor_names`` over the calibration data, in that order.
+
+    Each session run fetches every requested activation for all the samples it is given, so a
+    batch is cut into runs of at most as many samples as fit ``activation_budget_bytes`` (learned
+    from the first run of one sample) when the model's batch dimension allows it. The result does
+    not depend on the cut: histograms are order- and batch-independent by construction.
 
     Raises BadInput for unknown or non-float tensors, InvalidModel when ONNX Runtime cannot load
     the model, InvalidCalibrationSet when the batches do not fit the model, are empty, or change
@@ -75,7 +86,12 @@ def collect_histograms(
     augmented = model_with_outputs(model, plan.fetches, elem_types=fetch_types)
     session = _open_session(augmented, intra_op_threads)
     del augmented  # ONNX Runtime holds its own copy
-    runner = _PassRunner(plan, session, progress, should_stop)
+    splittable = not any(
+        spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 1 for spec in model_inputs(model)
+    )
+    runner = _PassRunner(
+        plan, session, progress, should_stop, activation_budget_bytes if splittable else None
+    )
 
     maxima = dict.fromkeys(plan.tensor_names, 0.0)
 
@@ -219,11 +235,16 @@ class _PassRunner:
         session: onnxruntime.InferenceSession,
         progress: ProgressCallback | None,
         should_stop: StopCheck | None,
+        budget_bytes: int | None,
     ) -> None:
         self._plan = plan
         self._session = session
         self._progress = progress
         self._should_stop = should_stop
+        self._budget_bytes = (
+            budget_bytes  # None: the model's batch dimension is fixed, runs take whole batches
+        )
+        self._samples_per_run: int | None = None  # learned from the first run
 
     def run_pass(
         self,
@@ -235,17 +256,38 @@ class _PassRunner:
     ) -> int:
         """Fold every batch of one pass; returns the number of samples seen."""
         seen = 0
-        for index, feeds in enumerate(batches()):
+        for index, batch in enumerate(batches()):
             self._check_stop(done_before + seen, total)
-            arrays = self._run(index, feeds)
-            for name, values in arrays.items():
-                fold(name, values)
-            del arrays  # release this batch's activations before the next one is computed
-            seen += _batch_size(feeds, self._plan.model_inputs)
+            for feeds in self._runs_of(batch):
+                arrays = self._run(index, feeds)
+                count = _batch_size(feeds, self._plan.model_inputs)
+                self._learn_run_size(arrays, count)
+                for name, values in arrays.items():
+                    fold(name, values)
+                del arrays  # release this run's activations before the next one is computed
+                seen += count
             if self._progress is not None:
                 self._progress(done_before + seen, max(total, done_before + seen))
         self._check_stop(done_before + seen, total)
         return seen
+
+    def _runs_of(self, batch: Mapping[str, np.ndarray]) -> Iterator[Mapping[str, np.ndarray]]:
+        """The batch itself, or consecutive slices of it that fit the activation budget."""
+        size = _batch_size(batch, self._plan.model_inputs)
+        if self._budget_bytes is None or not self._plan.model_inputs or size <= 1:
+            yield batch
+            return
+        start = 0
+        while start < size:
+            step = self._samples_per_run or 1
+            yield {name: np.asarray(values)[start : start + step] for name, values in batch.items()}
+            start += step
+
+    def _learn_run_size(self, arrays: Mapping[str, np.ndarray], samples: int) -> None:
+        if self._budget_bytes is None or self._samples_per_run is not None or samples < 1:
+            return
+        per_sample = sum(int(a.nbytes) for a in arrays.values()) / samples
+        self._samples_per_run = max(1, int(self._budget_bytes // max(per_sample, 1.0)))
 
     def _run(self, index: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self._plan.model_inputs if n not in feeds]

@@ -41,8 +41,13 @@ class AccuracySummary:
     min_top1_agreement: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "min_cosine": self.min_cosine, "max_abs_error": self.max_abs_error,
-                "min_snr_db": self.min_snr_db, "min_top1_agreement": self.min_top1_agreement}  # fmt: skip
+        return {
+            "source": self.source,
+            "min_cosine": self.min_cosine,
+            "max_abs_error": self.max_abs_error,
+            "min_snr_db": self.min_snr_db,
+            "min_top1_agreement": self.min_top1_agreement,
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AccuracySummary:

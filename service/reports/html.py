@@ -117,12 +117,20 @@ def benchmark_html(report: BenchmarkReport, png: bytes | None) -> str:
     headers = ("batch", "calls", "min", "mean", "std", "p50", "p90", "p95", "p99", "max", "inferences/s")
     rows = [
         (
-            r.batch_size, r.latency.count, r.latency.min_ms, r.latency.mean_ms, r.latency.std_ms,
-            r.latency.p50_ms, r.latency.p90_ms, r.latency.p95_ms, r.latency.p99_ms, r.latency.max_ms,
+            r.batch_size,
+            r.latency.count,
+            r.latency.min_ms,
+            r.latency.mean_ms,
+            r.latency.std_ms,
+            r.latency.p50_ms,
+            r.latency.p90_ms,
+            r.latency.p95_ms,
+            r.latency.p99_ms,
+            r.latency.max_ms,
             r.latency.throughput,
         )
         for r in report.results
-    ]  # fmt: skip
+    ]
     body.append(table(headers, rows))
     for skipped in report.measurement.skipped:
         body.append(f'<p class="note">{_e(skipped.reason)}</p>')
@@ -158,8 +166,13 @@ def benchmark_html(report: BenchmarkReport, png: bytes | None) -> str:
 
 def comparison_html(report: ComparisonReport, png: bytes | None) -> str:
     """The comparison page: where it was measured, one row per engine, notes, plot."""
-    places = sorted({(b.engine.backend, b.engine.backend_version, b.engine.device)
-                     for row in report.rows if (b := row.benchmark) is not None})  # fmt: skip
+    places = sorted(
+        {
+            (b.engine.backend, b.engine.backend_version, b.engine.device)
+            for row in report.rows
+            if (b := row.benchmark) is not None
+        }
+    )
     body = [banner(*place) for place in places] or [
         '<div class="banner cpu">No engine of this comparison could run on this host; '
         "nothing was measured.</div>"
@@ -171,15 +184,36 @@ def comparison_html(report: ComparisonReport, png: bytes | None) -> str:
         for row in report.rows:
             result = row.benchmark.result_for(batch) if row.benchmark else None
             accuracy = row.accuracy
-            rows.append((
-                row.engine_id[:12], row.precision, row.backend, row.device,
-                result.latency.p50_ms if result else None, result.latency.p99_ms if result else None,
-                result.latency.throughput if result else None, row.speedup_at(batch),
-                accuracy.min_cosine if accuracy else None, accuracy.min_snr_db if accuracy else None,
-                accuracy.min_top1_agreement if accuracy else None, row.engine_bytes,
-            ))  # fmt: skip
-        headers = ("engine", "precision", "backend", "device", "p50 ms", "p99 ms", "inferences/s",
-                   "speedup vs FP32", "min cosine", "min SNR dB", "top-1 agreement", "bytes")  # fmt: skip
+            rows.append(
+                (
+                    row.engine_id[:12],
+                    row.precision,
+                    row.backend,
+                    row.device,
+                    result.latency.p50_ms if result else None,
+                    result.latency.p99_ms if result else None,
+                    result.latency.throughput if result else None,
+                    row.speedup_at(batch),
+                    accuracy.min_cosine if accuracy else None,
+                    accuracy.min_snr_db if accuracy else None,
+                    accuracy.min_top1_agreement if accuracy else None,
+                    row.engine_bytes,
+                )
+            )
+        headers = (
+            "engine",
+            "precision",
+            "backend",
+            "device",
+            "p50 ms",
+            "p99 ms",
+            "inferences/s",
+            "speedup vs FP32",
+            "min cosine",
+            "min SNR dB",
+            "top-1 agreement",
+            "bytes",
+        )
         body.append(table(headers, rows))
     sources = [(row.engine_id[:12], row.accuracy.source) for row in report.rows if row.accuracy]
     if sources:

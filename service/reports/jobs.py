@@ -95,8 +95,12 @@ class ReportJobs:
         model_id = check_comparable(records, {r.model_id: self.root_model_id(r.model_id) for r in records})
         if eval_set_id is not None:
             self.calibration_sets.bind(eval_set_id, self.models.get(model_id).info.inputs)
-        params = {"engine_ids": list(engine_ids), "model_id": model_id, "config": config.to_dict(),
-                  "eval_set_id": eval_set_id}  # fmt: skip
+        params = {
+            "engine_ids": list(engine_ids),
+            "model_id": model_id,
+            "config": config.to_dict(),
+            "eval_set_id": eval_set_id,
+        }
         return self.runner.submit(COMPARISON_KIND, params, owner=owner)[0]
 
     def root_model_id(self, model_id: str) -> str:

@@ -26,5 +26,6 @@ def register(services: Services) -> RunnerPool:
         return existing
     pool = RunnerPool(services.engines, budget_bytes=services.settings.runner_cache_bytes)
     services.extras[RUNNER_POOL] = pool
+    services.engines.add_drop_listener(pool.discard)  # a deleted or evicted engine is never served warm
     services.metrics.set_loaded_runners_source(lambda: float(len(pool.stats().runners)))
     return pool

@@ -30,10 +30,13 @@ def wait_for(api: httpx.Client, path: str, timeout_s: float = 60.0) -> dict[str,
         time.sleep(0.05)
 
 
-def build_engine(api: httpx.Client, model_id: str, *, backend: str = "onnxruntime", precision: str = "fp32",
-                 **extra: Any) -> str:  # fmt: skip
+def build_engine(
+    api: httpx.Client, model_id: str, *, backend: str = "onnxruntime", precision: str = "fp32", **extra: Any
+) -> str:
     """Request an engine and wait for its build; returns the engine id."""
-    response = api.post("/v1/builds", json={"model_id": model_id, "precision": precision, "backend": backend, **extra})
+    response = api.post(
+        "/v1/builds", json={"model_id": model_id, "precision": precision, "backend": backend, **extra}
+    )
     assert response.status_code in (200, 202), response.text
     body = response.json()
     if body["cache"] == "miss":

@@ -28,7 +28,7 @@ class Engines:
 
 def _npz(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy stubs type **kwds as allow_pickle
     return buffer.getvalue()
 
 
@@ -36,13 +36,18 @@ def _npz(**arrays: np.ndarray) -> bytes:
 def engines(api: httpx.Client) -> Engines:
     model_id = upload_model(api, resnet_block_classifier(seed=31), "reports.onnx")
     samples = np.random.default_rng(31).standard_normal((40, 3, 16, 16)).astype(np.float32)
-    uploaded = api.post("/v1/calibration-sets", files={"file": ("set.npz", _npz(input=samples))},
-                        data={"model_id": model_id})  # fmt: skip
+    uploaded = api.post(
+        "/v1/calibration-sets", files={"file": ("set.npz", _npz(input=samples))}, data={"model_id": model_id}
+    )
     assert uploaded.status_code in (200, 201), uploaded.text
     set_id = uploaded.json()["id"]
     fp32 = build_engine(api, model_id)
     int8 = build_engine(api, model_id, precision="int8", calibration_set_id=set_id)
-    rtx = None if get_backend("tensorrt-rtx").available().can_run else build_engine(api, model_id, backend="tensorrt-rtx")
+    rtx = (
+        None
+        if get_backend("tensorrt-rtx").available().can_run
+        else build_engine(api, model_id, backend="tensorrt-rtx")
+    )
     return Engines(model_id=model_id, eval_set_id=set_id, fp32=fp32, int8=int8, rtx=rtx)
 
 
@@ -68,7 +73,9 @@ def test_a_benchmark_report_has_percentiles_per_batch_size_and_says_where_it_ran
 
 
 def test_a_finished_benchmark_renders_as_html_and_png(api: httpx.Client, engines: Engines) -> None:
-    report_id = api.post(f"/v1/engines/{engines.fp32}/benchmark", json={"batch_sizes": [2], "iterations": 5}).json()["id"]
+    report_id = api.post(
+        f"/v1/engines/{engines.fp32}/benchmark", json={"batch_sizes": [2], "iterations": 5}
+    ).json()["id"]
     report = wait_for_report(api, report_id)
     page = api.get(f"/v1/reports/{report_id}.html")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -79,9 +86,12 @@ def test_a_finished_benchmark_renders_as_html_and_png(api: httpx.Client, engines
     assert png.content.startswith(PNG_SIGNATURE)
 
 
-def test_an_unfinished_report_has_no_page_yet_and_can_be_cancelled(api: httpx.Client, engines: Engines) -> None:
-    report_id = api.post(f"/v1/engines/{engines.fp32}/benchmark",
-                         json={"batch_sizes": [1], "duration_s": 60, "warmup": 0}).json()["id"]  # fmt: skip
+def test_an_unfinished_report_has_no_page_yet_and_can_be_cancelled(
+    api: httpx.Client, engines: Engines
+) -> None:
+    report_id = api.post(
+        f"/v1/engines/{engines.fp32}/benchmark", json={"batch_sizes": [1], "duration_s": 60, "warmup": 0}
+    ).json()["id"]
     for suffix in (".html", ".png"):
         early = api.get(f"/v1/reports/{report_id}{suffix}")
         assert early.status_code == 409
@@ -94,9 +104,12 @@ def test_an_unfinished_report_has_no_page_yet_and_can_be_cancelled(api: httpx.Cl
     assert late.status_code == 409 and "cancelled and has nothing to show" in late.json()["error"]["message"]
 
 
-def test_an_int8_evaluation_reports_accuracy_and_the_worst_layers(api: httpx.Client, engines: Engines) -> None:
-    accepted = api.post(f"/v1/engines/{engines.int8}/evaluate",
-                        json={"eval_set_id": engines.eval_set_id, "max_samples": 24})  # fmt: skip
+def test_an_int8_evaluation_reports_accuracy_and_the_worst_layers(
+    api: httpx.Client, engines: Engines
+) -> None:
+    accepted = api.post(
+        f"/v1/engines/{engines.int8}/evaluate", json={"eval_set_id": engines.eval_set_id, "max_samples": 24}
+    )
     assert accepted.status_code == 202, accepted.text
     report = wait_for_report(api, accepted.json()["id"])
     assert report["kind"] == "evaluation" and report["samples"] == 24
@@ -119,20 +132,34 @@ def test_evaluations_are_refused_up_front_when_they_cannot_run(api: httpx.Client
     unknown = api.post(f"/v1/engines/{engines.fp32}/evaluate", json={"eval_set_id": "0" * 64})
     assert unknown.status_code == 404 and "No calibration set" in unknown.json()["error"]["message"]
     other_model = upload_model(api, two_input_adder(), "adder.onnx")
-    wrong = api.post("/v1/calibration-sets", files={"file": ("w.npz", _npz(image=np.zeros((2, 3, 8, 8), np.float32),
-                     bias_map=np.zeros((2, 4, 8, 8), np.float32)))}, data={"model_id": other_model})  # fmt: skip
+    wrong = api.post(
+        "/v1/calibration-sets",
+        files={
+            "file": (
+                "w.npz",
+                _npz(image=np.zeros((2, 3, 8, 8), np.float32), bias_map=np.zeros((2, 4, 8, 8), np.float32)),
+            )
+        },
+        data={"model_id": other_model},
+    )
     misfit = api.post(f"/v1/engines/{engines.fp32}/evaluate", json={"eval_set_id": wrong.json()["id"]})
-    assert misfit.status_code == 400 and "do not match the model's inputs" in misfit.json()["error"]["message"]
+    assert (
+        misfit.status_code == 400 and "do not match the model's inputs" in misfit.json()["error"]["message"]
+    )
     if engines.rtx is not None:
         blocked = api.post(f"/v1/engines/{engines.rtx}/evaluate", json={"eval_set_id": engines.eval_set_id})
         assert blocked.status_code == 409
-        assert engines.fp32 in blocked.json()["error"]["message"] or engines.int8 in blocked.json()["error"]["message"]
+        assert (
+            engines.fp32 in blocked.json()["error"]["message"]
+            or engines.int8 in blocked.json()["error"]["message"]
+        )
 
 
 def test_a_comparison_puts_the_engines_side_by_side(api: httpx.Client, engines: Engines) -> None:
     ids = [engines.fp32, engines.int8] + ([engines.rtx] if engines.rtx else [])
-    accepted = api.post("/v1/reports/comparison", json={"engine_ids": ids, "batch_sizes": [1], "iterations": 5,
-                                                         "warmup": 1})  # fmt: skip
+    accepted = api.post(
+        "/v1/reports/comparison", json={"engine_ids": ids, "batch_sizes": [1], "iterations": 5, "warmup": 1}
+    )
     assert accepted.status_code == 202, accepted.text
     report = wait_for_report(api, accepted.json()["id"])
     assert report["kind"] == "comparison" and report["model_id"] == engines.model_id

@@ -219,3 +219,15 @@ def test_ignored_requests_and_a_pointless_int8_request_are_said_in_the_build_log
     assert "has no INT8 layers" in spec_notes
     assert "keep_layers ['conv'] ignored" in spec_notes
     assert "timing_cache_path ignored" in spec_notes
+
+
+def test_dimensions_named_question_mark_are_independent_for_the_parser(rapidocr_models_dir: Path) -> None:
+    # PP-OCR's classifier declares x as [?, 3, ?, ?]: TensorRT would read H and W as one size.
+    from service.backends.base import BuildSpec, ShapeRange
+    from service.backends.registry import get_backend
+
+    model = (rapidocr_models_dir / "ch_ppocr_mobile_v2.0_cls_mobile.onnx").read_bytes()
+    shape = ShapeRange((1, 3, 48, 192), (1, 3, 48, 192), (1, 3, 48, 192))
+    built = get_backend("tensorrt-rtx").build(model, BuildSpec(precision="fp32", shapes={"x": shape}))
+    assert built.engine_bytes
+    assert "made independent" in built.build_log and "x_dim2" in built.build_log

@@ -118,3 +118,14 @@ def test_reconcile_drops_rows_without_files_and_files_without_rows(cache: Engine
     assert cache.reconcile() == {"dropped_rows": 1, "orphan_files": 1}
     assert [r.id for r in cache.list()] == [kept.id]
     assert not cache.plans.exists(orphan.sha256)
+
+
+def test_listeners_hear_every_engine_that_leaves_the_cache(cache: EngineCache) -> None:
+    dropped: list[str] = []
+    cache.add_drop_listener(dropped.append)
+    deleted = cache.store(_new(_key(model="6" * 64), b"d" * 100))
+    cache.delete(deleted.id)
+    first = cache.store(_new(_key(model="7" * 64), b"e" * 6000))
+    time.sleep(0.01)
+    cache.store(_new(_key(model="8" * 64), b"f" * 6000))  # over budget: the first is evicted
+    assert dropped == [deleted.id, first.id]

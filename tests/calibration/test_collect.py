@@ -261,3 +261,24 @@ def test_invalid_options_are_rejected(model: onnx.ModelProto) -> None:
         collect_histograms(model, lambda: iter(()), ["logits"], num_bins=0)
     with pytest.raises(BadInput, match="intra_op_threads must be at least 1"):
         collect_histograms(model, lambda: iter(()), ["logits"], intra_op_threads=0)
+
+
+def test_large_batches_are_cut_to_the_activation_budget_without_changing_results(
+    model: onnx.ModelProto, all_tensors: list[str]
+) -> None:
+    data = _images(32)
+
+    def peak_and_histograms(budget: int) -> tuple[int, dict[str, object]]:
+        gc.collect()
+        tracemalloc.start()
+        hists = collect_histograms(
+            model, lambda: _batches(data, 32), all_tensors, intra_op_threads=1, activation_budget_bytes=budget
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak, dict(hists)
+
+    whole_peak, whole = peak_and_histograms(1 << 40)  # one run of all 32 samples
+    cut_peak, cut = peak_and_histograms(1)  # one sample per run
+    assert cut == whole
+    assert cut_peak < whole_peak / 4

@@ -33,15 +33,34 @@ def measured_report(root: Path, *, batch_sizes: tuple[int, ...] = (1, 4), seed: 
     return report
 
 
-def engine_record(engine_id: str, precision: str, *, model_id: str = "m" * 64, backend: str = "onnxruntime",
-                  size: int = 1000, report: dict[str, object] | None = None) -> EngineRecord:  # fmt: skip
+def engine_record(
+    engine_id: str,
+    precision: str,
+    *,
+    model_id: str = "m" * 64,
+    backend: str = "onnxruntime",
+    size: int = 1000,
+    report: dict[str, object] | None = None,
+) -> EngineRecord:
     return EngineRecord(
-        id=engine_id, model_id=model_id, built_model_id=model_id, calibration_set_id=None, backend=backend,
-        backend_version="1.0", device="CPU (test)", precision=precision,
+        id=engine_id,
+        model_id=model_id,
+        built_model_id=model_id,
+        calibration_set_id=None,
+        backend=backend,
+        backend_version="1.0",
+        device="CPU (test)",
+        precision=precision,
         build_config=BuildConfig(precision=precision),  # type: ignore[arg-type]
-        plan_sha256="0" * 64, size_bytes=size, file_extension=".onnx", build_seconds=1.0, report=report or {},
-        calibration_cache_sha256=None, created_at="2026-01-01T00:00:00", last_used_at="2026-01-01T00:00:00",
-    )  # fmt: skip
+        plan_sha256="0" * 64,
+        size_bytes=size,
+        file_extension=".onnx",
+        build_seconds=1.0,
+        report=report or {},
+        calibration_cache_sha256=None,
+        created_at="2026-01-01T00:00:00",
+        last_used_at="2026-01-01T00:00:00",
+    )
 
 
 def written_report(

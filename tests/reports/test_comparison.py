@@ -88,8 +88,11 @@ def test_accuracy_summaries_keep_the_worst_value_over_outputs_wherever_it_is_nes
     }
     summary = summarize_accuracy(accuracy, "evaluation report j")
     assert (summary.min_cosine, summary.max_abs_error, summary.min_snr_db, summary.min_top1_agreement) == (
-        0.95, 0.30, 22.5, 0.97,
-    )  # fmt: skip
+        0.95,
+        0.30,
+        22.5,
+        0.97,
+    )
     assert summary.source == "evaluation report j"
     empty = summarize_accuracy({"note": "nothing measured"}, "build check")
     assert empty.min_cosine is None and empty.min_top1_agreement is None

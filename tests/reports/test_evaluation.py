@@ -39,15 +39,23 @@ def with_qdq(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
-    graph.initializer.extend([numpy_helper.from_array(np.array(SCALE, np.float32), "qdq_scale"),
-                              numpy_helper.from_array(np.array(0, np.int8), "qdq_zero")])  # fmt: skip
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(SCALE, np.float32), "qdq_scale"),
+            numpy_helper.from_array(np.array(0, np.int8), "qdq_zero"),
+        ]
+    )
     nodes = list(graph.node)
     for tensor in tensors:
         q = helper.make_node(
             "QuantizeLinear", [tensor, "qdq_scale", "qdq_zero"], [f"{tensor}_q"], name=f"{tensor}_Q"
         )
-        dq = helper.make_node("DequantizeLinear", [f"{tensor}_q", "qdq_scale", "qdq_zero"], [f"{tensor}_dq"],
-                              name=f"{tensor}_DQ")  # fmt: skip
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [f"{tensor}_q", "qdq_scale", "qdq_zero"],
+            [f"{tensor}_dq"],
+            name=f"{tensor}_DQ",
+        )
         for node in nodes:
             for index, name in enumerate(node.input):
                 if name == tensor:
@@ -166,8 +174,11 @@ def test_an_engine_evaluation_compares_outputs_and_reads_back_from_json(stores: 
     fp32 = resnet_block_classifier(seed=44)
     record = build_engine(stores, fp32)
     samples = _x(20, seed=9)
-    data = EvaluationData("set", 20, lambda batch, stop: ({"input": samples[i : min(i + batch, stop)]}
-                                                         for i in range(0, stop, batch)))  # fmt: skip
+    data = EvaluationData(
+        "set",
+        20,
+        lambda batch, stop: ({"input": samples[i : min(i + batch, stop)]} for i in range(0, stop, batch)),
+    )
     pool = RunnerPool(stores.engines, budget_bytes=1 << 30)
     measured = MeasuredEngine.from_record(record, get_backend("onnxruntime").describe())
     with pool.lease(record.id) as runner:

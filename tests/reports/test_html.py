@@ -89,8 +89,9 @@ def test_a_gpu_page_shows_stage_timings_and_no_cpu_disclaimer() -> None:
     with_stages = type(result)(
         result.batch_size, result.latency, stages, result.distribution_ms, result.wall_seconds
     )
-    report = BenchmarkReport(base.engine, base.config, LatencyMeasurement((with_stages,), (), ""), base.host,
-                             base.measured_at)  # fmt: skip
+    report = BenchmarkReport(
+        base.engine, base.config, LatencyMeasurement((with_stages,), (), ""), base.host, base.measured_at
+    )
     page = benchmark_html(report, None)
     text = "".join(_parse(page).text)
     assert "Measured on NVIDIA H100 80GB HBM3 (sm_90) with tensorrt 1.0." in text
@@ -125,10 +126,16 @@ def test_an_evaluation_page_shows_accuracy_and_the_worst_layers_or_why_not() -> 
         True, "first 8 samples", 12, 8, (LayerDelta("conv_out", "conv", "Conv", 0.99, 0.5, 18.25),)
     )
     evaluation = EvaluationReport(
-        engine=report.engine, reference_model_id="r" * 64, reference="the FP32 model", eval_set_id="s" * 64,
-        samples=8, batch_size=8, accuracy={"outputs": {"logits": {"cosine": 0.995, "top1_agreement": 1.0}}},
-        layers=deltas, measured_at="2026-01-01T00:00:00",
-    )  # fmt: skip
+        engine=report.engine,
+        reference_model_id="r" * 64,
+        reference="the FP32 model",
+        eval_set_id="s" * 64,
+        samples=8,
+        batch_size=8,
+        accuracy={"outputs": {"logits": {"cosine": 0.995, "top1_agreement": 1.0}}},
+        layers=deltas,
+        measured_at="2026-01-01T00:00:00",
+    )
     text = "".join(_parse(evaluation_html(evaluation)).text)
     assert "outputs.logits.cosine" in text and "0.995" in text
     assert "conv_out" in text and "18.250" in text and "12 tensors compared" in text

@@ -51,9 +51,15 @@ def build_engine(
         model_id=model_id or record.id, config=config, calibration_set_id=None, backend=built.info
     )
     return stores.engines.store(
-        NewEngine(key=key, built_model_id=record.id, engine_bytes=built.engine_bytes,
-                  file_extension=built.file_extension, build_seconds=built.build_seconds, report={})
-    )  # fmt: skip
+        NewEngine(
+            key=key,
+            built_model_id=record.id,
+            engine_bytes=built.engine_bytes,
+            file_extension=built.file_extension,
+            build_seconds=built.build_seconds,
+            report={},
+        )
+    )
 
 
 def digest(data: bytes) -> str:

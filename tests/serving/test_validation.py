@@ -12,8 +12,12 @@ from service.serving.validation import validate_feeds
 IMAGE = IOSpec(name="image", dtype="float32", shape=("N", 3, 8, 8))
 BIAS = IOSpec(name="bias_map", dtype="float32", shape=("N", 4, 8, 8))
 TOKENS = IOSpec(name="tokens", dtype="int32", shape=("N", 5))
-PROFILED = IOSpec(name="x", dtype="float32", shape=("N", 3, "H", "H"),
-                  profile=ShapeRange(min=(1, 3, 16, 16), opt=(4, 3, 32, 32), max=(8, 3, 64, 64)))  # fmt: skip
+PROFILED = IOSpec(
+    name="x",
+    dtype="float32",
+    shape=("N", 3, "H", "H"),
+    profile=ShapeRange(min=(1, 3, 16, 16), opt=(4, 3, 32, 32), max=(8, 3, 64, 64)),
+)
 
 
 def test_matching_feeds_come_back_in_spec_order_without_copies() -> None:

@@ -1,0 +1,1 @@
+"""Benchmark scripts (``python -m benchmarks.<name>``) and their recorded results; not tests."""
