@@ -117,9 +117,9 @@ class EngineCache:
         self.plans = BlobStore(root / "plans")
         self.artifacts = BlobStore(root / "artifacts")  # calibration caches and other build outputs
         self.budget_bytes = budget_bytes
-        self._drop_listeners: builtins.list[Callable[[str], None]] = []
+        self._drop_listeners: builtins.list[Callable[[str], object]] = []
 
-    def add_drop_listener(self, listener: Callable[[str], None]) -> None:
+    def add_drop_listener(self, listener: Callable[[str], object]) -> None:
         """Called with the id of every engine leaving the cache (delete, eviction, damage)."""
         self._drop_listeners.append(listener)
 

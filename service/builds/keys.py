@@ -16,6 +16,10 @@ from service.backends.base import BackendInfo, Precision, ShapeRange
 
 CalibrationMethodName = Literal["entropy", "max", "percentile", "mse", "auto"]
 
+# Bumped whenever the service changes what it hands a builder for the same request (Q/DQ placement,
+# FP16 typing, BN folding...), so engines prepared the old way are rebuilt instead of served.
+PREPARATION_VERSION = 2
+
 
 @dataclass(frozen=True)
 class CalibrationOptions:
@@ -83,6 +87,7 @@ class EngineKey:
 
     def canonical(self) -> dict[str, Any]:
         return {
+            "preparation_version": PREPARATION_VERSION,
             "model_sha256": self.model_id,
             "build_config": self.config.to_dict(),
             "calibration_set_id": self.calibration_set_id,

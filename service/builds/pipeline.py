@@ -25,6 +25,7 @@ from service.onnx_graph.inspect import model_inputs
 from service.quantize.fp16 import fp16_model_from
 from service.quantize.inputs import calibration_inputs
 from service.quantize.pipeline import QuantizationOutcome, QuantizationPlan, quantize_model
+from service.quantize.placement import PlacementTarget
 from service.reports.fusion_report import verify_fusions
 
 
@@ -168,7 +169,12 @@ class BuildPipeline:
             holdout_fraction=options.holdout_fraction,
             max_samples=options.max_samples,
         )
-        plan = QuantizationPlan(method=options.method, percentile=options.percentile, skip=key.config.keep)
+        plan = QuantizationPlan(
+            method=options.method,
+            percentile=options.percentile,
+            skip=key.config.keep,
+            target=placement_target(key.backend.name),
+        )
         return quantize_model(
             model,
             data.calibration,
@@ -222,6 +228,12 @@ class BuildPipeline:
             "quantization": prepared.quantization.summary() if prepared.quantization else None,
             "build_log_tail": built.build_log.splitlines()[-60:],
         }
+
+
+def placement_target(backend_name: str) -> PlacementTarget:
+    """Whose Q/DQ placement a backend's INT8 build gets: ONNX Runtime's own for ``onnxruntime``
+    (its CPU integer kernels need whole node units), TensorRT's for every TensorRT-family backend."""
+    return "onnxruntime" if backend_name == "onnxruntime" else "tensorrt"
 
 
 def engine_key_from_params(params: dict[str, Any]) -> EngineKey:

@@ -10,7 +10,11 @@ real exports smoothed out so the placement rules can be written once:
   are bypassed (PaddlePaddle and older PyTorch exports feed weights that way), so "is this input a
   weight" is a dictionary lookup;
 - models of IR version < 4, which list every initializer as a graph input, stop doing so;
-- the opset is raised to a minimum on request with ``onnx.version_converter``.
+- the opset is raised to a minimum on request with ``onnx.version_converter``;
+- subgraphs computed from constants only are folded into initializers (:func:`fold_constant_subgraphs`):
+  exports that build weights with ``ConstantOfShape`` or reshape/transpose them in the graph (the ONNX
+  model zoo's ``light_*`` graphs, some TensorFlow and Paddle exports) would otherwise have no weight
+  to quantize, and TensorRT and ONNX Runtime fold them at build time anyway.
 
 :class:`GraphIndex` answers the producer/consumer/constant questions the placement rules ask.
 """
@@ -72,7 +76,114 @@ def canonical_model(model: onnx.ModelProto, *, min_opset: int | None = None) -> 
         _name_nodes(work.graph)  # nodes the converter inserted
     _inline_constant_nodes(work.graph)
     _bypass_constant_identities(work.graph)
+    fold_constant_subgraphs(work)
     return work
+
+
+# Never folded: random ops differ run to run, and Q/DQ of a constant weight is how an explicitly
+# quantized model states its weight quantization (folding it would hide that the model is quantized).
+_UNFOLDABLE_OPS = frozenset(
+    {
+        "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+        "Bernoulli", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Constant",
+    }
+)  # fmt: skip
+MAX_FOLDED_BYTES = 1 << 30  # protobuf caps a model at 2 GiB; beyond this, leave the subgraph to the runtime
+
+
+def fold_constant_subgraphs(model: onnx.ModelProto) -> int:
+    """Replace top-level nodes whose inputs are all constants by initializers; return how many went.
+
+    The values are computed by ONNX Runtime on the CPU (``ORT_DISABLE_ALL``, so exactly the graph's
+    ops): it is the runtime calibration already uses, it implements every standard op at every opset
+    the service accepts, and it runs a weight-sized ``ConstantOfShape`` or ``Transpose`` natively,
+    where ONNX's reference evaluator would take seconds in Python. Only the tensors the rest of the
+    graph reads become initializers, under their own names. A subgraph ONNX Runtime cannot evaluate,
+    or whose results exceed :data:`MAX_FOLDED_BYTES`, is left as it is: folding is an optimization,
+    and the quantizer then reports that the layers behind it have no constant weight.
+    """
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    known = {t.name for t in graph.initializer if t.name not in inputs}
+    outputs = {o.name for o in graph.output}
+    foldable: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if (
+            node.domain in DEFAULT_DOMAINS
+            and node.op_type not in _UNFOLDABLE_OPS
+            and node.input
+            and all(not name or name in known for name in node.input)
+            and not any(
+                attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                for attr in node.attribute
+            )
+            and not any(out in outputs for out in node.output)
+        ):
+            foldable.append(node)
+            known.update(out for out in node.output if out)
+    if not foldable:
+        return 0
+    folded = {id(node) for node in foldable}
+    still_read = {name for node in graph.node if id(node) not in folded for name in node.input}
+    still_read |= subgraph_references(graph)
+    wanted = [out for node in foldable for out in node.output if out and out in still_read]
+    if not wanted:
+        return 0  # dead constant nodes: not a quantization concern, the runtimes drop them
+    values = _evaluate_constants(model, foldable, wanted)
+    if values is None:
+        return 0
+    remaining = [node for node in graph.node if id(node) not in folded]
+    del graph.node[:]
+    graph.node.extend(remaining)
+    graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in wanted)
+    consumed = {name for node in foldable for name in node.input if name}
+    remove_unused_initializers(graph, consumed - subgraph_references(graph))
+    gone = {out for node in foldable for out in node.output} - set(wanted)
+    info = [v for v in graph.value_info if v.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(info)
+    return len(foldable)
+
+
+def _evaluate_constants(
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], wanted: list[str]
+) -> dict[str, np.ndarray] | None:
+    import onnxruntime as ort
+
+    needed = {name for node in nodes for name in node.input if name}
+    produced = {out for node in nodes for out in node.output}
+    initializers = [t for t in model.graph.initializer if t.name in needed - produced]
+    graph = helper.make_graph(
+        list(nodes),
+        "constant_subgraph",
+        [],
+        [helper.make_empty_tensor_value_info(n) for n in wanted],
+        initializers,
+    )
+    probe = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    state = ort.capi.onnxruntime_pybind11_state
+    kinds = (
+        "Fail",
+        "InvalidArgument",
+        "InvalidGraph",
+        "NotImplemented",
+        "RuntimeException",
+        "InvalidProtobuf",
+    )
+    errors = tuple(getattr(state, kind) for kind in kinds if hasattr(state, kind))
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        results = session.run(wanted, {})
+    except errors:
+        return None  # left to the runtime; see fold_constant_subgraphs
+    values = {name: np.asarray(value) for name, value in zip(wanted, results, strict=True)}
+    if sum(value.nbytes for value in values.values()) > MAX_FOLDED_BYTES:
+        return None
+    return values
 
 
 class GraphIndex:

@@ -14,6 +14,7 @@ from service.quantize.pipeline import QuantizationPlan, quantize_model
 from service.store.blobs import BlobStore
 
 QUANTIZATION_JOB = "quantization"
+_TARGET_SUFFIX = {"tensorrt": "", "onnxruntime": "-onnxruntime"}  # the ORT placement only runs on ORT
 
 
 @dataclass
@@ -49,6 +50,7 @@ class QuantizationJob:
             sensitivity=params.get("sensitivity", "off"),
             min_snr_db=params.get("min_snr_db"),
             min_cosine=params.get("min_cosine"),
+            target=params.get("target", "tensorrt"),
         )
         outcome = quantize_model(
             model,
@@ -63,7 +65,7 @@ class QuantizationJob:
         ctx.check_cancelled()
         qdq_record, _ = self.models.add_model(
             outcome.qdq_model,
-            f"{record.name.removesuffix('.onnx')}.int8-qdq.onnx",
+            f"{record.name.removesuffix('.onnx')}.int8-qdq{_TARGET_SUFFIX[plan.target]}.onnx",
             source="quantization",
             parent_id=record.id,
         )

@@ -1,11 +1,12 @@
 """FP32 model + calibration data -> calibrated Q/DQ model, calibration cache and evidence.
 
-The chain: pick the activation tensors that need ranges -> stream the calibration samples through
-ONNX Runtime into fixed-size histograms (two passes, order- and batch-independent) -> thresholds by
-the chosen method (``auto`` tries each and keeps the most accurate on held-out samples) -> Q/DQ
-model -> accuracy vs FP32 on held-out samples -> optional per-layer sensitivity and selective
-quantization. One histogram collection serves every method, so ``auto`` costs one collection plus
-one evaluation per method.
+The chain: refuse a model in which the placement would put nothing in INT8 (BadInput, rather than
+an "INT8" model without INT8 in it) -> pick the activation tensors the placement for ``plan.target``
+needs ranges for -> stream the calibration samples through ONNX Runtime into fixed-size histograms
+(two passes, order- and batch-independent) -> thresholds by the chosen method (``auto`` tries each
+and keeps the most accurate on held-out samples) -> Q/DQ model -> accuracy vs FP32 on held-out
+samples -> optional per-layer sensitivity and selective quantization. One histogram collection
+serves every method, so ``auto`` costs one collection plus one evaluation per method.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from service.calibration.algorithms import thresholds_from_histograms
 from service.calibration.collect import collect_histograms
 from service.calibration.trt_cache import calibration_cache_from_scales
 from service.errors import BadInput, JobCancelled
-from service.quantize.placement import tensors_to_calibrate
+from service.quantize.placement import PlacementTarget, placement_summary
 from service.quantize.qdq import qdq_model_from_scales
 from service.quantize.sensitivity import rank_layer_sensitivity, select_layers_to_keep
 from service.quantize.skip import SkipSpec
@@ -43,6 +44,9 @@ class QuantizationPlan:
     sensitivity: SensitivityMode = "off"
     min_snr_db: float | None = None  # the bound for sensitivity "auto"
     min_cosine: float | None = None
+    # Whose Q/DQ placement: "tensorrt" (TensorRT 10/11, TensorRT-RTX) or "onnxruntime" (its CPU
+    # provider's integer kernels); the two models differ, see placement.py and ort_placement.py.
+    target: PlacementTarget = "tensorrt"
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,12 @@ class QuantizationOutcome:
     selection: dict[str, Any] | None = None
     kept_layers: tuple[str, ...] = ()
     quantized_nodes: tuple[str, ...] = ()
+    target: PlacementTarget = "tensorrt"
 
     def summary(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "target": self.target,
             "calibrated_tensors": len(self.activation_amax),
             "quantized_nodes": len(self.quantized_nodes),
             "kept_layers": list(self.kept_layers),
@@ -108,7 +114,11 @@ def quantize_model(
     steps = Progress(progress)
     say = log or (lambda message: None)
     skip = SkipSpec.parse(list(plan.skip)) if plan.skip else None
-    tensors = tensors_to_calibrate(model, skip)
+    placement = placement_summary(model, skip, target=plan.target)
+    reason = placement.unquantizable_reason()
+    if reason is not None:
+        raise BadInput(f"nothing in this model can be quantized to INT8: {reason}.")
+    tensors = list(placement.tensors_to_calibrate)
     say(f"calibrating {len(tensors)} activation tensors on {calibration_samples} samples")
     histograms = collect_histograms(
         model,
@@ -131,7 +141,7 @@ def quantize_model(
     evaluate = steps.slice(0.5, 0.7, "evaluate")
     for index, method in enumerate(methods):
         amax = thresholds_from_histograms(histograms, method, percentile=plan.percentile)  # type: ignore[arg-type]
-        result = qdq_model_from_scales(model, amax, skip=skip)
+        result = qdq_model_from_scales(model, amax, skip=skip, target=plan.target)
         report = (
             evaluate_with_onnxruntime(model, result.model, holdout_batches())
             if holdout_batches is not None
@@ -161,6 +171,7 @@ def quantize_model(
             amax,
             holdout_batches,
             skip=skip,
+            target=plan.target,
             progress=steps.slice(0.7, 0.85, "sensitivity"),
             should_stop=should_stop,
         )
@@ -174,6 +185,7 @@ def quantize_model(
                 min_snr_db=plan.min_snr_db,
                 min_cosine=plan.min_cosine,
                 skip=skip,
+                target=plan.target,
                 progress=steps.slice(0.85, 0.95, "selective"),
                 should_stop=should_stop,
             )
@@ -200,4 +212,5 @@ def quantize_model(
         selection=selection_summary,
         kept_layers=kept,
         quantized_nodes=tuple(quantized),
+        target=plan.target,
     )

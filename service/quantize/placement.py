@@ -33,8 +33,8 @@ Only the top-level graph is quantized; subgraph bodies (If/Loop) run in float.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import onnx
 
@@ -46,22 +46,22 @@ from service.quantize._graph import (
     canonical_model,
     weighted_layers,
 )
+from service.quantize._units import (
+    QDQ_MIN_OPSET,
+    Edge,
+    KeptLayer,
+    reject_explicit_qdq,
+    sigmoid_softmax_heads,
+)
+from service.quantize.ort_placement import plan_ort_qdq
+from service.quantize.ort_prepare import onnxruntime_prepared
 from service.quantize.skip import SkipSpec
 
-QDQ_MIN_OPSET = 13  # DequantizeLinear's axis attribute (per-channel weights) arrived in opset 13
-_HEAD_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax"})
+PlacementTarget = Literal["tensorrt", "onnxruntime"]
+PLACEMENT_TARGETS: tuple[PlacementTarget, ...] = ("tensorrt", "onnxruntime")
 _RESIDUAL_OPS = frozenset({"Add", "Sum"})
 _RESIDUAL_ANCHOR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _SCALE_OPS = frozenset({"Add", "Mul", "Sub", "Div"})
-_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
-
-
-@dataclass(frozen=True)
-class Edge:
-    """One input slot of one node."""
-
-    node: str
-    input_index: int
 
 
 @dataclass(frozen=True)
@@ -71,15 +71,6 @@ class ActivationSite:
     tensor: str
     edges: tuple[Edge, ...]
     residual: bool  # True when at least one edge is the residual input of an Add/Sum
-
-
-@dataclass(frozen=True)
-class KeptLayer:
-    """A weighted layer left in float, and why."""
-
-    node: str
-    op_type: str
-    reason: str  # "skip" or "sigmoid/softmax head"
 
 
 @dataclass(frozen=True)
@@ -104,17 +95,80 @@ class QdqPlan:
         return tuple(layer.node for layer in self.kept)
 
 
+@dataclass(frozen=True)
+class PlacementSummary:
+    """What one target's placement does with one model, known before any calibration."""
+
+    target: PlacementTarget
+    tensors_to_calibrate: tuple[str, ...]
+    quantized: tuple[WeightedLayer, ...]  # topological order
+    kept: tuple[KeptLayer, ...]
+
+    def unquantizable_reason(self) -> str | None:
+        """Why no layer would run in INT8; None when some would.
+
+        A model with nothing to quantize would come out as an "INT8" model without any INT8 in it, so
+        callers turn this reason into a BadInput instead.
+        """
+        if self.quantized:
+            return None
+        if not self.kept:
+            return (
+                "the model has no Conv, ConvTranspose, Gemm or MatMul with a constant float32 weight, the "
+                "only layers INT8 speeds up (weights computed from graph inputs or stored in another type "
+                "do not count)"
+            )
+        shown = "; ".join(f"{layer.node} ({layer.reason})" for layer in self.kept[:8])
+        more = f"; and {len(self.kept) - 8} more" if len(self.kept) > 8 else ""
+        return f"every weighted layer stays in float for the {self.target} placement: {shown}{more}"
+
+
+def placement_summary(
+    model: onnx.ModelProto,
+    skip: SkipSpec | None = None,
+    *,
+    quantize_heads: bool = False,
+    target: PlacementTarget = "tensorrt",
+) -> PlacementSummary:
+    """The placement for ``target`` of ``model`` (any FP32 model; it is canonicalized here)."""
+    if check_target(target) == "onnxruntime":
+        ort_plan = plan_ort_qdq(onnxruntime_prepared(model), skip, quantize_heads=quantize_heads)
+        return PlacementSummary(
+            target=target,
+            tensors_to_calibrate=ort_plan.tensors_to_calibrate,
+            quantized=tuple(unit.layer for unit in ort_plan.layers),
+            kept=ort_plan.kept,
+        )
+    plan = plan_qdq(canonical_model(model, min_opset=QDQ_MIN_OPSET), skip, quantize_heads=quantize_heads)
+    return PlacementSummary(
+        target=target, tensors_to_calibrate=plan.tensors, quantized=plan.weights, kept=plan.kept
+    )
+
+
 def tensors_to_calibrate(
-    model: onnx.ModelProto, skip: SkipSpec | None = None, *, quantize_heads: bool = False
+    model: onnx.ModelProto,
+    skip: SkipSpec | None = None,
+    *,
+    quantize_heads: bool = False,
+    target: PlacementTarget = "tensorrt",
 ) -> list[str]:
     """Exactly the activation tensors whose amax :func:`~service.quantize.qdq.qdq_model_from_scales` needs.
 
-    Names refer to tensors of ``model`` itself (canonicalization and the opset upgrade keep tensor
-    names), so they can be collected on the FP32 model as uploaded or after BN folding: folding keeps
-    every name listed here. Order: topological, by first reader.
+    Names refer to tensors of ``model`` itself (canonicalization, the opset upgrade and the folding of
+    BatchNormalization and constants keep tensor names), so they can be collected on the FP32 model as
+    uploaded or after BN folding. Order: topological, by first reader. The ``onnxruntime`` target also
+    needs the ranges of layer outputs (its integer kernels requantize their results), see
+    ``ort_placement.py``.
     """
-    prepared = canonical_model(model, min_opset=QDQ_MIN_OPSET)
-    return list(plan_qdq(prepared, skip, quantize_heads=quantize_heads).tensors)
+    summary = placement_summary(model, skip, quantize_heads=quantize_heads, target=target)
+    return list(summary.tensors_to_calibrate)
+
+
+def check_target(target: str) -> PlacementTarget:
+    """``target`` itself when it names a placement; BadInput listing the placements otherwise."""
+    if target not in PLACEMENT_TARGETS:
+        raise BadInput(f"unknown Q/DQ placement target {target!r}; use one of {', '.join(PLACEMENT_TARGETS)}")
+    return target  # type: ignore[return-value]
 
 
 def plan_qdq(
@@ -122,16 +176,11 @@ def plan_qdq(
 ) -> QdqPlan:
     """The placement of Q/DQ in a canonical model at opset >= 13 (see the module docstring)."""
     graph = model.graph
-    present = sorted({n.op_type for n in graph.node if n.op_type in _QDQ_OPS and n.domain in DEFAULT_DOMAINS})
-    if present:
-        raise BadInput(
-            f"the model already contains {', '.join(present)} nodes: it is explicitly quantized. "
-            "Build it as given (its scales are used) or upload the FP32 model to calibrate it here."
-        )
+    reject_explicit_qdq(graph)
     index = GraphIndex(graph)
     layers = weighted_layers(index)
     skipped = skip.resolve_canonical(model) if skip is not None else frozenset()
-    heads = frozenset() if quantize_heads else _sigmoid_softmax_heads(layers, index)
+    heads = frozenset() if quantize_heads else sigmoid_softmax_heads(layers, index)
 
     quantized: list[WeightedLayer] = []
     kept: list[KeptLayer] = []
@@ -245,43 +294,3 @@ def _depths(index: GraphIndex) -> dict[str, int]:
                 longest = max(longest, depth.get(producer.name, 0))
         depth[node.name] = longest + 1
     return depth
-
-
-def _sigmoid_softmax_heads(layers: tuple[WeightedLayer, ...], index: GraphIndex) -> frozenset[str]:
-    """Weighted layers whose output reaches a sigmoid/softmax graph output through unweighted ops."""
-    weighted = {layer.node for layer in layers}
-    reaches_output: dict[str, bool] = {}
-    heads = set()
-    for layer in layers:
-        start = index.nodes_by_name[layer.node]
-        for node in _unweighted_descendants(start, index, weighted):
-            if node.op_type not in _HEAD_OPS or node.domain not in DEFAULT_DOMAINS:
-                continue
-            if node.name not in reaches_output:
-                reaches_output[node.name] = any(
-                    out in index.graph_outputs
-                    for n in [node, *_unweighted_descendants(node, index, weighted)]
-                    for out in n.output
-                )
-            if reaches_output[node.name]:
-                heads.add(layer.node)
-                break
-    return frozenset(heads)
-
-
-def _unweighted_descendants(
-    start: onnx.NodeProto, index: GraphIndex, weighted: set[str]
-) -> list[onnx.NodeProto]:
-    """Nodes reachable from ``start``'s outputs without entering a weighted layer (BFS order)."""
-    seen: set[str] = set()
-    found: list[onnx.NodeProto] = []
-    queue = deque(out for out in start.output if out)
-    while queue:
-        tensor = queue.popleft()
-        for consumer in index.consumers_of(tensor):
-            if consumer.name in seen or consumer.name in weighted:
-                continue
-            seen.add(consumer.name)
-            found.append(consumer)
-            queue.extend(out for out in consumer.output if out)
-    return found

@@ -23,6 +23,10 @@ TensorRT-RTX. Placement follows ``placement.py``; the encoding follows TensorRT'
   DQ per node unit. Measured: TensorRT-RTX 1.7 builds the same layers from a shared DQ, so this
   choice costs nothing there and spares every other consumer a duplication pass.
 
+``target="onnxruntime"`` swaps in ONNX Runtime's placement and encoding instead (``ort_placement.py``,
+``ort_qdq.py``): whole node units for its CPU integer kernels, uint8 activations, int32 biases. That
+model runs in ONNX Runtime only; TensorRT-RTX's parser rejects its int32 biases.
+
 Models below opset 13 are upgraded with ``onnx.version_converter`` (per-channel DequantizeLinear needs
 the ``axis`` attribute of opset 13); the IR version is raised to match. Tensor names survive, so amax
 values collected on the original model apply.
@@ -31,7 +35,7 @@ values collected on the original model apply.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,12 +50,20 @@ from service.quantize._graph import (
     canonical_model,
     remove_unused_initializers,
 )
-from service.quantize.placement import QDQ_MIN_OPSET, ActivationSite, QdqPlan, plan_qdq
+from service.quantize.encoding import activation_scale, quantize_weight
+from service.quantize.encoding import fp16_exact_scales as fp16_exact_scales  # re-exported for fp16.py
+from service.quantize.ort_placement import plan_ort_qdq
+from service.quantize.ort_prepare import onnxruntime_prepared
+from service.quantize.ort_qdq import insert_ort_qdq
+from service.quantize.placement import (
+    QDQ_MIN_OPSET,
+    ActivationSite,
+    PlacementTarget,
+    QdqPlan,
+    check_target,
+    plan_qdq,
+)
 from service.quantize.skip import SkipSpec
-
-INT8_MAX = 127  # symmetric narrow range [-127, 127], as TensorRT quantizes
-FP16_SMALLEST_SUBNORMAL = 2.0**-24
-FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,7 @@ class QdqResult:
 
     model: onnx.ModelProto
     quantized_nodes: tuple[str, ...]  # weighted layers now fed by Q/DQ, topological order
-    kept_nodes: tuple[str, ...]  # weighted layers left in float (skipped or sigmoid/softmax heads)
+    kept_nodes: tuple[str, ...]  # weighted layers left in float (skipped, heads, no integer form)
     per_channel_weights: int  # weight tensors quantized with per-output-channel scales
     activation_tensors: tuple[str, ...] = ()  # tensors that got a QuantizeLinear
 
@@ -71,15 +83,23 @@ def qdq_model_from_scales(
     *,
     skip: SkipSpec | None = None,
     quantize_heads: bool = False,
+    target: PlacementTarget = "tensorrt",
 ) -> QdqResult:
     """The explicitly quantized model for ``model`` given per-tensor activation amax values.
 
-    Raises BadInput when an amax the placement needs is missing, negative or not finite (naming the
-    tensors), when ``skip`` names unknown nodes, or when the model already contains Q/DQ.
+    ``target`` picks the placement: ``tensorrt`` (the rules above, for TensorRT 10/11 and TensorRT-RTX)
+    or ``onnxruntime`` (node units ORT's CPU provider runs as integer kernels, see ``ort_placement.py``;
+    BatchNormalization is folded first and the model is for ONNX Runtime only: its int32 biases are
+    rejected by TensorRT-RTX's parser). Raises BadInput when an amax the placement needs is missing,
+    negative or not finite (naming the tensors), when ``skip`` names unknown nodes, when the model
+    already contains Q/DQ, or for an unknown target.
     """
+    if check_target(target) == "onnxruntime":
+        return _onnxruntime_qdq_model(model, activation_amax, skip=skip, quantize_heads=quantize_heads)
     work = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     plan = plan_qdq(work, skip, quantize_heads=quantize_heads)
-    scales = _activation_scales(plan, activation_amax)
+    amax = checked_amax(plan.tensors, activation_amax)
+    scales = {tensor: activation_scale(value) for tensor, value in amax.items()}
     per_channel = _insert(work, plan, scales)
     onnx.checker.check_model(work)
     return QdqResult(
@@ -91,69 +111,52 @@ def qdq_model_from_scales(
     )
 
 
-def quantize_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric INT8 values and float32 scales of a float weight (per channel along ``axis``).
-
-    Scales are FP16-exact (see :func:`fp16_exact_scales`), so FP16 typing never re-rounds them.
-    """
-    values = weight.astype(np.float64)
-    if axis is None:
-        amax = np.asarray(np.max(np.abs(values)) if values.size else 0.0)
-        shape: list[int] = []
-    else:
-        reduce_axes = tuple(a for a in range(values.ndim) if a != axis)
-        amax = np.max(np.abs(values), axis=reduce_axes) if values.size else np.zeros(values.shape[axis])
-        shape = [-1 if a == axis else 1 for a in range(values.ndim)]
-    scale = fp16_exact_scales(np.where(amax > 0, amax / INT8_MAX, 1.0))
-    quantized = np.clip(np.rint(values / scale.astype(np.float64).reshape(shape)), -INT8_MAX, INT8_MAX)
-    return quantized.astype(np.int8), scale
-
-
-def activation_scale(amax: float) -> float:
-    """The per-tensor INT8 scale for an activation range [-amax, amax] (FP16-exact, 1 for amax 0)."""
-    return float(fp16_exact_scales(np.asarray(amax / INT8_MAX if amax > 0 else 1.0))[()])
-
-
-def fp16_exact_scales(scales: np.ndarray) -> np.ndarray:
-    """``scales`` rounded up to values FP16 represents exactly, as float32.
-
-    Rounding up never clips: ``amax / scale`` stays <= 127. Scales below FP16's smallest subnormal
-    (2**-24; a channel whose weights are all below 7.6e-6) become that value, scales above FP16's largest
-    value (an amax beyond 8.3e6, which FP16 layers could not carry anyway) that value. The cost is at most one
-    FP16 ulp (2**-11 relative) of extra grid coarseness; the gain is that one Q/DQ model serves both
-    FP32-typed and FP16-typed INT8 layers without rounding the scales a second time.
-    """
-    target = np.atleast_1d(np.clip(np.asarray(scales, dtype=np.float64), FP16_SMALLEST_SUBNORMAL, FP16_MAX))
-    half = target.astype(np.float16)
-    low = half.astype(np.float64) < target  # never true at FP16_MAX, so nextafter cannot overflow
-    half[low] = np.nextafter(half[low], np.float16(np.inf))
-    return half.astype(np.float32).reshape(np.shape(scales))
-
-
-def _activation_scales(plan: QdqPlan, activation_amax: Mapping[str, float]) -> dict[str, float]:
-    missing = [t for t in plan.tensors if t not in activation_amax]
+def checked_amax(tensors: Sequence[str], activation_amax: Mapping[str, float]) -> dict[str, float]:
+    """The amax of each of ``tensors`` as a float; BadInput names the missing, negative or non-finite ones."""
+    missing = [t for t in tensors if t not in activation_amax]
     if missing:
         shown = ", ".join(repr(t) for t in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise BadInput(
             f"no activation amax for {len(missing)} tensor(s) the Q/DQ placement needs: {shown}{more}. "
-            "Calibrate the tensors listed by tensors_to_calibrate() for this model and skip list.",
+            "Calibrate the tensors listed by tensors_to_calibrate() for this model, skip list and target.",
             details={"missing_tensors": missing},
         )
-    scales: dict[str, float] = {}
+    checked: dict[str, float] = {}
     invalid = []
-    for tensor in plan.tensors:
+    for tensor in tensors:
         amax = float(activation_amax[tensor])
         if not math.isfinite(amax) or amax < 0:
             invalid.append(f"{tensor!r}={amax}")
             continue
-        scales[tensor] = activation_scale(amax)
+        checked[tensor] = amax
     if invalid:
         raise BadInput(
             f"activation amax values must be finite and >= 0; got {', '.join(invalid[:8])}. "
             "Recalibrate: a non-finite range means the calibration batches produced inf/NaN.",
         )
-    return scales
+    return checked
+
+
+def _onnxruntime_qdq_model(
+    model: onnx.ModelProto,
+    activation_amax: Mapping[str, float],
+    *,
+    skip: SkipSpec | None,
+    quantize_heads: bool,
+) -> QdqResult:
+    work = onnxruntime_prepared(model)
+    plan = plan_ort_qdq(work, skip, quantize_heads=quantize_heads)
+    amax = checked_amax(plan.tensors_to_calibrate, activation_amax)
+    per_channel = insert_ort_qdq(work, plan, amax)
+    onnx.checker.check_model(work)
+    return QdqResult(
+        model=work,
+        quantized_nodes=plan.quantized_nodes,
+        kept_nodes=plan.kept_nodes,
+        per_channel_weights=per_channel,
+        activation_tensors=tuple(site.tensor for site in plan.tensors),
+    )
 
 
 def _insert(model: onnx.ModelProto, plan: QdqPlan, scales: Mapping[str, float]) -> int:

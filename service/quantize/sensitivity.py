@@ -38,7 +38,7 @@ import onnx
 
 from service.errors import BadInput, JobCancelled
 from service.quantize._graph import GraphIndex, canonical_model
-from service.quantize.placement import QDQ_MIN_OPSET, plan_qdq
+from service.quantize.placement import QDQ_MIN_OPSET, PlacementTarget, placement_summary, plan_qdq
 from service.quantize.qdq import QdqResult, qdq_model_from_scales, quantize_weight
 from service.quantize.skip import SkipSpec
 from service.reports.accuracy import (
@@ -103,6 +103,7 @@ def rank_layer_sensitivity(
     *,
     mode: SensitivityMode = SensitivityMode.QUANTIZE_ONE,
     skip: SkipSpec | None = None,
+    target: PlacementTarget = "tensorrt",
     max_layers: int | None = DEFAULT_MAX_LAYERS,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
@@ -112,24 +113,25 @@ def rank_layer_sensitivity(
         raise BadInput(f"max_layers must be at least 1; got {max_layers}")
     prepared = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     base = skip or SkipSpec()
-    plan = plan_qdq(prepared, base)
-    candidates = _layers_to_evaluate(prepared, plan.quantized_nodes, max_layers)
-    op_types = {layer.node: layer.op_type for layer in plan.weights}
+    layers = placement_summary(prepared, base, target=target).quantized
+    quantized_nodes = tuple(layer.node for layer in layers)
+    candidates = _layers_to_evaluate(prepared, quantized_nodes, max_layers)
+    op_types = {layer.node: layer.op_type for layer in layers}
     evaluator = _Evaluator(prepared, eval_batches)
     total = len(candidates) + 1
     _report(progress, 1, total)
 
     results: list[LayerSensitivity] = []
-    everything = frozenset(plan.quantized_nodes)
+    everything = frozenset(quantized_nodes)
     for done, node in enumerate(candidates, start=2):
         _check_stop(should_stop)
         keep = everything - {node} if mode is SensitivityMode.QUANTIZE_ONE else frozenset({node})
-        variant = qdq_model_from_scales(prepared, activation_amax, skip=_merged(base, keep))
+        variant = qdq_model_from_scales(prepared, activation_amax, skip=_merged(base, keep), target=target)
         snr, cosine = evaluator.score(variant.model)
         results.append(LayerSensitivity(node=node, op_type=op_types[node], snr_db=snr, cosine=cosine))
         _report(progress, done, total)
 
-    order = {node: i for i, node in enumerate(plan.quantized_nodes)}
+    order = {node: i for i, node in enumerate(quantized_nodes)}
     if mode is SensitivityMode.QUANTIZE_ONE:
         results.sort(key=lambda r: (r.snr_db, r.cosine, order[r.node]))
     else:  # the layer whose exclusion helps most is the most sensitive
@@ -146,6 +148,7 @@ def select_layers_to_keep(
     min_snr_db: float | None,
     min_cosine: float | None,
     skip: SkipSpec | None = None,
+    target: PlacementTarget = "tensorrt",
     max_kept: int | None = None,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
@@ -157,7 +160,7 @@ def select_layers_to_keep(
         raise BadInput(f"min_cosine must lie in [-1, 1]; got {min_cosine}")
     prepared = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     base = skip or SkipSpec()
-    quantizable = set(plan_qdq(prepared, base).quantized_nodes)
+    quantizable = {layer.node for layer in placement_summary(prepared, base, target=target).quantized}
     order = [r.node for r in ranking]
     unknown = [n for n in order if n not in quantizable]
     if unknown:
@@ -175,7 +178,9 @@ def select_layers_to_keep(
     evaluations = 0
     while True:
         _check_stop(should_stop)
-        result = qdq_model_from_scales(prepared, activation_amax, skip=_merged(base, frozenset(kept)))
+        result = qdq_model_from_scales(
+            prepared, activation_amax, skip=_merged(base, frozenset(kept)), target=target
+        )
         snr, cosine = evaluator.score(result.model)
         evaluations += 1
         _report(progress, len(kept) + 1, limit + 1)
@@ -233,6 +238,7 @@ def _layers_to_evaluate(
     if max_layers is None or len(quantized) <= max_layers:
         return list(quantized)
     index = GraphIndex(model.graph)
+    # The TensorRT plan quantizes every layer the ONNX Runtime plan does; its weights are the proxy.
     plan_layers = {layer.node: layer for layer in plan_qdq(model).weights}
     noise: dict[str, float] = {}
     for node in quantized[1:-1]:

@@ -198,3 +198,56 @@ def transformer_residual(*, opset: int = 17) -> onnx.ModelProto:
     y = b.node("Identity", [y], "proj_identity")
     b.node("Add", [y, "x"], "res", out="out")
     return b.model([_fv("x", ["N", "T", 8])], [_fv("out", ["N", "T", 8])], opset)
+
+
+def computed_weight_conv(*, opset: int = 17) -> onnx.ModelProto:
+    """A convolution whose weight and bias are computed from constants in the graph, as zoo exports do.
+
+    ConstantOfShape([4*3*3*3]) -> Mul(values) -> Reshape([4,3,3,3]) -> conv.w
+    ConstantOfShape([4]) (value 0.1)                                -> conv.b
+    x[N,3,8,8] -> conv (Conv 3x3) -> Relu -> GlobalAveragePool -> out[N,4,1,1]
+    """
+    b = _Builder(9)
+    count = b.const("w_count", np.array([4 * 3 * 3 * 3], np.int64))
+    ones = b.node(
+        "ConstantOfShape", [count], "w_ones", value=numpy_helper.from_array(np.array([1.0], np.float32))
+    )
+    flat = b.node("Mul", [ones, b.tensor("w_values", (4 * 3 * 3 * 3,))], "w_scale")
+    weight = b.node("Reshape", [flat, b.const("w_shape", np.array([4, 3, 3, 3], np.int64))], "w_reshape")
+    bias = b.node(
+        "ConstantOfShape",
+        [b.const("b_count", np.array([4], np.int64))],
+        "b_fill",
+        value=numpy_helper.from_array(np.array([0.1], np.float32)),
+    )
+    y = b.node("Relu", [b.node("Conv", ["x", weight, bias], "conv", pads=[1] * 4)], "relu")
+    b.node("GlobalAveragePool", [y], "pool", out="out")
+    return b.model([_fv("x", ["N", 3, 8, 8])], [_fv("out", ["N", 4, 1, 1])], opset)
+
+
+def runtime_weight_conv(*, opset: int = 17) -> onnx.ModelProto:
+    """A convolution whose weight is a graph input: nothing has a constant weight to quantize.
+
+    x[N,3,8,8], w[4,3,3,3] (graph input) -> conv -> Relu -> out[N,4,8,8]
+    """
+    b = _Builder(10)
+    b.node("Relu", [b.node("Conv", ["x", "w"], "conv", pads=[1] * 4)], "relu", out="out")
+    return b.model([_fv("x", ["N", 3, 8, 8]), _fv("w", [4, 3, 3, 3])], [_fv("out", ["N", 4, 8, 8])], opset)
+
+
+def pooled_matmul_head(*, opset: int = 17) -> onnx.ModelProto:
+    """Integer regions through data-movement ops, a MaxPool and two chained MatMuls.
+
+    x[N,3,8,8] -> conv (Conv, bias as a per-channel Add [1,4,1,1]) -> conv_bias -> Identity -> Relu
+      -> MaxPool 2x2 -> Reshape [N,64] -> fc1 (MatMul W[64,16]) -> Relu -> fc2 (MatMul W[16,5]) -> out[N,5]
+    """
+    b = _Builder(11)
+    y = b.node("Conv", ["x", b.tensor("conv.w", (4, 3, 3, 3))], "conv", pads=[1] * 4)
+    y = b.node("Add", [y, b.tensor("conv.b", (1, 4, 1, 1), 0.05)], "conv_bias")
+    y = b.node("Identity", [y], "conv_identity")
+    y = b.node("Relu", [y], "relu")
+    y = b.node("MaxPool", [y], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    y = b.node("Reshape", [y, b.const("flat_shape", np.array([0, 64], np.int64))], "flatten")
+    y = b.node("Relu", [b.node("MatMul", [y, b.tensor("fc1.w", (64, 16), 0.2)], "fc1")], "fc1_relu")
+    b.node("MatMul", [y, b.tensor("fc2.w", (16, 5), 0.3)], "fc2", out="out")
+    return b.model([_fv("x", ["N", 3, 8, 8])], [_fv("out", ["N", 5])], opset)

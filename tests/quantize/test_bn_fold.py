@@ -69,17 +69,21 @@ def test_folding_leaves_the_input_model_untouched() -> None:
     assert model.SerializeToString() == before
 
 
-def test_batchnorm_with_graph_input_parameters_stays_in_old_ir_models() -> None:
-    # The onnx model zoo "light" ResNet-50 (IR 3) feeds BatchNormalization parameters as graph inputs.
+def test_old_ir_model_with_computed_weights_folds_every_batchnorm() -> None:
+    # The onnx model zoo "light" ResNet-50 (IR 3) lists its BatchNormalization parameters as graph inputs
+    # and computes every Conv weight with ConstantOfShape; the canonical form folds those into initializers.
     import onnx.backend.test
 
     path = onnx.backend.test.__path__[0] + "/data/light/light_resnet50.onnx"
     model = onnx.load(path)
     result = batchnorm_folding(model)
 
-    assert not result.folded
-    assert len(result.kept) == sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    assert len(result.folded) == sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    assert not result.kept
     onnx.checker.check_model(result.model)
+    x = np.random.default_rng(3).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    expected, got = run(model, {"gpu_0/data_0": x})[0], run(result.model, {"gpu_0/data_0": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_recognizer_batchnorms_fold_within_float_rounding() -> None:

@@ -1,0 +1,86 @@
+"""Values and graph questions shared by the two Q/DQ placements (private).
+
+``placement.py`` (TensorRT) and ``ort_placement.py`` (ONNX Runtime's CPU provider) place Q/DQ by
+different rules but describe the result with the same small values and keep the same heads in float.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import onnx
+
+from service.errors import BadInput
+from service.quantize._graph import DEFAULT_DOMAINS, GraphIndex, WeightedLayer
+
+QDQ_MIN_OPSET = 13  # DequantizeLinear's axis attribute (per-channel weights) arrived in opset 13
+HEAD_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax"})
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One input slot of one node."""
+
+    node: str
+    input_index: int
+
+
+@dataclass(frozen=True)
+class KeptLayer:
+    """A weighted layer left in float, and why."""
+
+    node: str
+    op_type: str
+    reason: str  # "skip", "sigmoid/softmax head", or why the target has no integer form for it
+
+
+def reject_explicit_qdq(graph: onnx.GraphProto) -> None:
+    """BadInput when the graph already holds Q/DQ: its scales come from training, not from here."""
+    present = sorted({n.op_type for n in graph.node if n.op_type in _QDQ_OPS and n.domain in DEFAULT_DOMAINS})
+    if present:
+        raise BadInput(
+            f"the model already contains {', '.join(present)} nodes: it is explicitly quantized. "
+            "Build it as given (its scales are used) or upload the FP32 model to calibrate it here."
+        )
+
+
+def sigmoid_softmax_heads(layers: tuple[WeightedLayer, ...], index: GraphIndex) -> frozenset[str]:
+    """Weighted layers whose output reaches a sigmoid/softmax graph output through unweighted ops."""
+    weighted = {layer.node for layer in layers}
+    reaches_output: dict[str, bool] = {}
+    heads = set()
+    for layer in layers:
+        start = index.nodes_by_name[layer.node]
+        for node in _unweighted_descendants(start, index, weighted):
+            if node.op_type not in HEAD_OPS or node.domain not in DEFAULT_DOMAINS:
+                continue
+            if node.name not in reaches_output:
+                reaches_output[node.name] = any(
+                    out in index.graph_outputs
+                    for n in [node, *_unweighted_descendants(node, index, weighted)]
+                    for out in n.output
+                )
+            if reaches_output[node.name]:
+                heads.add(layer.node)
+                break
+    return frozenset(heads)
+
+
+def _unweighted_descendants(
+    start: onnx.NodeProto, index: GraphIndex, weighted: set[str]
+) -> list[onnx.NodeProto]:
+    """Nodes reachable from ``start``'s outputs without entering a weighted layer (BFS order)."""
+    seen: set[str] = set()
+    found: list[onnx.NodeProto] = []
+    queue = deque(out for out in start.output if out)
+    while queue:
+        tensor = queue.popleft()
+        for consumer in index.consumers_of(tensor):
+            if consumer.name in seen or consumer.name in weighted:
+                continue
+            seen.add(consumer.name)
+            found.append(consumer)
+            queue.extend(out for out in consumer.output if out)
+    return found
