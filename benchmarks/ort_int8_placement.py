@@ -1,6 +1,7 @@
 """ORT CPU latency and accuracy: FP32 vs TensorRT-placement INT8 vs ONNX Runtime-placement INT8.
 
-Run from the repository root: .venv/bin/python -m benchmarks.ort_int8_placement [--rounds-det N] [--rounds-cls N] --out FILE.json
+Run from the repository root:
+    .venv/bin/python -m benchmarks.ort_int8_placement [--rounds-det N] [--rounds-cls N] --out FILE.json
 Every INT8 model comes from the service's own quantize_model (entropy calibration), built into an
 ONNX Runtime engine by the service's OnnxRuntimeBackend (ORT_ENABLE_ALL, saved optimized graph).
 Latency: the engines are timed interleaved (one run of each per round, 1 intra-op thread), so load
