@@ -1,4 +1,4 @@
-"""The `engine-service` command: run the server (and, via `client`, talk to one)."""
+"""The `engine-service` command: run the server or a worker, manage keys, and talk to a server."""
 
 from __future__ import annotations
 
