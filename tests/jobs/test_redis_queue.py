@@ -462,7 +462,6 @@ def test_the_worker_command_names_the_redis_it_cannot_reach(tmp_path: Path) -> N
 def test_the_worker_command_builds_a_real_engine_queued_by_the_api(tmp_path: Path, redis_url: str) -> None:
     from service.builds.requests import BuildRequest
     from service.builds.submit import submit_build
-    from service.errors import ServiceError
     from service.runtime import open_services
     from tests.model_factory import resnet_block_classifier
     from tests.server import settings_for
@@ -471,21 +470,13 @@ def test_the_worker_command_builds_a_real_engine_queued_by_the_api(tmp_path: Pat
     RedisJobQueue.connect(redis_url).connection.flushdb()
     services = open_services(settings)
     try:
-        if not isinstance(services.runner.queue, RedisJobQueue):
-            pytest.skip(
-                "open_services does not give the runner a RedisJobQueue for queue_backend='redis' yet"
-            )
+        assert isinstance(services.runner.queue, RedisJobQueue)
         model, _ = services.models.add_model(resnet_block_classifier(batch=1), "fixed.onnx", source="upload")
         request = BuildRequest(model_id=model.id, precision="fp32", backend="onnxruntime")
-        try:
-            submission = submit_build(
-                request, models=services.models, calibration_sets=services.calibration_sets,
-                engines=services.engines, runner=services.runner,
-            )  # fmt: skip
-        except ServiceError as exc:
-            if "No handler registered" in exc.message:
-                pytest.skip("build jobs are not registered with the job runner yet (service/runtime.py)")
-            raise
+        submission = submit_build(
+            request, models=services.models, calibration_sets=services.calibration_sets,
+            engines=services.engines, runner=services.runner,
+        )  # fmt: skip
         assert submission.job is not None
         job_id = submission.job.id
         env = _cli_env(tmp_path, ENGINE_SERVICE_QUEUE_BACKEND="redis", ENGINE_SERVICE_REDIS_URL=redis_url)
