@@ -62,6 +62,7 @@ class QuantizationOutcome:
     kept_layers: tuple[str, ...] = ()
     quantized_nodes: tuple[str, ...] = ()
     target: PlacementTarget = "tensorrt"
+    warnings: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -74,6 +75,7 @@ class QuantizationOutcome:
             "method_accuracy": self.method_accuracy,
             "sensitivity": self.sensitivity,
             "selection": self.selection,
+            "warnings": list(self.warnings),
         }
 
 
@@ -198,6 +200,9 @@ def quantize_model(
             if selection.kept_layers:
                 qdq, quantized = selection.qdq.model, selection.qdq.quantized_nodes
                 accuracy = evaluate_with_onnxruntime(model, qdq, holdout_batches())
+    warnings = accuracy_warnings(accuracy, plan.method)
+    for warning in warnings:
+        say(f"warning: {warning}")
     if progress is not None:
         progress(0.95, "finalize")
     scales = {name: max(value, 1e-12) / INT8_MAX for name, value in amax.items()}
@@ -213,4 +218,25 @@ def quantize_model(
         kept_layers=kept,
         quantized_nodes=tuple(quantized),
         target=plan.target,
+        warnings=warnings,
     )
+
+
+# Below this worst-output cosine on held-out samples, INT8 has visibly changed the model's answers.
+ACCURACY_WARNING_COSINE = 0.99
+
+
+def accuracy_warnings(accuracy: AccuracyReport | None, method: str) -> tuple[str, ...]:
+    """Plain-language warnings about the held-out accuracy the chosen calibration reached."""
+    if accuracy is None:
+        return ("no held-out samples were left, so INT8 accuracy was not measured",)
+    worst = accuracy.worst_cosine()
+    if worst >= ACCURACY_WARNING_COSINE:
+        return ()
+    advice = (
+        "try method 'auto', which keeps the most accurate of entropy, max, percentile and mse, "
+        "or sensitivity 'auto' to keep the layers that cost most in higher precision"
+        if method != "auto"
+        else "try sensitivity 'auto' with a bound, or calibration samples closer to real inputs"
+    )
+    return (f"INT8 outputs reach only cosine {worst:.4f} against FP32 on held-out samples; {advice}",)

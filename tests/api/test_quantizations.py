@@ -101,6 +101,21 @@ def test_trained_ppocr_classifier_on_real_photos_keeps_its_predictions(
     assert len(result["sensitivity"]) >= 10
 
 
+def test_poor_held_out_accuracy_comes_with_a_warning_and_advice(
+    api: httpx.Client, rapidocr_models_dir: Path
+) -> None:
+    model = (rapidocr_models_dir / "ch_ppocr_mobile_v2.0_cls_mobile.onnx").read_bytes()
+    model_id = api.post("/v1/models", files={"file": ("ppocr_cls.onnx", model)}).json()["id"]
+    preprocess = {"size": [48, 192], "resize": "letterbox", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    set_id = api.post("/v1/calibration-sets", files={"file": ("photos.zip", photo_zip(40, max_side=192))},
+                      data={"preprocess": json.dumps(preprocess)}).json()["id"]  # fmt: skip
+    job = _quantize(api, model_id=model_id, calibration_set_id=set_id, method="entropy",
+                    holdout_fraction=0.25)  # fmt: skip
+    (warning,) = job["result"]["warnings"]
+    assert "cosine" in warning and "method 'auto'" in warning
+    assert any("warning:" in line for line in job["log_tail"])
+
+
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
