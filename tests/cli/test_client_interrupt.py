@@ -1,7 +1,7 @@
 """Ctrl-C while a command follows a job: cancel it on request, detach when nobody can be asked.
 
-Builds are kept queued by a long benchmark that occupies the server's one job worker for the whole
-module (cancelled at the end), and a real SIGINT is delivered to this process while the CLI polls.
+Builds are kept queued by long benchmarks that occupy every one of the server's job workers for the
+whole module (cancelled at the end), and a real SIGINT is delivered to this process while the CLI polls.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import httpx
 import pytest
 from typer.testing import Result
 
+from service.config import Settings
 from tests.cli.conftest import Cli, json_of
 from tests.data_factory import classifier_samples, npz_bytes
 
@@ -24,19 +25,26 @@ INTERRUPT_AFTER_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def busy_worker(api: httpx.Client, fp32_engine_id: str) -> Iterator[str]:
-    """Occupy the job worker with a benchmark until the module is done, then cancel it."""
-    response = api.post(
-        f"/v1/engines/{fp32_engine_id}/benchmark", json={"duration_s": 120, "warmup": 0, "batch_sizes": [1]}
-    )
-    assert response.status_code == 202, response.text
-    report_id = str(response.json()["id"])
-    yield report_id
-    api.delete(f"/v1/reports/{report_id}")
+def busy_worker(api: httpx.Client, fp32_engine_id: str) -> Iterator[list[str]]:
+    """Occupy every job worker with a benchmark until the module is done, then cancel them."""
+    workers = int(Settings.model_fields["job_workers"].default)  # the session server runs the default
+    report_ids = []
+    for index in range(workers):
+        response = api.post(
+            f"/v1/engines/{fp32_engine_id}/benchmark",
+            json={"duration_s": 120 + index, "warmup": 0, "batch_sizes": [1]},
+        )
+        assert response.status_code == 202, response.text
+        report_ids.append(str(response.json()["id"]))
+    yield report_ids
+    for report_id in report_ids:
+        api.delete(f"/v1/reports/{report_id}")
     deadline = time.monotonic() + 60
-    while api.get(f"/v1/reports/{report_id}").json()["status"] not in ("succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, "the blocking benchmark did not stop when cancelled"
-        time.sleep(0.05)
+    finished = ("succeeded", "failed", "cancelled")
+    for report_id in report_ids:
+        while api.get(f"/v1/reports/{report_id}").json()["status"] not in finished:
+            assert time.monotonic() < deadline, "a blocking benchmark did not stop when cancelled"
+            time.sleep(0.05)
 
 
 def _interrupted(run: Cli, *args: str) -> Result:
@@ -68,7 +76,7 @@ def _queued_build(cli: Cli, api: httpx.Client, classifier_id: str, tmp_path: Pat
 
 
 def test_ctrl_c_with_cancel_cancels_the_job_on_the_server(
-    cli: Cli, api: httpx.Client, classifier_id: str, busy_worker: str, tmp_path: Path
+    cli: Cli, api: httpx.Client, classifier_id: str, busy_worker: list[str], tmp_path: Path
 ) -> None:
     build_id = _queued_build(cli, api, classifier_id, tmp_path, seed=1020)
 
@@ -80,7 +88,7 @@ def test_ctrl_c_with_cancel_cancels_the_job_on_the_server(
 
 
 def test_waiting_on_a_cancelled_build_fails_with_its_state(
-    cli: Cli, api: httpx.Client, classifier_id: str, busy_worker: str, tmp_path: Path
+    cli: Cli, api: httpx.Client, classifier_id: str, busy_worker: list[str], tmp_path: Path
 ) -> None:
     build_id = _queued_build(cli, api, classifier_id, tmp_path, seed=1022)
     cancelled = json_of(cli("builds", "cancel", build_id, "--json"))
@@ -93,7 +101,7 @@ def test_waiting_on_a_cancelled_build_fails_with_its_state(
 
 
 def test_ctrl_c_without_a_terminal_detaches_and_leaves_the_job_running(
-    cli: Cli, api: httpx.Client, classifier_id: str, busy_worker: str, tmp_path: Path
+    cli: Cli, api: httpx.Client, classifier_id: str, busy_worker: list[str], tmp_path: Path
 ) -> None:
     build_id = _queued_build(cli, api, classifier_id, tmp_path, seed=1021)
 
