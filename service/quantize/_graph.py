@@ -21,7 +21,7 @@ real exports smoothed out so the placement rules can be written once:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -402,19 +402,27 @@ def _inline_constant_nodes(graph: onnx.GraphProto) -> None:
 def _bypass_constant_identities(graph: onnx.GraphProto) -> None:
     inputs = {i.name for i in graph.input}
     constants = {t.name for t in graph.initializer if t.name not in inputs}
-    # Names a subgraph (If/Loop/Scan body) reads from the outer scope must keep existing.
+    bypass_identities(graph, lambda node: node.input[0] in constants)
+
+
+def bypass_identities(graph: onnx.GraphProto, accept: Callable[[onnx.NodeProto], bool]) -> None:
+    """Remove the default-domain Identity nodes ``accept`` picks, wiring their readers to the source.
+
+    Identities whose output is a graph output or read by a subgraph body (If/Loop/Scan from the
+    outer scope) stay: those names must keep existing.
+    """
     pinned = {o.name for o in graph.output} | subgraph_references(graph)
     alias: dict[str, str] = {}
     kept: list[onnx.NodeProto] = []
     for node in graph.node:
-        for i, name in enumerate(node.input):
+        for position, name in enumerate(node.input):
             if name in alias:
-                node.input[i] = alias[name]
+                node.input[position] = alias[name]
         if (
             node.op_type == "Identity"
             and node.domain in DEFAULT_DOMAINS
-            and node.input[0] in constants
             and node.output[0] not in pinned
+            and accept(node)
         ):
             alias[node.output[0]] = node.input[0]
             continue
@@ -426,3 +434,20 @@ def _bypass_constant_identities(graph: onnx.GraphProto) -> None:
     info = [v for v in graph.value_info if v.name not in alias]
     del graph.value_info[:]
     graph.value_info.extend(info)
+
+
+def splice_nodes(
+    graph: onnx.GraphProto,
+    before: Mapping[str, list[onnx.NodeProto]],
+    after: Mapping[str, list[onnx.NodeProto]],
+) -> None:
+    """Insert new nodes in topological order: ``before[node name]`` right before that node,
+    ``after[tensor]`` right after the node producing that tensor (``after[""]``: at the start)."""
+    ordered: list[onnx.NodeProto] = list(after.get("", []))
+    for node in graph.node:
+        ordered.extend(before.get(node.name, []))
+        ordered.append(node)
+        for out in node.output:
+            ordered.extend(after.get(out, []))
+    del graph.node[:]
+    graph.node.extend(ordered)

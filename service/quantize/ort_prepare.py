@@ -27,9 +27,9 @@ from service.quantize._graph import (
     FLOAT_TYPES,
     GraphIndex,
     NameAllocator,
+    bypass_identities,
     canonical_model,
     remove_unused_initializers,
-    subgraph_references,
 )
 from service.quantize._units import QDQ_MIN_OPSET
 from service.quantize.bn_fold import fold_batchnorm
@@ -45,25 +45,7 @@ def onnxruntime_prepared(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _bypass_activation_identities(graph: onnx.GraphProto) -> None:
-    # Names a graph output or a subgraph body reads must keep existing: those Identities stay.
-    pinned = {o.name for o in graph.output} | subgraph_references(graph)
-    alias: dict[str, str] = {}
-    kept: list[onnx.NodeProto] = []
-    for node in graph.node:
-        for position, name in enumerate(node.input):
-            if name in alias:
-                node.input[position] = alias[name]
-        if node.op_type == "Identity" and node.domain in DEFAULT_DOMAINS and node.output[0] not in pinned:
-            alias[node.output[0]] = node.input[0]
-            continue
-        kept.append(node)
-    if not alias:
-        return
-    del graph.node[:]
-    graph.node.extend(kept)
-    info = [v for v in graph.value_info if v.name not in alias]
-    del graph.value_info[:]
-    graph.value_info.extend(info)
+    bypass_identities(graph, lambda node: True)
 
 
 def _fold_bias_adds(graph: onnx.GraphProto) -> None:

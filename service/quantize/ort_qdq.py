@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from service.quantize._graph import GraphIndex, NameAllocator, remove_unused_initializers
+from service.quantize._graph import GraphIndex, NameAllocator, remove_unused_initializers, splice_nodes
 from service.quantize.encoding import (
     ActivationEncoding,
     ActivationType,
@@ -79,14 +79,7 @@ def insert_ort_qdq(
         per_channel += _quantize_layer(unit, input_encoding, index, names, graph, before)
         stale.update(name for name in (unit.layer.weight, unit.bias) if name)
 
-    ordered: list[onnx.NodeProto] = list(after.get("", []))
-    for node in graph.node:
-        ordered.extend(before.get(node.name, []))
-        ordered.append(node)
-        for out in node.output:
-            ordered.extend(after.get(out, []))
-    del graph.node[:]
-    graph.node.extend(ordered)
+    splice_nodes(graph, before, after)
     remove_unused_initializers(graph, stale)
     return per_channel
 

@@ -49,6 +49,7 @@ from service.quantize._graph import (
     WeightedLayer,
     canonical_model,
     remove_unused_initializers,
+    splice_nodes,
 )
 from service.quantize.encoding import activation_scale, quantize_weight
 from service.quantize.encoding import fp16_exact_scales as fp16_exact_scales  # re-exported for fp16.py
@@ -193,14 +194,7 @@ def _insert(model: onnx.ModelProto, plan: QdqPlan, scales: Mapping[str, float]) 
         node.input[1] = dq_out
         old_weights.add(layer.weight)
 
-    ordered: list[onnx.NodeProto] = list(after.get("", []))
-    for node in graph.node:
-        ordered.extend(before.get(node.name, []))
-        ordered.append(node)
-        for out in node.output:
-            ordered.extend(after.get(out, []))
-    del graph.node[:]
-    graph.node.extend(ordered)
+    splice_nodes(graph, before, after)
     remove_unused_initializers(graph, old_weights)
     return per_channel
 
