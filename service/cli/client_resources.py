@@ -9,7 +9,7 @@ it matches the server's sha256; job groups add ``wait`` (progress to the end) an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 import typer
 
@@ -22,9 +22,6 @@ from service.cli.client_options import (
     UrlOption,
     client_session,
 )
-
-if TYPE_CHECKING:
-    pass
 
 models_app = typer.Typer(help="Upload, list, show, download and delete ONNX models.", no_args_is_help=True)
 calib_app = typer.Typer(help="Upload, list, show and delete calibration sets.", no_args_is_help=True)
