@@ -327,8 +327,9 @@ class _Run:
         self.stages: list[StageTimings] = []
         self.errors: list[BaseException] = []
         self.deadline_ns = 0
-        # The timed phase runs from the first worker's first call to the last worker's last return,
-        # so neither thread start-up nor the coordinator's polling interval counts as busy time.
+        self.opened_ns: int | None = None
+        # The timed phase runs from the gate opening (every worker ready) to the last worker's last
+        # return, so neither thread start-up nor the coordinator's polling interval counts as busy time.
         self.gate = threading.Barrier(config.concurrency, action=self.open_gate)
         self.first_start_ns: int | None = None
         self.last_end_ns = 0
@@ -370,8 +371,9 @@ class _Run:
 
     def open_gate(self) -> None:
         """Runs once, when every worker is ready: the duration starts counting now."""
+        self.opened_ns = time.perf_counter_ns()
         if self.config.duration_s is not None:
-            self.deadline_ns = time.perf_counter_ns() + int(self.config.duration_s * 1e9)
+            self.deadline_ns = self.opened_ns + int(self.config.duration_s * 1e9)
 
     def claim(self) -> bool:
         with self.lock:
@@ -392,7 +394,9 @@ class _Run:
         samples: list[int] = []
         stages: list[StageTimings] = []
         self.gate.wait()
-        begun = time.perf_counter_ns()
+        # Wall time counts from the gate opening, the instant the duration starts, so a duration-bound
+        # run never reports less wall time than it was asked to run.
+        begun = self.opened_ns if self.opened_ns is not None else time.perf_counter_ns()
         try:
             while self.claim():
                 start = time.perf_counter_ns()
