@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.api import (
+    build_targets,
     builds,
     calibration_sets,
     engines,
@@ -22,6 +23,7 @@ from service.api import (
     quantizations,
     reports,
     triton,
+    workers,
 )
 from service.api.auth import install_auth
 from service.api.errors import install_error_handlers
@@ -58,11 +60,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models.router,
         calibration_sets.router,
         builds.router,
+        build_targets.router,
         engines.router,
         quantizations.router,
         triton.router,
         inference.router,
         reports.router,
+        workers.router,
     ):
         app.include_router(router)
     # [auth][observability] the middlewares cover every route, also routers added later; observability

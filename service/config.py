@@ -11,11 +11,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1024**3
 MIB = 1024**2
+MIN_WORKER_TOKEN_CHARS = 20
 
 
 class Settings(BaseSettings):
@@ -54,8 +55,39 @@ class Settings(BaseSettings):
     bootstrap_api_key: SecretStr | None = None
     max_concurrent_jobs_per_key: int = Field(default=4, ge=1)
 
+    # Remote build workers (other hosts). On the API server, the worker token turns on the internal
+    # worker API (/v1/worker/...); a remote worker presents it and reports to ``api_url``.
+    worker_token: SecretStr | None = None
+    max_worker_upload_bytes: int = Field(default=8 * GIB, gt=0)
+    api_url: str | None = None
+    worker_cache_dir: Path = Path("worker_cache")
+    worker_cache_bytes: int = Field(default=20 * GIB, gt=0)
+
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("worker_token", "api_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Compose passes unset variables as empty strings (``${VAR:-}``); empty means "not configured".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    def worker_token_value(self) -> str | None:
+        """The worker token, or None when remote workers are off; ValueError when it is too short.
+
+        Checked here rather than in a field validator, whose error message would echo the secret.
+        """
+        if self.worker_token is None:
+            return None
+        token = self.worker_token.get_secret_value()
+        if len(token) < MIN_WORKER_TOKEN_CHARS:
+            raise ValueError(
+                f"ENGINE_SERVICE_WORKER_TOKEN must be at least {MIN_WORKER_TOKEN_CHARS} characters "
+                "(generate one with `openssl rand -hex 32`)"
+            )
+        return token
 
     def ensure_dirs(self) -> None:
         """Create the data roots (idempotent)."""

@@ -13,6 +13,7 @@ from typing import Any
 from service.auth.keys import KeyRing, KeyStore
 from service.builds.cache import EngineCache
 from service.builds.pipeline import BuildPipeline
+from service.builds.storage import LocalBuildStorage
 from service.builds.submit import BUILD_JOB
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
@@ -57,6 +58,7 @@ def open_services(settings: Settings) -> Services:
 
     The runner is started by the caller (the app's lifespan) once everything is registered.
     """
+    settings.worker_token_value()  # a token too short to be safe stops start-up, before anything opens
     settings.ensure_dirs()
     db = Database(settings.database_path)
     model_blobs = BlobStore(settings.models_dir, suffix=".onnx")
@@ -118,7 +120,7 @@ def open_services(settings: Settings) -> Services:
         metrics=metrics,
     )
     metrics.set_cache_bytes_source(engines.total_bytes)
-    runner.register(BUILD_JOB, BuildPipeline(models, calibration_sets, engines).handle)
+    runner.register(BUILD_JOB, BuildPipeline(LocalBuildStorage(models, calibration_sets, engines)).handle)
     runner.register(QUANTIZATION_JOB, QuantizationJob(models, calibration_sets, engines.artifacts).handle)
     # Warm runners for inference and the benchmark/evaluation/comparison job kinds. Imported here:
     # the reports layer reads Services, so a module-level import would be circular.

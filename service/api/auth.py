@@ -22,12 +22,17 @@ Contract:
   :data:`~service.api.uploads.MULTIPART_OVERHEAD` extra for its form framing) and answers 413 as soon as
   it is passed; upload handlers pass :func:`effective_upload_limit` to ``receive_upload`` so the file
   itself is held to the exact same number.
+- Paths under :data:`WORKER_PATH_PREFIX` are for remote build workers only: they need the worker token
+  (``Settings.worker_token``) in ``X-Worker-Token`` instead of an API key, answer 404 on a server
+  without one, and are held to ``Settings.max_worker_upload_bytes`` (a worker uploads whole engines).
+  API keys do not open them, and the worker token opens nothing else.
 - :func:`install_openapi_security` declares the ``X-API-Key`` and bearer schemes in the OpenAPI schema
   when auth is on, with ``security: []`` on the public paths.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
@@ -39,11 +44,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.uploads import MULTIPART_OVERHEAD
 from service.auth.keys import ApiKey, KeyRing
 from service.config import Settings
-from service.errors import ServiceError, TooLarge, Unauthorized
+from service.errors import NotFound, ServiceError, TooLarge, Unauthorized
 from service.observability.logging import bind_key_id
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 API_KEY_HEADER = "X-API-Key"
+# The internal API remote build workers call (service.api.workers): its own secret, its own upload limit.
+WORKER_PATH_PREFIX = "/v1/worker/"
+WORKER_TOKEN_HEADER = "X-Worker-Token"
 SECURITY_SCHEMES: dict[str, dict[str, str]] = {
     "APIKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
     "BearerAuth": {"type": "http", "scheme": "bearer"},
@@ -148,6 +156,9 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         state: dict[str, Any] = scope.setdefault("state", {})
+        if route_path(scope).startswith(WORKER_PATH_PREFIX):
+            await self._worker(scope, receive, send, state)
+            return
         key: ApiKey | None = None
         if self.settings.auth_enabled and route_path(scope) not in PUBLIC_PATHS:
             try:
@@ -170,6 +181,42 @@ class ApiKeyMiddleware:
             await _send_error(send, _too_large(key, limit))
             return
         await self.app(scope, _limited_receive(receive, body_limit, lambda: _too_large(key, limit)), send)
+
+    async def _worker(self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any]) -> None:
+        """Let a remote worker in with the worker token, checked before any of the body is read."""
+        expected = self.settings.worker_token_value()
+        if expected is None:
+            await _send_error(
+                send,
+                NotFound(
+                    "This server takes no remote workers: set ENGINE_SERVICE_WORKER_TOKEN on the server "
+                    "and on the workers."
+                ),
+            )
+            return
+        presented = _header(scope, WORKER_TOKEN_HEADER.lower().encode()) or ""
+        if not hmac.compare_digest(presented.encode(), expected.encode()):
+            message = f"A remote worker must send the server's worker token in {WORKER_TOKEN_HEADER}."
+            await _send_error(send, Unauthorized(message))
+            return
+        state["api_key"] = None
+        state["api_key_id"] = None
+        state["worker"] = True  # checked again by the worker router's dependency
+        limit = self.settings.max_worker_upload_bytes
+        content_type = _header(scope, b"content-type") or ""
+        body_limit = limit + (MULTIPART_OVERHEAD if content_type.startswith("multipart/") else 0)
+
+        def too_large() -> TooLarge:
+            return TooLarge(
+                f"A worker upload may be at most {limit} bytes; raise ENGINE_SERVICE_MAX_WORKER_UPLOAD_BYTES "
+                "on the server."
+            )
+
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > body_limit:
+            await _send_error(send, too_large())
+            return
+        await self.app(scope, _limited_receive(receive, body_limit, too_large), send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A future streaming route is covered too: no accepted key, no connection (close code 1008)."""

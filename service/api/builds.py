@@ -44,6 +44,13 @@ class BuildCreate(BaseModel):
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
     keep: list[str] = Field(default_factory=list, description="Node names, op types, 'first' or 'last'.")
     shapes: dict[str, ShapeRangeIn] = Field(default_factory=dict)
+    device: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Which build target, when workers for several devices of this backend are live: "
+        "part of the device name (e.g. 'H100') or its compute capability (e.g. 'sm_90').",
+    )
 
     @model_validator(mode="after")
     def _eval_needs_calibration(self) -> BuildCreate:
@@ -61,6 +68,7 @@ class BuildCreate(BaseModel):
             calibration=CalibrationOptions(**self.calibration.model_dump()),
             keep=tuple(self.keep),
             shapes={k: ShapeRange(tuple(v.min), tuple(v.opt), tuple(v.max)) for k, v in self.shapes.items()},
+            device=self.device,
         )
 
 

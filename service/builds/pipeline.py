@@ -15,10 +15,8 @@ import onnx
 
 from service.backends.base import BackendInfo, BuildSpec, BuiltEngine, LayerReport
 from service.backends.registry import get_backend
-from service.builds.cache import EngineCache, NewEngine
 from service.builds.keys import BuildConfig, EngineKey
-from service.catalog.calibration_sets import CalibrationCatalog
-from service.catalog.models import ModelCatalog
+from service.builds.storage import BuildOutput, BuildStorage
 from service.jobs.runner import JobContext
 from service.onnx_graph.fusions import analyze_fusions
 from service.onnx_graph.inspect import model_inputs
@@ -70,44 +68,36 @@ def layer_report_dict(report: LayerReport) -> dict[str, Any]:
 class BuildPipeline:
     """Runs build jobs: ``handle(ctx)`` is registered with the job runner for kind ``build``."""
 
-    def __init__(
-        self, models: ModelCatalog, calibration_sets: CalibrationCatalog, cache: EngineCache
-    ) -> None:
-        self.models = models
-        self.calibration_sets = calibration_sets
-        self.cache = cache
+    def __init__(self, storage: BuildStorage) -> None:
+        self.storage = storage
 
     def handle(self, ctx: JobContext) -> dict[str, Any]:
         params = ctx.params
         key = engine_key_from_params(params)
-        cached = self.cache.lookup(key.digest)
+        cached = self.storage.cached_engine_id(key.digest)
         if cached is not None:  # an identical build finished between the request and this job
             ctx.log("engine already in the cache")
-            return {"engine_id": cached.id, "cache": "hit"}
+            return {"engine_id": cached, "cache": "hit"}
         backend = get_backend(key.backend.name)
         ctx.phase("load", 0.02)
-        model = self.models.load(key.model_id)
+        model = self.storage.load_model(key.model_id)
         prepared = self.prepare(ctx, model, key, backend.describe(), params)
         ctx.check_cancelled()
-        built_model, _ = self.models.add_model(
-            prepared.model,
-            f"{key.model_id[:12]}-{key.config.precision}-{key.backend.name}.onnx",
-            source="build",
-            parent_id=key.model_id,
-        )
         ctx.phase("build", 0.8)
-        built_model_bytes = self.models.read_bytes(built_model.id)
-        built = backend.build(built_model_bytes, self.build_spec(key.config, prepared))
+        built_model = prepared.model.SerializeToString()
+        built = backend.build(built_model, self.build_spec(key.config, prepared))
         ctx.log(
             f"{backend.name} built a {len(built.engine_bytes)}-byte engine in {built.build_seconds:.2f} s"
         )
         ctx.check_cancelled()
         ctx.phase("verify", 0.92)
         report = self.evidence(model, prepared, built)
-        record = self.cache.store(
-            NewEngine(
+        ctx.phase("store", 0.97)
+        engine_id = self.storage.store(
+            BuildOutput(
                 key=key,
-                built_model_id=built_model.id,
+                built_model=built_model,
+                built_model_name=f"{key.model_id[:12]}-{key.config.precision}-{key.backend.name}.onnx",
                 engine_bytes=built.engine_bytes,
                 file_extension=built.file_extension,
                 build_seconds=built.build_seconds,
@@ -115,7 +105,7 @@ class BuildPipeline:
                 calibration_cache=prepared.quantization.calibration_cache if prepared.quantization else None,
             )
         )
-        return {"engine_id": record.id, "cache": "miss", "build_seconds": built.build_seconds}
+        return {"engine_id": engine_id, "cache": "miss", "build_seconds": built.build_seconds}
 
     def prepare(
         self,
@@ -155,11 +145,9 @@ class BuildPipeline:
         options = key.config.calibration
         assert options is not None and key.calibration_set_id is not None  # guaranteed by prepare()
         inputs = model_inputs(model)
-        dataset = self.calibration_sets.open(key.calibration_set_id)
-        binding = self.calibration_sets.bind(key.calibration_set_id, inputs)
+        dataset, binding = self.storage.calibration_set(key.calibration_set_id, inputs)
         eval_id = params.get("eval_set_id")
-        eval_set = self.calibration_sets.open(eval_id) if eval_id else None
-        eval_binding = self.calibration_sets.bind(eval_id, inputs) if eval_id else None
+        eval_set, eval_binding = self.storage.calibration_set(eval_id, inputs) if eval_id else (None, None)
         data = calibration_inputs(
             inputs,
             dataset,

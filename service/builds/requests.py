@@ -25,6 +25,8 @@ class BuildRequest:
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     keep: tuple[str, ...] = ()
     shapes: Mapping[str, ShapeRange] = field(default_factory=dict)
+    # Picks one build target when several are live (see service.builds.targets).
+    device: str | None = None
 
 
 def build_config_from_request(request: BuildRequest, model: ModelInfo) -> BuildConfig:

@@ -9,9 +9,10 @@ from service.backends.registry import resolve_backend
 from service.backends.shapes import shape_ranges_for
 from service.builds.cache import EngineCache, EngineRecord
 from service.builds.requests import BuildRequest, build_config_from_request, engine_key
+from service.builds.targets import build_target
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
-from service.errors import BackendUnavailable, BadInput
+from service.errors import BadInput
 from service.jobs.records import JobRecord
 from service.jobs.runner import JobRunner
 from service.quantize.skip import SkipSpec
@@ -39,9 +40,7 @@ def submit_build(
 ) -> BuildSubmission:
     model = models.get(request.model_id)
     backend = resolve_backend(request.backend)
-    availability = backend.available()
-    if not availability.can_build:
-        raise BackendUnavailable(f"Backend '{backend.name}' cannot build here: {availability.reason}")
+    target = build_target(backend, runner.queue.worker_targets(), device=request.device)
     if backend.name == "onnxruntime" and request.precision == "fp16":
         raise BadInput(
             "The onnxruntime backend builds CPU engines, where FP16 brings no speed; "
@@ -66,7 +65,7 @@ def submit_build(
                 "method 'auto' compares methods on held-out samples: "
                 "give eval_set_id or holdout_fraction > 0."
             )
-    key = engine_key(request, config, backend.describe())
+    key = engine_key(request, config, target)
     cached = engines.lookup(key.digest)
     if cached is not None:
         return BuildSubmission(engine=cached)

@@ -48,6 +48,13 @@ def build_command(
         str | None, typer.Option("--eval", help="Held-out set id for the accuracy check.")
     ] = None,
     backend: Annotated[Backend, typer.Option(help="Backend; auto picks the best one available.")] = "auto",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Which build target when workers for several devices are live: part of the device name "
+            "or the compute capability (see GET /v1/build-targets)."
+        ),
+    ] = None,
     method: Annotated[
         Method, typer.Option(help="Calibration method; auto keeps the most accurate.")
     ] = "entropy",
@@ -93,6 +100,8 @@ def build_command(
             "keep": list(keep or ()),
             "shapes": parse_shape_ranges(shape or ()),
         }
+        if device is not None:
+            body["device"] = device
         outcome = build_engine(api, out, body, wait=wait, on_interrupt=on_interrupt)
         document = outcome.to_dict()
         if output is not None and outcome.engine is not None:

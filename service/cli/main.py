@@ -55,6 +55,11 @@ def worker(
         240.0, help="On SIGTERM, how long the running job may take to finish."
     ),
     name: str | None = typer.Option(None, help="Worker name shown in Redis and job logs (default: random)."),
+    api_url: str | None = typer.Option(
+        None,
+        help="On another host than the API server: its URL (or ENGINE_SERVICE_API_URL). The worker then "
+        "opens no database; it needs ENGINE_SERVICE_WORKER_TOKEN and runs build jobs only.",
+    ),
 ) -> None:
     """Run jobs from Redis for the targets this host can build (needs ENGINE_SERVICE_QUEUE_BACKEND=redis)."""
     try:
@@ -67,7 +72,12 @@ def worker(
         raise typer.Exit(code=2) from exc
 
     code = run_worker(
-        backends=backend or [], generic=generic, burst=burst, grace_seconds=grace_seconds, name=name
+        backends=backend or [],
+        generic=generic,
+        burst=burst,
+        grace_seconds=grace_seconds,
+        name=name,
+        api_url=api_url,
     )
     raise typer.Exit(code=code)
 

@@ -48,6 +48,7 @@ class JobRecord:
     created_at: str
     started_at: str | None
     finished_at: str | None
+    claimed_by: str | None = None  # the worker execution that took it (remote workers name themselves)
 
     @property
     def active(self) -> bool:
@@ -74,6 +75,7 @@ def _row_to_record(row: Any) -> JobRecord:
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
+        claimed_by=row["claimed_by"],
     )
 
 
@@ -82,6 +84,9 @@ class JobStore:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    def location(self) -> str:
+        return f"the database {self.db.path}"
 
     def create(
         self, kind: str, params: dict[str, Any], *, dedupe_key: str | None, owner: str | None
@@ -139,13 +144,24 @@ class JobStore:
         rows = self.db.query("SELECT kind, status, COUNT(*) AS n FROM jobs GROUP BY kind, status")
         return {(r["kind"], r["status"]): int(r["n"]) for r in rows}
 
-    def mark_running(self, job_id: str) -> bool:
-        """queued -> running; False when the job is no longer queued (cancelled meanwhile)."""
-        changed = self.db.execute(
-            "UPDATE jobs SET status = 'running', started_at = ? WHERE id = ? AND status = 'queued'",
-            (utc_now(), job_id),
-        )
-        return changed == 1
+    def mark_running(self, job_id: str, *, claimant: str | None = None) -> bool:
+        """queued -> running; False when the job is no longer queued (cancelled meanwhile, or taken).
+
+        With a ``claimant``, claiming again as the same claimant is answered True (a retried request
+        whose first answer was lost), so exactly one execution owns the job either way.
+        """
+        with self.db.transaction() as conn:
+            changed = conn.execute(
+                "UPDATE jobs SET status = 'running', started_at = ?, claimed_by = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (utc_now(), claimant, job_id),
+            ).rowcount
+            if changed == 1:
+                return True
+            if claimant is None:
+                return False
+            row = conn.execute("SELECT status, claimed_by FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return row is not None and row["status"] == "running" and row["claimed_by"] == claimant
 
     def update_progress(self, job_id: str, progress: float, phase: str | None) -> None:
         if phase is None:

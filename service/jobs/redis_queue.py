@@ -152,17 +152,24 @@ class RedisJobQueue:
         if mapping:
             self.connection.hset(TARGETS_KEY, mapping=mapping)
 
-    def live_targets(self) -> list[JobTarget]:
+    def worker_targets(self) -> list[JobTarget]:
         """The build targets at least one live worker listens for (RQ's worker registry says who lives)."""
+        from redis.exceptions import RedisError
         from rq.serializers import JSONSerializer
         from rq.worker import Worker
 
-        listening = {
-            name
-            for worker in Worker.all(connection=self.connection, serializer=JSONSerializer)
-            for name in worker.queue_names()
-        }
-        known: dict[Any, Any] = self.connection.hgetall(TARGETS_KEY)  # type: ignore[assignment]
+        try:
+            listening = {
+                name
+                for worker in Worker.all(connection=self.connection, serializer=JSONSerializer)
+                for name in worker.queue_names()
+            }
+            known: dict[Any, Any] = self.connection.hgetall(TARGETS_KEY)  # type: ignore[assignment]
+        except RedisError as exc:
+            raise BackendUnavailable(
+                f"Cannot reach Redis at {_redacted(self.url)} to see which workers are live ({exc}); "
+                "start it, or fix ENGINE_SERVICE_REDIS_URL."
+            ) from exc
         targets = []
         for raw_name, raw_target in known.items():
             name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)

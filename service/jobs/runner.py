@@ -8,8 +8,9 @@ job kind has one handler ``handler(ctx) -> result dict``; the handler reports th
 Where a queued job waits is pluggable (:class:`JobQueue`). The default :class:`LocalJobQueue` is the
 embedded runner: this process's worker threads take the jobs, and on start the runner fails the jobs a
 dead process left running and re-queues the ones that never started. With a remote queue
-(:mod:`service.jobs.redis_queue`) this process only dispatches; worker processes call
-:meth:`JobRunner.execute`, and the rows stay the single source of truth either way. Every job carries
+(:mod:`service.jobs.redis_queue`) this process only dispatches; worker processes run the jobs with
+a :class:`JobExecutor` (on this machine through the database, on others through the API server's
+worker routes), and the rows stay the single source of truth either way. Every job carries
 a :class:`JobTarget`: the backend identity a build needs, or any worker for the rest.
 """
 
@@ -25,13 +26,44 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from service.errors import JobCancelled, LimitExceeded, ServiceError
-from service.jobs.records import JobRecord, JobStore
+from service.jobs.records import JobRecord, JobStatus, JobStore
 
 logger = logging.getLogger(__name__)
 
 JobHandler = Callable[["JobContext"], dict[str, Any]]
 SHUTDOWN_REASON = "the server shut down before this job finished; submit the same request again to retry."
 _PROGRESS_WRITE_INTERVAL_S = 0.25
+
+
+class JobRows(Protocol):
+    """The job-row operations that running a job needs.
+
+    :class:`~service.jobs.records.JobStore` (the service database) is one; a remote worker's rows go
+    through the API server instead (:class:`service.remote.rows.RemoteJobRows`).
+    """
+
+    def location(self) -> str:
+        """Where the rows live, for messages."""
+        ...
+
+    def get(self, job_id: str, *, kind: str | None = None) -> JobRecord: ...
+
+    def mark_running(self, job_id: str) -> bool: ...
+
+    def update_progress(self, job_id: str, progress: float, phase: str | None) -> None: ...
+
+    def append_log(self, job_id: str, lines: str) -> None: ...
+
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        result: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None: ...
+
+    def cancel_requested(self, job_id: str) -> bool: ...
 
 
 @dataclass
@@ -41,7 +73,7 @@ class JobContext:
     job_id: str
     kind: str
     params: dict[str, Any]
-    _store: JobStore
+    _store: JobRows
     _stopping: threading.Event
     _last_write: float = 0.0
     _phase: str | None = None
@@ -125,6 +157,10 @@ class JobQueue(Protocol):
         """Forget a job cancelled before it started (best effort: a taker skips it anyway)."""
         ...
 
+    def worker_targets(self) -> list[JobTarget]:
+        """The build targets that live workers of this queue serve (none for the embedded queue)."""
+        ...
+
 
 class LocalJobQueue:
     """The embedded queue: jobs wait in memory for this process's runner threads."""
@@ -138,6 +174,9 @@ class LocalJobQueue:
     def discard(self, job_id: str) -> None:
         return None  # the row is already cancelled; the thread that takes it skips it
 
+    def worker_targets(self) -> list[JobTarget]:
+        return []  # this process's threads build with this process's backends
+
     def take(self) -> str | None:
         """Block until a job id arrives; None tells the calling thread to exit."""
         return self._ids.get()
@@ -147,26 +186,16 @@ class LocalJobQueue:
         self._ids.put(None)
 
 
-class JobRunner:
-    """Runs registered job kinds: on its own worker threads (local queue) or for a remote worker."""
+class JobExecutor:
+    """Runs jobs of the registered kinds to their final state, recording everything in ``rows``.
 
-    def __init__(
-        self,
-        store: JobStore,
-        *,
-        workers: int = 1,
-        max_active_per_owner: int | None = None,
-        owner_limit: Callable[[str], int | None] | None = None,
-        queue: JobQueue | None = None,
-    ) -> None:
-        self.store = store
-        self.workers = workers
-        self.max_active_per_owner = max_active_per_owner
-        # Per-owner override of max_active_per_owner (an API key's own limit); None means "use the default".
-        self.owner_limit = owner_limit
+    This is what every worker has, in the API process or in a worker process on any host; the
+    :class:`JobRunner` adds submitting, cancelling and the embedded worker threads on top.
+    """
+
+    def __init__(self, rows: JobRows) -> None:
+        self.rows = rows
         self._handlers: dict[str, JobHandler] = {}
-        self.queue: JobQueue = queue if queue is not None else LocalJobQueue()
-        self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._running: dict[str, JobContext] = {}
         self._lock = threading.Lock()
@@ -178,6 +207,102 @@ class JobRunner:
     def add_listener(self, listener: Callable[[JobRecord], None]) -> None:
         """Called with the final record of every finished job (metrics hook)."""
         self._listeners.append(listener)
+
+    def notify_finished(self, record: JobRecord) -> None:
+        """Tell the listeners a job ended (also for jobs a remote worker ran and reported)."""
+        for listener in self._listeners:
+            try:
+                listener(record)
+            except Exception:
+                logger.exception("job listener failed")
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._running)
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Give running jobs ``grace_seconds`` to finish, then make them unwind and fail cleanly."""
+        self._wait_then_stop(time.monotonic() + grace_seconds)
+
+    def _wait_then_stop(self, deadline: float) -> None:
+        while self.running_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stopping.set()  # handlers polling should_stop() now unwind
+
+    def execute(self, job_id: str, *, taken_by: str | None = None) -> bool:
+        """Run one queued job to its final state here; False when it was no longer queued.
+
+        Local threads call this, and so do remote workers for the jobs they take from their queue;
+        ``taken_by`` names the worker in the job's log.
+        """
+        if not self.rows.mark_running(job_id):
+            return False  # cancelled while queued, or another worker took it first
+        record = self.rows.get(job_id)
+        ctx = JobContext(
+            job_id=job_id, kind=record.kind, params=record.params, _store=self.rows, _stopping=self._stopping
+        )
+        if taken_by:
+            ctx.log(f"taken by {taken_by}")
+        handler = self._handlers.get(record.kind)
+        if handler is None:
+            kinds = ", ".join(sorted(self._handlers))
+            reason = f"this worker does not run '{record.kind}' jobs; it runs {kinds}."
+            ctx.log(f"failed: {reason}")
+            self.rows.finish(job_id, "failed", error=reason)
+            return True
+        with self._lock:
+            self._running[job_id] = ctx
+        started = time.monotonic()
+        try:
+            result = handler(ctx)
+        except JobCancelled:
+            if self._stopping.is_set():
+                ctx.log(SHUTDOWN_REASON)
+                self.rows.finish(job_id, "failed", error=SHUTDOWN_REASON)
+            else:
+                ctx.log("cancelled on request")
+                self.rows.finish(job_id, "cancelled", error="cancelled on request")
+        except ServiceError as exc:
+            ctx.log(f"failed: {exc.message}")
+            self.rows.finish(job_id, "failed", error=exc.message)
+        except Exception as exc:
+            ctx.log("failed with an unexpected error:\n" + traceback.format_exc(limit=8))
+            self.rows.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        except BaseException:  # SystemExit/KeyboardInterrupt (a worker's cold shutdown): record, then go
+            ctx.log(SHUTDOWN_REASON)
+            self.rows.finish(job_id, "failed", error=SHUTDOWN_REASON)
+            raise
+        else:
+            ctx.log(f"succeeded in {time.monotonic() - started:.2f} s")
+            self.rows.finish(job_id, "succeeded", result=result)
+        finally:
+            with self._lock:
+                self._running.pop(job_id, None)
+        self.notify_finished(self.rows.get(job_id))
+        return True
+
+
+class JobRunner(JobExecutor):
+    """The API side of jobs: submit and cancel them, and run them on worker threads (local queue) or
+    hand them to a remote queue whose worker processes run them."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        workers: int = 1,
+        max_active_per_owner: int | None = None,
+        owner_limit: Callable[[str], int | None] | None = None,
+        queue: JobQueue | None = None,
+    ) -> None:
+        super().__init__(store)
+        self.store = store
+        self.workers = workers
+        self.max_active_per_owner = max_active_per_owner
+        # Per-owner override of max_active_per_owner (an API key's own limit); None means "use the default".
+        self.owner_limit = owner_limit
+        self.queue: JobQueue = queue if queue is not None else LocalJobQueue()
+        self._threads: list[threading.Thread] = []
 
     @property
     def runs_locally(self) -> bool:
@@ -239,19 +364,13 @@ class JobRunner:
             self.queue.discard(job_id)
         return record
 
-    def running_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._running)
-
     def stop(self, grace_seconds: float = 30.0) -> None:
         """Stop taking jobs, give running ones ``grace_seconds`` to finish, then fail them cleanly."""
         deadline = time.monotonic() + grace_seconds
         if isinstance(self.queue, LocalJobQueue):
             for _ in self._threads:
                 self.queue.release()
-        while self.running_ids() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self._stopping.set()  # handlers polling should_stop() now unwind
+        self._wait_then_stop(deadline)
         for thread in self._threads:
             thread.join(timeout=max(1.0, deadline - time.monotonic()))
         self._threads.clear()
@@ -265,53 +384,3 @@ class JobRunner:
                 self.execute(job_id)
             except Exception:  # the worker must survive anything a handler or the DB throws
                 logger.exception("job %s crashed the worker loop", job_id)
-
-    def execute(self, job_id: str, *, taken_by: str | None = None) -> bool:
-        """Run one queued job to its final state here; False when it was no longer queued.
-
-        Local threads call this, and so do remote workers for the jobs they take from their queue;
-        ``taken_by`` names the worker in the job's log.
-        """
-        if not self.store.mark_running(job_id):
-            return False  # cancelled while queued, or another worker took it first
-        record = self.store.get(job_id)
-        ctx = JobContext(
-            job_id=job_id, kind=record.kind, params=record.params, _store=self.store, _stopping=self._stopping
-        )
-        if taken_by:
-            ctx.log(f"taken by {taken_by}")
-        with self._lock:
-            self._running[job_id] = ctx
-        started = time.monotonic()
-        try:
-            result = self._handlers[record.kind](ctx)
-        except JobCancelled:
-            if self._stopping.is_set():
-                ctx.log(SHUTDOWN_REASON)
-                self.store.finish(job_id, "failed", error=SHUTDOWN_REASON)
-            else:
-                ctx.log("cancelled on request")
-                self.store.finish(job_id, "cancelled", error="cancelled on request")
-        except ServiceError as exc:
-            ctx.log(f"failed: {exc.message}")
-            self.store.finish(job_id, "failed", error=exc.message)
-        except Exception as exc:
-            ctx.log("failed with an unexpected error:\n" + traceback.format_exc(limit=8))
-            self.store.finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
-        except BaseException:  # SystemExit/KeyboardInterrupt (a worker's cold shutdown): record, then go
-            ctx.log(SHUTDOWN_REASON)
-            self.store.finish(job_id, "failed", error=SHUTDOWN_REASON)
-            raise
-        else:
-            ctx.log(f"succeeded in {time.monotonic() - started:.2f} s")
-            self.store.finish(job_id, "succeeded", result=result)
-        finally:
-            with self._lock:
-                self._running.pop(job_id, None)
-        final = self.store.get(job_id)
-        for listener in self._listeners:
-            try:
-                listener(final)
-            except Exception:
-                logger.exception("job listener failed")
-        return True

@@ -1,16 +1,17 @@
 """Build workers: take jobs from Redis for the targets this host can build, and run them here.
 
-``engine-service worker`` opens the same storage as the API server (data roots and metadata database
-from the settings), works out which targets it can build from the backend registry, and runs an RQ
-worker on those targets' queues plus the generic one (:mod:`service.jobs.redis_queue`). A job is run
-through the process's :class:`~service.jobs.runner.JobRunner`, so handlers, progress, logs,
-cancellation and the shutdown grace period behave exactly as in the embedded runner.
+``engine-service worker`` works out which targets it can build from the backend registry and runs an RQ
+worker on those targets' queues plus the generic one (:mod:`service.jobs.redis_queue`). On the API
+server's machine it opens the same storage (data roots and metadata database from the settings) and
+runs jobs through a :class:`~service.jobs.runner.JobRunner`; on another host (``--api-url``) it opens
+no database and runs builds through the API server instead (:mod:`service.remote.worker`). Either way
+handlers, progress, logs, cancellation and the shutdown grace period behave as in the embedded runner.
 
 RQ's ``SimpleWorker`` runs each job in this process rather than in a forked child: a CUDA context
 does not survive ``fork``, backends keep loaded libraries between builds, and the SQLite connection
 must not be shared with a child. One worker runs one job at a time; run one worker per GPU.
 
-RQ finds ``execute_job`` by its import path, so the job function reaches the worker's runner through
+RQ finds ``execute_job`` by its import path, so the job function reaches the worker's executor through
 a context variable the worker sets in its own thread (several workers can share a process in tests).
 """
 
@@ -41,7 +42,7 @@ from rq.worker import SimpleWorker, WorkerStatus
 from service.backends.base import Availability, BackendInfo
 from service.errors import NotFound
 from service.jobs.redis_queue import GENERIC_QUEUE, RedisJobQueue, queue_name
-from service.jobs.runner import JobRunner, JobTarget
+from service.jobs.runner import JobExecutor, JobTarget
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ MAINTENANCE_INTERVAL_S = 60
 
 @dataclass(frozen=True)
 class _Binding:
-    runner: JobRunner
+    runner: JobExecutor
     label: str
 
 
@@ -70,21 +71,21 @@ def execute_job(job_id: str) -> str:
         raise RuntimeError(
             "execute_job runs only inside `engine-service worker`; another kind of RQ worker took it."
         )
-    store = binding.runner.store
+    rows = binding.runner.rows
     try:
-        store.get(job_id)
+        rows.get(job_id)
     except NotFound:
-        # The API server queued a row this worker cannot see: they do not share one database.
+        # The API server queued a row this worker cannot see: they do not share one database or API.
         logger.error(
-            "job %s is not in this worker's database (%s); the worker and the API server must use the same "
-            "ENGINE_SERVICE_DATABASE_PATH",
+            "job %s is not in %s; a worker must use the API server's database "
+            "(ENGINE_SERVICE_DATABASE_PATH) or, on another host, its URL (ENGINE_SERVICE_API_URL)",
             job_id,
-            store.db.path,
+            rows.location(),
         )
         raise
     if not binding.runner.execute(job_id, taken_by=binding.label):
         return "skipped"  # cancelled while it waited, or already taken
-    return store.get(job_id).status
+    return rows.get(job_id).status
 
 
 def job_failed(
@@ -100,9 +101,9 @@ def job_failed(
     if binding is None:
         logger.warning("RQ job %s failed outside an engine-service worker; its row is left as it is", job.id)
         return
-    store = binding.runner.store
+    rows = binding.runner.rows
     try:
-        record = store.get(job.id)
+        record = rows.get(job.id)
     except NotFound:
         return  # execute_job logged why
     if not record.active:
@@ -112,8 +113,8 @@ def job_failed(
         if isinstance(exc, AbandonedJobError)
         else f"the worker failed while running this job: {exc_type.__name__}: {exc}"
     )
-    store.append_log(job.id, f"{time.strftime('%H:%M:%S')} {reason}\n")
-    store.finish(job.id, "failed", error=reason)
+    rows.append_log(job.id, f"{time.strftime('%H:%M:%S')} {reason}\n")
+    rows.finish(job.id, "failed", error=reason)
 
 
 def targets_from_statuses(
@@ -188,7 +189,7 @@ class JobWorker:
 
     def __init__(
         self,
-        runner: JobRunner,
+        runner: JobExecutor,
         queue: RedisJobQueue,
         targets: Sequence[JobTarget],
         *,
@@ -259,8 +260,14 @@ def run_worker(
     burst: bool = False,
     grace_seconds: float = 240.0,
     name: str | None = None,
+    api_url: str | None = None,
 ) -> int:
-    """The ``engine-service worker`` command; returns the process exit code."""
+    """The ``engine-service worker`` command; returns the process exit code.
+
+    With an API URL (``api_url`` or ``ENGINE_SERVICE_API_URL``) this is a remote worker
+    (:mod:`service.remote.worker`), which runs builds only (``generic`` does not apply); otherwise it
+    shares the API server's database on this host.
+    """
     from service.backends.registry import backend_names
     from service.config import get_settings
     from service.errors import ServiceError
@@ -268,6 +275,8 @@ def run_worker(
     from service.runtime import open_services
 
     settings = get_settings()
+    if api_url:
+        settings = settings.model_copy(update={"api_url": api_url})
     configure_logging(settings.log_level, json_lines=settings.log_json)
     if settings.queue_backend != "redis":
         logger.error(
@@ -289,6 +298,12 @@ def run_worker(
     if backends and not targets:
         logger.error("none of the backends %s can build on this host", list(backends))
         return 2
+    if settings.api_url:  # on another host than the API server: everything goes through its API
+        from service.remote.worker import run_remote_worker
+
+        return run_remote_worker(
+            settings, queue, targets, burst=burst, grace_seconds=grace_seconds, name=name
+        )
     if not targets and not generic:
         logger.error(
             "no backend can build on this host and --no-generic was given: this worker would take nothing"

@@ -87,6 +87,10 @@ MIGRATIONS: tuple[str, ...] = (
         created_at TEXT NOT NULL
     );
     """,
+    # 1 -> 2: who took a running job, so a remote worker can retry its claim after a lost answer.
+    """
+    ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

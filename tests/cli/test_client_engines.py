@@ -256,3 +256,14 @@ def test_a_benchmark_started_without_waiting_is_shown_and_downloaded_from_report
     assert Path(html["path"]).parent == tmp_path and "<html" in Path(html["path"]).read_text().lower()
     assert png.exit_code == 0, png.output
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_build_passes_the_device_selector_and_prints_why_no_target_matches(
+    cli: Cli, classifier_id: str
+) -> None:
+    result = cli(
+        "build", classifier_id, "--precision", "fp32", "--backend", "onnxruntime", "--device", "sm_999"
+    )
+    assert result.exit_code != 0
+    errors = errors_of(result)
+    assert errors and "matches device 'sm_999'" in errors[0] and "onnxruntime" in errors[0]

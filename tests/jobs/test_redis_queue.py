@@ -9,7 +9,6 @@ signals. Each side opens the SQLite file through its own connection, as separate
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -48,43 +47,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server on a free loopback port, without persistence, for this module."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.exceptions.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"redis-server did not start on port {port}") from None
-            time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
@@ -385,14 +347,14 @@ def test_sigterm_gives_the_running_job_its_grace_period_then_fails_it_with_the_s
     record, _ = api.submit("build", _build_params(CPU, 1))
     process = worker_process("graceful", 0.5)
     _wait_for(api.store, record.id, lambda r: r.status == "running")
-    assert CPU in queue.live_targets()  # a live worker advertises what it builds
-    assert GPU not in queue.live_targets()
+    assert CPU in queue.worker_targets()  # a live worker advertises what it builds
+    assert GPU not in queue.worker_targets()
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     final = api.store.get(record.id)
     assert final.status == "failed"
     assert final.error == SHUTDOWN_REASON
-    assert CPU not in queue.live_targets()  # it unregistered on the way out
+    assert CPU not in queue.worker_targets()  # it unregistered on the way out
 
 
 def test_a_job_whose_worker_died_is_failed_by_the_next_workers_maintenance(
