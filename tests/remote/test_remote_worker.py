@@ -62,21 +62,29 @@ def _run_worker(
     )
 
 
+def _queue_build(setup: RemoteSetup, **request: Any) -> str:
+    """POST a build of the classifier that nobody on the API host runs; returns the queued job's id."""
+    accepted = setup.api.post(
+        "/v1/builds", json={"model_id": setup.model_id, "backend": "onnxruntime", **request}
+    )
+    assert accepted.status_code == 202, accepted.text
+    job_id: str = accepted.json()["id"]
+    return job_id
+
+
+def _wait_for_phase(setup: RemoteSetup, job_id: str, phase: str, *, alive: Any = None) -> None:
+    deadline = time.monotonic() + 60
+    while setup.api.get(f"/v1/builds/{job_id}").json()["phase"] != phase:
+        assert time.monotonic() < deadline, f"the remote worker never reached phase {phase}"
+        assert alive is None or alive(), "the remote worker died"
+        time.sleep(0.05)
+
+
 def test_a_remote_worker_builds_an_int8_engine_that_the_api_host_stores_and_serves(
     remote_setup: RemoteSetup, tmp_path: Path
 ) -> None:
     api = remote_setup.api
-    accepted = api.post(
-        "/v1/builds",
-        json={
-            "model_id": remote_setup.model_id,
-            "precision": "int8",
-            "backend": "onnxruntime",
-            "calibration_set_id": remote_setup.calibration_set_id,
-        },
-    )
-    assert accepted.status_code == 202, accepted.text
-    job_id = accepted.json()["id"]
+    job_id = _queue_build(remote_setup, precision="int8", calibration_set_id=remote_setup.calibration_set_id)
     assert api.get(f"/v1/builds/{job_id}").json()["status"] == "queued"  # the API host runs nothing
 
     worker_root = tmp_path / "gpu-host"
@@ -139,11 +147,7 @@ def test_cancelling_a_build_on_the_api_host_stops_it_on_the_remote_worker(
     from service.remote.worker import remote_executor
 
     api = remote_setup.api
-    accepted = api.post(
-        "/v1/builds", json={"model_id": remote_setup.model_id, "precision": "fp32", "backend": "onnxruntime"}
-    )
-    assert accepted.status_code == 202, accepted.text
-    job_id = accepted.json()["id"]
+    job_id = _queue_build(remote_setup, precision="fp32")
 
     worker_api = WorkerApi(remote_setup.url, WORKER_TOKEN)
     executor = remote_executor(worker_api, WorkerCache(tmp_path / "cache", 10**9))
@@ -162,10 +166,7 @@ def test_cancelling_a_build_on_the_api_host_stops_it_on_the_remote_worker(
     thread = threading.Thread(target=worker.run, kwargs={"burst": True}, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 60
-        while api.get(f"/v1/builds/{job_id}").json()["phase"] != "build":
-            assert time.monotonic() < deadline, "the remote worker never started the job"
-            time.sleep(0.05)
+        _wait_for_phase(remote_setup, job_id, "build")
         assert api.delete(f"/v1/builds/{job_id}").status_code == 200
         final = wait_for_job(api, f"/v1/builds/{job_id}", timeout=60)
     finally:
@@ -277,17 +278,7 @@ def test_a_build_whose_remote_host_was_lost_is_failed_through_the_api_by_the_nex
     from service.remote.worker import remote_executor
 
     api = remote_setup.api
-    accepted = api.post(
-        "/v1/builds",
-        json={
-            "model_id": remote_setup.model_id,
-            "precision": "fp32",
-            "backend": "onnxruntime",
-            "keep": ["last"],
-        },
-    )
-    assert accepted.status_code == 202, accepted.text
-    job_id = accepted.json()["id"]
+    job_id = _queue_build(remote_setup, precision="fp32", keep=["last"])
     args = [remote_setup.url, remote_setup.settings.redis_url, WORKER_TOKEN, str(tmp_path / "lost-cache")]
     process = subprocess.Popen(
         [sys.executable, "-c", _DOOMED_REMOTE_WORKER, *args],
@@ -297,10 +288,7 @@ def test_a_build_whose_remote_host_was_lost_is_failed_through_the_api_by_the_nex
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while api.get(f"/v1/builds/{job_id}").json()["phase"] != "build":
-            assert time.monotonic() < deadline and process.poll() is None, "the remote worker never started"
-            time.sleep(0.05)
+        _wait_for_phase(remote_setup, job_id, "build", alive=lambda: process.poll() is None)
     finally:
         process.kill()  # the host is gone: nothing of it reports again
         process.wait(timeout=10)
