@@ -9,9 +9,12 @@ Specification:
   every string value (never to keys), before profiles are considered;
 - which services ``docker compose [--profile P] up [SERVICE...]`` starts: with no service named, every
   service without ``profiles`` plus those in an active profile; with services named, exactly those (their
-  profiles are enabled implicitly); then everything they ``depends_on``, transitively.
+  profiles are enabled implicitly); then everything they ``depends_on``, transitively, each of which must
+  itself be enabled (no profiles, or one that is active), or Compose refuses the command.
 
 The Dockerfile reader joins continuation lines, drops comment lines, and splits the file into stages.
+The documentation reader finds the shell blocks that set up each host of the two-host layout (a fenced
+block whose first line is ``# host A...`` or ``# host B...``) and the ``docker compose`` commands in them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ _BRACED = re.compile(
 
 class InterpolationError(ValueError):
     """Compose would refuse the file with this message (a required variable is unset)."""
+
+
+class ProfileError(ValueError):
+    """Compose would refuse the command: a started service depends on one that no active profile enables."""
 
 
 def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
@@ -142,18 +149,24 @@ def services_started(
     unknown = named - set(services)
     if unknown:
         raise KeyError(f"no such services: {sorted(unknown)}")
-    if named:
-        selected = set(named)
-    else:
-        selected = {
-            name
-            for name, service in services.items()
-            if not service.get("profiles") or active & set(service["profiles"])
-        }
+    for name in named:
+        active |= set(services[name].get("profiles", []))
+
+    def enabled(name: str) -> bool:
+        listed = services[name].get("profiles")
+        return not listed or bool(active & set(listed))
+
+    selected = set(named) if named else {name for name in services if enabled(name)}
     pending = list(selected)
     while pending:
-        dependencies = services[pending.pop()].get("depends_on", {})
+        name = pending.pop()
+        dependencies = services[name].get("depends_on", {})
         for dependency in dependencies if isinstance(dependencies, list) else dependencies.keys():
+            if not enabled(dependency):
+                raise ProfileError(
+                    f"{name} depends on {dependency}, whose profiles {services[dependency]['profiles']} "
+                    f"are not active (active: {sorted(active)})"
+                )
             if dependency not in selected:
                 selected.add(dependency)
                 pending.append(dependency)
@@ -270,3 +283,96 @@ def settings_env_names() -> set[str]:
     from service.config import Settings
 
     return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+
+
+@dataclass(frozen=True)
+class ComposeCommand:
+    """One ``docker compose`` command line from the documentation."""
+
+    line: str
+    environ: Mapping[str, str]  # NAME=value assignments written before `docker compose`
+    profiles: tuple[str, ...]
+    project: str | None
+    subcommand: str
+    services: tuple[str, ...]
+
+
+_FENCED_BLOCK = re.compile(r"^```[a-z]*\n(.*?)^```", re.S | re.M)
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*", re.S)
+# Options of `docker compose` and of its `up`/`build` subcommands that take a value.
+_GLOBAL_VALUE_OPTIONS = {"--profile", "-p", "--project-name", "-f", "--file", "--env-file"}
+_VALUE_OPTIONS = {"--scale", "--timeout", "-t", "--wait-timeout", "--pull"}
+
+
+def host_blocks(path: Path, host: str) -> list[str]:
+    """The fenced code blocks of a Markdown file that set up ``host`` (first line ``# host <host>...``)."""
+    marker = f"# host {host}"
+    blocks = [match.group(1) for match in _FENCED_BLOCK.finditer(path.read_text(encoding="utf-8"))]
+    return [block for block in blocks if block.lstrip().startswith(marker)]
+
+
+def compose_commands(block: str) -> list[ComposeCommand]:
+    """Every ``[NAME=value ...] docker compose ...`` line of a shell block, parsed (comments dropped)."""
+    commands = []
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        environ: dict[str, str] = {}
+        while words and _ASSIGNMENT.fullmatch(words[0]):
+            name, _, value = words.pop(0).partition("=")
+            environ[name] = value
+        if words[:2] != ["docker", "compose"]:
+            continue
+        words = words[2:]
+        profiles: list[str] = []
+        project: str | None = None
+        while words and words[0].startswith("-"):
+            option = words.pop(0)
+            if option in _GLOBAL_VALUE_OPTIONS:
+                value = words.pop(0)
+                if option == "--profile":
+                    profiles.append(value)
+                elif option in {"-p", "--project-name"}:
+                    project = value
+        subcommand, *arguments = words
+        services: list[str] = []
+        while arguments:
+            argument = arguments.pop(0)
+            if argument in _VALUE_OPTIONS:
+                arguments.pop(0)
+            elif not argument.startswith("-"):
+                services.append(argument)
+                if subcommand in {"exec", "run", "logs"}:
+                    break  # the rest is the command run in the container, or log options
+        commands.append(
+            ComposeCommand(line.strip(), environ, tuple(profiles), project, subcommand, tuple(services))
+        )
+    return commands
+
+
+def shell_lines(block: str) -> str:
+    """A shell block without its ``docker`` commands: what can run on a machine without Docker."""
+    kept = []
+    for line in block.splitlines():
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:  # not a whole command (an unbalanced quote inside a here-document)
+            words = []
+        while words and _ASSIGNMENT.fullmatch(words[0]):
+            words.pop(0)
+        if words[:1] not in (["docker"], ["scp"]):
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """A ``.env`` file of plain ``NAME=value`` lines, as Compose reads it (comments and blanks skipped)."""
+    values: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        name, equals, value = stripped.partition("=")
+        if not equals:
+            raise ValueError(f"{path}: not a NAME=value line: {line!r}")
+        values[name.strip()] = value.strip()
+    return values

@@ -60,8 +60,21 @@ def test_compose_file_matches_the_compose_specification(compose_validator: Any) 
                 "ENGINE_PUBLISH_PORT": "9000",
                 "ENGINE_SERVICE_QUEUE_BACKEND": "redis",
                 "ENGINE_GPU_IMAGE": "registry.example.com/engine-service:gpu-1.0",
+                "ENGINE_SERVICE_WORKER_TOKEN": "w" * 40,
+                "ENGINE_REDIS_PASSWORD": "r" * 32,
+                "ENGINE_REDIS_PUBLISH_ADDRESS": "10.0.0.5",
+                "ENGINE_REDIS_PUBLISH_PORT": "6380",
             },
-            id="overridden",
+            id="api-host",
+        ),
+        pytest.param(
+            {
+                "ENGINE_SERVICE_API_URL": "http://10.0.0.5:8000",
+                "ENGINE_SERVICE_WORKER_TOKEN": "w" * 40,
+                "ENGINE_SERVICE_REDIS_URL": "redis://:pw@10.0.0.5:6379/0",
+                "ENGINE_WORKER_GPU": "1",
+            },
+            id="worker-host",
         ),
     ],
 )
@@ -103,7 +116,11 @@ def _docker_compose_available() -> str | None:
 
 
 @pytest.mark.parametrize(
-    "profiles", [pytest.param((), id="default"), pytest.param(("cpu", "workers"), id="all-profiles")]
+    "profiles",
+    [
+        pytest.param((), id="default"),
+        pytest.param(("cpu", "workers", "cpu-workers", "remote-worker"), id="all-profiles"),
+    ],
 )
 def test_docker_compose_config_accepts_the_file(profiles: tuple[str, ...]) -> None:
     # `docker compose config` parses, interpolates and validates offline; it needs no daemon.

@@ -28,7 +28,7 @@ from tests.deploy.deploy_files import (
     read_stages,
 )
 
-DATA_ROOTS = ["/data", "/data/engines", "/data/calibration_data", "/data/models"]
+DATA_ROOTS = ["/data", "/data/engines", "/data/calibration_data", "/data/models", "/data/worker-cache"]
 # A release tag: never `latest`, never a bare major; NGC's YY.MM-py3 or Python's X.Y.Z-variant.
 RELEASE_TAG = re.compile(r"^[^:@\s]+:(\d+\.\d+(\.\d+)?-[a-z0-9.-]+)(@sha256:[0-9a-f]{64})?$")
 
@@ -129,6 +129,7 @@ def test_images_turn_auth_on_and_keep_data_under_slash_data(image: str) -> None:
     assert environment["ENGINE_SERVICE_HOST"] == "0.0.0.0"
     assert environment["ENGINE_SERVICE_PORT"] == "8000"
     assert environment["ENGINE_SERVICE_DATABASE_PATH"] == "/data/engine_service.db"
+    assert environment["ENGINE_SERVICE_WORKER_CACHE_DIR"] == "/data/worker-cache"
     assert "ENGINE_SERVICE_BOOTSTRAP_API_KEY" not in environment, "secrets must never be baked into an image"
 
 
@@ -138,6 +139,16 @@ def test_images_declare_every_data_root_as_a_volume(image: str) -> None:
 
     assert len(volumes) == 1
     assert volumes[0].exec_form() == DATA_ROOTS
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_images_create_every_data_root_for_the_non_root_user(image: str) -> None:
+    # A fresh named volume copies the ownership of the folder it is mounted on: it must exist, owned.
+    runs = " ".join(item.arguments for item in _runtime(image).all("RUN"))
+
+    created = runs.split("mkdir -p ", 1)[1].split(" && ", 1)[0].split()
+    assert sorted(["/data", *created]) == sorted(DATA_ROOTS)
+    assert "chown -R engine:engine /data" in runs
 
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
