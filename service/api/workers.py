@@ -205,7 +205,10 @@ def finish_job(job_id: str, body: FinishIn, services: ServicesDep) -> WorkerJob:
             )
     if body.status != "succeeded" and not body.error:
         raise BadInput("A failed or cancelled job needs an error that says why.")
-    services.jobs.finish(job_id, body.status, result=body.result, error=body.error)
+    if not services.jobs.finish(
+        job_id, body.status, result=body.result, error=body.error, only_if_running=True
+    ):
+        raise Conflict(f"Job {job_id} ended meanwhile; its final state stays as it is.")
     final = services.jobs.get(job_id)
     services.runner.notify_finished(final)  # metrics see remote builds as they see local ones
     return WorkerJob.of(final)

@@ -184,12 +184,25 @@ class JobStore:
         *,
         result: dict[str, Any] | None = None,
         error: str | None = None,
-    ) -> None:
-        self.db.execute(
+        only_if_running: bool = False,
+    ) -> bool:
+        """Record the final state; with ``only_if_running``, only a running job (atomically), so two
+        reporters of one job's end cannot both win. Returns whether the row changed."""
+        changed = self.db.execute(
             "UPDATE jobs SET status = ?, result_json = ?, error = ?, finished_at = ?, "
-            "progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END WHERE id = ?",
-            (status, json.dumps(result) if result is not None else None, error, utc_now(), status, job_id),
+            "progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END "
+            "WHERE id = ? AND (? = 0 OR status = 'running')",
+            (
+                status,
+                json.dumps(result) if result is not None else None,
+                error,
+                utc_now(),
+                status,
+                job_id,
+                int(only_if_running),
+            ),
         )
+        return changed == 1
 
     def request_cancel(self, job_id: str) -> JobRecord:
         """Flag an active job for cancellation; a queued one is cancelled at once."""

@@ -61,7 +61,9 @@ class JobRows(Protocol):
         *,
         result: dict[str, Any] | None = None,
         error: str | None = None,
-    ) -> None: ...
+    ) -> bool:
+        """Record the final state; False when the row did not take it (already final)."""
+        ...
 
     def cancel_requested(self, job_id: str) -> bool: ...
 

@@ -275,9 +275,15 @@ def run_worker(
     from service.runtime import open_services
 
     settings = get_settings()
-    if api_url:
-        settings = settings.model_copy(update={"api_url": api_url})
     configure_logging(settings.log_level, json_lines=settings.log_json)
+    if api_url is not None:
+        if not api_url.strip():  # e.g. compose's ${ENGINE_SERVICE_API_URL:-} left unset: never run locally
+            logger.error("--api-url is empty: give the API server's URL (ENGINE_SERVICE_API_URL in compose)")
+            return 2
+        settings = settings.model_copy(update={"api_url": api_url.strip()})
+    if not settings.redis_url.strip():
+        logger.error("ENGINE_SERVICE_REDIS_URL is empty: give the Redis the API server queues jobs in")
+        return 2
     if settings.queue_backend != "redis":
         logger.error(
             "ENGINE_SERVICE_QUEUE_BACKEND is '%s': the API server runs jobs itself and queues none in Redis. "

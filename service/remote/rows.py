@@ -110,15 +110,17 @@ class RemoteJobRows:
         *,
         result: dict[str, Any] | None = None,
         error: str | None = None,
-    ) -> None:
+    ) -> bool:
         self.flush_log(job_id)
         try:
             self.api.finish(job_id, status, result=result, error=error)
+            return True
         except Conflict as exc:
             # Already final: a retried finish whose first answer was lost, or the server failed it.
             logger.warning(
                 "job %s: the API server did not take the final state %s: %s", job_id, status, exc.message
             )
+            return False
         finally:
             with self._lock:
                 self._cancel.pop(job_id, None)

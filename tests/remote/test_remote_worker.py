@@ -332,3 +332,16 @@ def test_build_targets_list_this_hosts_backends_and_the_live_workers(remote_setu
     } in during
     after = remote_setup.api.get("/v1/build-targets").json()
     assert not [t for t in after if t["device"] == gpu.device]  # a worker that left is no target
+
+
+def test_an_empty_api_url_or_redis_url_stops_the_worker_instead_of_running_it_locally(
+    remote_setup: RemoteSetup, tmp_path: Path
+) -> None:
+    # compose passes ${ENGINE_SERVICE_API_URL:-} when the variable is unset: never fall back to local mode
+    no_url = _run_worker(remote_setup, tmp_path / "a", "--api-url", "")
+    assert no_url.returncode == 2 and "--api-url is empty" in no_url.stderr
+    no_redis = _run_worker(
+        remote_setup, tmp_path / "b", "--api-url", remote_setup.url, ENGINE_SERVICE_REDIS_URL=""
+    )
+    assert no_redis.returncode == 2 and "ENGINE_SERVICE_REDIS_URL is empty" in no_redis.stderr
+    assert not (tmp_path / "a" / "must-not-exist.db").exists()
