@@ -25,6 +25,16 @@ def _describe(info: BackendInfo) -> str:
     return f"{info.name} {info.version} on {info.device}{capability}"
 
 
+def worker_infos(worker_targets: Sequence[JobTarget]) -> list[BackendInfo]:
+    """The identities live workers build for. Only the identity matters on this side: it goes into the
+    engine key; the worker describes the rest of its backend itself."""
+    return [
+        BackendInfo(target.backend, target.version, target.device, target.compute_capability)
+        for target in worker_targets
+        if target.backend is not None and target.version is not None and target.device is not None
+    ]
+
+
 def matches(info: BackendInfo, selector: str) -> bool:
     """A ``device`` selector matches a compute capability exactly or the device description in part."""
     wanted = selector.strip().lower()
@@ -41,12 +51,9 @@ def build_target(
     if availability.can_build:
         local = backend.describe()
         candidates[_identity(local)] = local
-    for target in worker_targets:
-        if target.backend != backend.name or target.version is None or target.device is None:
-            continue
-        # Only the identity matters here: it goes into the engine key; the worker describes the rest.
-        info = BackendInfo(target.backend, target.version, target.device, target.compute_capability)
-        candidates.setdefault(_identity(info), info)
+    for info in worker_infos(worker_targets):
+        if info.name == backend.name:
+            candidates.setdefault(_identity(info), info)
     if not candidates:
         live = sorted({t.backend for t in worker_targets if t.backend})
         workers = f"live workers build {', '.join(live)}" if live else "no live worker builds anything"
@@ -82,10 +89,7 @@ def all_targets(worker_targets: Sequence[JobTarget]) -> list[dict[str, str | Non
     for info, availability in backend_statuses():
         if info is not None and availability.can_build:
             found[_identity(info)] = _target_dict(info, "api-host")
-    for target in worker_targets:
-        if target.backend is None or target.version is None or target.device is None:
-            continue
-        info = BackendInfo(target.backend, target.version, target.device, target.compute_capability)
+    for info in worker_infos(worker_targets):
         found.setdefault(_identity(info), _target_dict(info, "worker"))
     return sorted(found.values(), key=lambda t: (t["backend"] or "", t["version"] or "", t["device"] or ""))
 

@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any
 
-from service.errors import Conflict, ServiceError
+from service.errors import Conflict, NotFound, ServiceError
 from service.jobs.records import JobRecord, JobStatus
 from service.remote.client import WorkerApi
 
@@ -64,8 +64,6 @@ class RemoteJobRows:
     def get(self, job_id: str, *, kind: str | None = None) -> JobRecord:
         record = record_from(self.api.job(job_id))
         if kind is not None and record.kind != kind:
-            from service.errors import NotFound
-
             raise NotFound(f"No {kind} job with id '{job_id}'.")
         return record
 
