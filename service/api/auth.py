@@ -174,13 +174,19 @@ class ApiKeyMiddleware:
         state["api_key_id"] = key.id if key is not None else None  # read by deps.current_owner
         limit = key.upload_limit(self.settings.max_upload_bytes) if key else self.settings.max_upload_bytes
         state["upload_limit"] = limit
+        await self._within_limit(scope, receive, send, limit, lambda: _too_large(key, limit))
+
+    async def _within_limit(
+        self, scope: Scope, receive: Receive, send: Send, limit: int, too_large: Callable[[], TooLarge]
+    ) -> None:
+        """Pass the request on with its body held to ``limit`` (plus form framing for multipart)."""
         content_type = _header(scope, b"content-type") or ""
         body_limit = limit + (MULTIPART_OVERHEAD if content_type.startswith("multipart/") else 0)
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > body_limit:
-            await _send_error(send, _too_large(key, limit))
+            await _send_error(send, too_large())
             return
-        await self.app(scope, _limited_receive(receive, body_limit, lambda: _too_large(key, limit)), send)
+        await self.app(scope, _limited_receive(receive, body_limit, too_large), send)
 
     async def _worker(self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any]) -> None:
         """Let a remote worker in with the worker token, checked before any of the body is read."""
@@ -203,8 +209,6 @@ class ApiKeyMiddleware:
         state["api_key_id"] = None
         state["worker"] = True  # checked again by the worker router's dependency
         limit = self.settings.max_worker_upload_bytes
-        content_type = _header(scope, b"content-type") or ""
-        body_limit = limit + (MULTIPART_OVERHEAD if content_type.startswith("multipart/") else 0)
 
         def too_large() -> TooLarge:
             return TooLarge(
@@ -212,11 +216,7 @@ class ApiKeyMiddleware:
                 "on the server."
             )
 
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > body_limit:
-            await _send_error(send, too_large())
-            return
-        await self.app(scope, _limited_receive(receive, body_limit, too_large), send)
+        await self._within_limit(scope, receive, send, limit, too_large)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A future streaming route is covered too: no accepted key, no connection (close code 1008)."""
