@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         configure_logging(settings.log_level, json_lines=settings.log_json)  # [observability]
         services = open_services(settings)
         app.state.services = services
-        services.runner.start()
+        services.start()
         try:
             yield
         finally:

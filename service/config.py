@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     api_url: str | None = None
     worker_cache_dir: Path = Path("worker_cache")
     worker_cache_bytes: int = Field(default=20 * GIB, gt=0)
+    # A remote worker beats every 20 s; after this long without a beat its job is failed as lost.
+    remote_job_lease_s: float = Field(default=180.0, ge=1.0)
+    remote_lease_sweep_s: float = Field(default=30.0, gt=0.0)
 
     log_level: str = "INFO"
     log_json: bool = False

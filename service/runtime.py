@@ -18,6 +18,7 @@ from service.builds.submit import BUILD_JOB
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
 from service.config import Settings
+from service.jobs.leases import LeaseSweeper
 from service.jobs.records import JobStore
 from service.jobs.runner import JobQueue, JobRunner
 from service.observability.metrics import ServiceMetrics
@@ -43,8 +44,18 @@ class Services:
     metrics: ServiceMetrics  # this app's Prometheus registry
     # Capabilities registered by later layers (runner pool, metrics...), closed at shutdown.
     extras: dict[str, Any] = field(default_factory=dict)
+    # Fails jobs of remote workers that stopped reporting (only when remote workers are enabled).
+    lease_sweeper: LeaseSweeper | None = None
+
+    def start(self) -> None:
+        """Start the background work of a serving process: the job runner and the lease sweeper."""
+        self.runner.start()
+        if self.lease_sweeper is not None:
+            self.lease_sweeper.start()
 
     def close(self, grace_seconds: float = 30.0) -> None:
+        if self.lease_sweeper is not None:
+            self.lease_sweeper.close()
         self.runner.stop(grace_seconds)
         for extra in self.extras.values():
             close = getattr(extra, "close", None)
@@ -56,7 +67,8 @@ class Services:
 def open_services(settings: Settings) -> Services:
     """Open storage, reconcile it with what a previous process left, and register the job kinds.
 
-    The runner is started by the caller (the app's lifespan) once everything is registered.
+    The serving process starts the background work with :meth:`Services.start` once everything is
+    registered (the app's lifespan does).
     """
     settings.worker_token_value()  # a token too short to be safe stops start-up, before anything opens
     settings.ensure_dirs()
@@ -121,6 +133,13 @@ def open_services(settings: Settings) -> Services:
     )
     metrics.set_cache_bytes_source(engines.total_bytes)
     runner.register(BUILD_JOB, BuildPipeline(LocalBuildStorage(models, calibration_sets, engines)).handle)
+    if settings.worker_token is not None:  # remote workers may hold jobs: bound how long a lost one does
+        services.lease_sweeper = LeaseSweeper(
+            jobs,
+            lease_s=settings.remote_job_lease_s,
+            interval_s=settings.remote_lease_sweep_s,
+            on_failed=runner.notify_finished,
+        )
     runner.register(QUANTIZATION_JOB, QuantizationJob(models, calibration_sets, engines.artifacts).handle)
     # Warm runners for inference and the benchmark/evaluation/comparison job kinds. Imported here:
     # the reports layer reads Services, so a module-level import would be circular.

@@ -173,6 +173,15 @@ def claim_job(job_id: str, body: ClaimIn, services: ServicesDep) -> WorkerJob:
 def report_progress(job_id: str, body: ProgressIn, services: ServicesDep) -> CancelState:
     record = _running(services, job_id)
     services.jobs.update_progress(job_id, body.progress, body.phase)
+    services.jobs.beat(job_id)
+    return CancelState(cancel_requested=record.cancel_requested)
+
+
+@router.post("/jobs/{job_id}/heartbeat", response_model=CancelState)
+def heartbeat(job_id: str, services: ServicesDep) -> CancelState:
+    """The worker is alive and still running the job (see service.jobs.leases); 409 once it has ended."""
+    record = _running(services, job_id)
+    services.jobs.beat(job_id)
     return CancelState(cancel_requested=record.cancel_requested)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -150,11 +151,12 @@ class JobStore:
         With a ``claimant``, claiming again as the same claimant is answered True (a retried request
         whose first answer was lost), so exactly one execution owns the job either way.
         """
+        now = utc_now()
         with self.db.transaction() as conn:
             changed = conn.execute(
-                "UPDATE jobs SET status = 'running', started_at = ?, claimed_by = ? "
+                "UPDATE jobs SET status = 'running', started_at = ?, claimed_by = ?, heartbeat_at = ? "
                 "WHERE id = ? AND status = 'queued'",
-                (utc_now(), claimant, job_id),
+                (now, claimant, now if claimant is not None else None, job_id),
             ).rowcount
             if changed == 1:
                 return True
@@ -162,6 +164,33 @@ class JobStore:
                 return False
             row = conn.execute("SELECT status, claimed_by FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return row is not None and row["status"] == "running" and row["claimed_by"] == claimant
+
+    def beat(self, job_id: str) -> bool:
+        """A remote worker says it is still running the job; False when the job no longer runs."""
+        return (
+            self.db.execute(
+                "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND status = 'running'", (utc_now(), job_id)
+            )
+            == 1
+        )
+
+    def fail_silent(self, lease_s: float, reason: str) -> builtins.list[str]:
+        """Fail the remotely claimed running jobs whose worker has not beaten for ``lease_s``."""
+        cutoff = datetime.fromtimestamp(time.time() - lease_s, UTC).isoformat(timespec="milliseconds")
+        with self.db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT id FROM jobs "
+                "WHERE status = 'running' AND claimed_by IS NOT NULL AND heartbeat_at < ?",
+                (cutoff,),
+            ).fetchall()
+            ids = [row["id"] for row in rows]
+            for job_id in ids:
+                conn.execute(
+                    "UPDATE jobs SET status = 'failed', error = ?, finished_at = ?, "
+                    "log = substr(log || ?, -?) WHERE id = ? AND status = 'running'",
+                    (reason, utc_now(), f"{time.strftime('%H:%M:%S')} {reason}\n", LOG_LIMIT_CHARS, job_id),
+                )
+        return ids
 
     def update_progress(self, job_id: str, progress: float, phase: str | None) -> None:
         if phase is None:

@@ -121,6 +121,10 @@ class WorkerApi:
         )
         return bool(body["cancel_requested"])
 
+    def heartbeat(self, job_id: str) -> bool:
+        """Renew the job's lease; returns whether cancellation was requested (409 once it ended)."""
+        return bool(self._json("POST", f"/v1/worker/jobs/{job_id}/heartbeat")["cancel_requested"])
+
     def append_log(self, job_id: str, text: str) -> bool:
         body = self._json("POST", f"/v1/worker/jobs/{job_id}/log", json={"text": text})
         return bool(body["cancel_requested"])

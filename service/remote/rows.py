@@ -5,6 +5,11 @@ the API server instead. Two things keep the traffic small during long builds: lo
 and sent at most every ``log_flush_s`` (and always before the job is finished), and the cancel flag
 is asked for at most every ``cancel_poll_s`` (progress and log answers refresh it too).
 
+While it holds a job it renews the job's lease every ``heartbeat_s`` from a thread of its own
+(:mod:`service.jobs.leases`): a backend build reports nothing for minutes, and a lease that ran out
+would fail the job as lost. Once the server says the job has ended, the beats stop and the handler
+is told to stop too.
+
 Reporting is best effort while the job runs: a progress or log call that fails is logged here and the
 build goes on. Claiming and finishing are not: they raise when the server cannot be reached, so RQ
 records the failure and the job's row is failed by the next worker's maintenance.
@@ -19,6 +24,7 @@ import uuid
 from typing import Any
 
 from service.errors import Conflict, NotFound, ServiceError
+from service.jobs.leases import HEARTBEAT_INTERVAL_S
 from service.jobs.records import JobRecord, JobStatus
 from service.remote.client import WorkerApi
 
@@ -47,12 +53,20 @@ def record_from(body: dict[str, Any]) -> JobRecord:
 
 class RemoteJobRows:
     def __init__(
-        self, api: WorkerApi, *, claimant: str, log_flush_s: float = 0.5, cancel_poll_s: float = 2.0
+        self,
+        api: WorkerApi,
+        *,
+        claimant: str,
+        log_flush_s: float = 0.5,
+        cancel_poll_s: float = 2.0,
+        heartbeat_s: float = HEARTBEAT_INTERVAL_S,
     ) -> None:
         self.api = api
         self.claimant = claimant
         self.log_flush_s = log_flush_s
         self.cancel_poll_s = cancel_poll_s
+        self.heartbeat_s = heartbeat_s
+        self._beating: dict[str, threading.Event] = {}  # job id -> set to stop its heartbeat thread
         self._lock = threading.Lock()
         self._pending_log: dict[str, list[str]] = {}
         self._flushed_at: dict[str, float] = {}
@@ -73,6 +87,7 @@ class RemoteJobRows:
             self.api.claim(job_id, f"{self.claimant}/{uuid.uuid4().hex}")
         except Conflict:
             return False
+        self._start_beating(job_id)
         return True
 
     def update_progress(self, job_id: str, progress: float, phase: str | None) -> None:
@@ -82,6 +97,30 @@ class RemoteJobRows:
             self._learn_cancel(job_id, True)  # the job ended on the server (failed as abandoned): stop
         except ServiceError as exc:
             logger.warning("job %s: progress not recorded on the API server: %s", job_id, exc.message)
+
+    def heartbeat(self, job_id: str) -> bool:
+        """Renew the job's lease on the server (service.jobs.leases); False once the job has ended there,
+        which also makes the running handler stop at its next cancellation check."""
+        try:
+            self._learn_cancel(job_id, self.api.heartbeat(job_id))
+        except Conflict:
+            self._learn_cancel(job_id, True)
+            return False
+        except ServiceError as exc:
+            logger.warning("job %s: heartbeat not recorded on the API server: %s", job_id, exc.message)
+        return True
+
+    def _start_beating(self, job_id: str) -> None:
+        # A backend build reports nothing for minutes at a time; the lease must not run out meanwhile.
+        done = threading.Event()
+        with self._lock:
+            self._beating[job_id] = done
+
+        def beat() -> None:
+            while not done.wait(self.heartbeat_s) and self.heartbeat(job_id):
+                pass
+
+        threading.Thread(target=beat, name=f"heartbeat-{job_id[:8]}", daemon=True).start()
 
     def append_log(self, job_id: str, lines: str) -> None:
         with self._lock:
@@ -123,6 +162,9 @@ class RemoteJobRows:
             with self._lock:
                 self._cancel.pop(job_id, None)
                 self._flushed_at.pop(job_id, None)
+                beating = self._beating.pop(job_id, None)
+            if beating is not None:
+                beating.set()
 
     def cancel_requested(self, job_id: str) -> bool:
         with self._lock:

@@ -22,6 +22,7 @@ from service.builds.pipeline import BuildPipeline
 from service.builds.submit import BUILD_JOB
 from service.config import Settings
 from service.errors import ServiceError
+from service.jobs.leases import HEARTBEAT_INTERVAL_S
 from service.jobs.redis_queue import RedisJobQueue
 from service.jobs.runner import JobContext, JobExecutor, JobTarget
 from service.remote.client import WorkerApi
@@ -31,9 +32,12 @@ from service.remote.storage import RemoteBuildStorage, WorkerCache
 logger = logging.getLogger(__name__)
 
 
-def remote_executor(api: WorkerApi, cache: WorkerCache) -> JobExecutor:
+def remote_executor(
+    api: WorkerApi, cache: WorkerCache, *, heartbeat_s: float = HEARTBEAT_INTERVAL_S
+) -> JobExecutor:
     """An executor whose rows and build storage are the API server's."""
-    executor = JobExecutor(RemoteJobRows(api, claimant=f"{socket.gethostname()}/{uuid.uuid4().hex[:12]}"))
+    claimant = f"{socket.gethostname()}/{uuid.uuid4().hex[:12]}"
+    executor = JobExecutor(RemoteJobRows(api, claimant=claimant, heartbeat_s=heartbeat_s))
 
     def build(ctx: JobContext) -> dict[str, Any]:
         storage = RemoteBuildStorage(api, cache, ctx.job_id)

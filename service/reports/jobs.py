@@ -7,7 +7,7 @@ handlers lease the engine's warm runner from the :class:`RunnerPool` (shared wit
 a benchmark on an engine that also serves traffic measures that contention too) and store the
 report's ``to_dict()`` as the job result. Reports are job records: ``GET /v1/reports/{id}``.
 
-Start-up: call :func:`register` once after ``open_services`` and before ``services.runner.start()``.
+Start-up: call :func:`register` once after ``open_services`` and before ``services.start()``.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ class ReportJobs:
 def register(services: Services) -> ReportJobs:
     """Create the runner pool and the report handlers, and register the report job kinds.
 
-    Call once at start-up, after ``open_services`` and before ``services.runner.start()``.
+    Call once at start-up, after ``open_services`` and before ``services.start()``.
     """
     from service.serving import register as register_serving
 

@@ -87,9 +87,11 @@ MIGRATIONS: tuple[str, ...] = (
         created_at TEXT NOT NULL
     );
     """,
-    # 1 -> 2: who took a running job, so a remote worker can retry its claim after a lost answer.
+    # 1 -> 2: remote workers. Who took a running job (so a claim can be retried after a lost answer),
+    # and when that worker last said it is alive (so a job whose host was lost does not run forever).
     """
     ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
+    ALTER TABLE jobs ADD COLUMN heartbeat_at TEXT;
     """,
 )
 

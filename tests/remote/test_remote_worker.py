@@ -345,3 +345,56 @@ def test_an_empty_api_url_or_redis_url_stops_the_worker_instead_of_running_it_lo
     )
     assert no_redis.returncode == 2 and "ENGINE_SERVICE_REDIS_URL is empty" in no_redis.stderr
     assert not (tmp_path / "a" / "must-not-exist.db").exists()
+
+
+def test_a_remote_worker_keeps_the_lease_of_a_job_that_reports_nothing_for_longer_than_the_lease(
+    tmp_path: Path, redis_url: str
+) -> None:
+    import redis
+
+    from service.errors import BadInput
+    from service.jobs.redis_queue import RedisJobQueue
+    from service.jobs.worker import JobWorker, local_targets
+    from service.remote.client import WorkerApi
+    from service.remote.storage import WorkerCache
+    from service.remote.worker import remote_executor
+    from tests.model_factory import model_bytes, resnet_block_classifier
+    from tests.server import running_server, settings_for
+
+    redis.Redis.from_url(redis_url).flushdb()
+    settings = settings_for(
+        tmp_path / "api-host",
+        queue_backend="redis",
+        redis_url=redis_url,
+        worker_token=WORKER_TOKEN,
+        remote_job_lease_s=1.0,
+        remote_lease_sweep_s=0.1,
+    )
+    with running_server(settings) as api:
+        upload = api.post("/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier()))})
+        build = api.post(
+            "/v1/builds",
+            json={"model_id": upload.json()["id"], "precision": "fp32", "backend": "onnxruntime"},
+        )
+        job_id = build.json()["id"]
+        worker_api = WorkerApi(f"http://{settings.host}:{settings.port}", WORKER_TOKEN)
+        executor = remote_executor(worker_api, WorkerCache(tmp_path / "cache", 10**9), heartbeat_s=0.2)
+
+        def silent_build(ctx: JobContext) -> dict[str, Any]:  # like a backend build: minutes without a report
+            ends = time.monotonic() + 3.0
+            while time.monotonic() < ends:
+                ctx.check_cancelled()  # a lost lease would surface here as a cancellation
+                time.sleep(0.05)
+            raise BadInput("the silent build ran its 3 s")
+
+        executor.register("build", silent_build)
+        worker = JobWorker(
+            executor, RedisJobQueue.connect(redis_url), local_targets(["onnxruntime"]), generic=False
+        )
+        try:
+            worker.run(burst=True)
+        finally:
+            worker_api.close()
+        final = api.get(f"/v1/builds/{job_id}").json()
+    assert final["status"] == "failed"
+    assert final["error"] == "the silent build ran its 3 s"  # not lost: the beats kept the lease

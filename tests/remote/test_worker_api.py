@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,46 @@ def test_worker_uploads_are_held_to_their_own_limit(tmp_path: Path) -> None:
         )
     assert response.status_code == 413
     assert "ENGINE_SERVICE_MAX_WORKER_UPLOAD_BYTES" in response.json()["error"]["message"]
+
+
+def test_a_remote_job_stays_running_while_its_worker_beats_and_is_failed_as_lost_when_it_stops(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from service.jobs.leases import LOST_REASON
+    from tests.model_factory import model_bytes, resnet_block_classifier
+
+    settings = settings_for(
+        tmp_path,
+        queue_backend="redis",
+        redis_url=redis_url,
+        worker_token=WORKER_TOKEN,
+        remote_job_lease_s=1.0,
+        remote_lease_sweep_s=0.1,
+    )
+    with running_server(settings) as api:
+        model_id = api.post(
+            "/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier()))}
+        ).json()["id"]
+        job = api.post(
+            "/v1/builds", json={"model_id": model_id, "precision": "fp32", "backend": "onnxruntime"}
+        )
+        job_id = job.json()["id"]
+        worker = httpx.Client(base_url=str(api.base_url), headers={"X-Worker-Token": WORKER_TOKEN})
+        with worker:
+            _claim(worker, job_id)
+            for _ in range(12):  # 2.4 s of beats, more than twice the lease
+                assert worker.post(f"/v1/worker/jobs/{job_id}/heartbeat").status_code == 200
+                time.sleep(0.2)
+            assert api.get(f"/v1/builds/{job_id}").json()["status"] == "running"
+
+            deadline = time.monotonic() + 10  # silence: lease 1 s, sweeps every 0.1 s
+            while api.get(f"/v1/builds/{job_id}").json()["status"] == "running":
+                assert time.monotonic() < deadline, "the silent job was never failed"
+                time.sleep(0.1)
+            final = api.get(f"/v1/builds/{job_id}").json()
+            assert final["status"] == "failed" and final["error"] == LOST_REASON
+            # The worker, back from a partition, is told its job is over.
+            assert worker.post(f"/v1/worker/jobs/{job_id}/heartbeat").status_code == 409
+            assert (
+                worker.post(f"/v1/worker/jobs/{job_id}/progress", json={"progress": 0.9}).status_code == 409
+            )
