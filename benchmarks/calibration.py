@@ -187,7 +187,8 @@ def run_ours(job: dict[str, Any], phases: dict[str, float]) -> dict[str, Any]:
     """Ingest the calibration images as a set, then ``quantize_model`` with method entropy."""
     import onnx
 
-    from service.calibration.datasets import CalibrationSet, bind_to_model, ingest_calibration_upload
+    from service.calibration.datasets import CalibrationSet, bind_to_model
+    from service.calibration.ingest import ingest_calibration_upload
     from service.onnx_graph.inspect import model_inputs
     from service.quantize.inputs import calibration_inputs
     from service.quantize.pipeline import QuantizationPlan, quantize_model

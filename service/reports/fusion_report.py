@@ -49,7 +49,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from service.backends.base import EngineLayer, LayerReport
-from service.onnx_graph.fusions import SCALE_OPS, FusionAnalysis, FusionPattern
+from service.onnx_graph.fusion_ops import SCALE_OPS
+from service.onnx_graph.fusion_results import FusionAnalysis, FusionPattern
 
 Status = Literal["fused", "epilogue", "separate", "unverifiable", "missing"]
 

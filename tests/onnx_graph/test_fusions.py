@@ -13,7 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.onnx_graph.fusions import FusionAnalysis, FusionPattern, analyze_fusions
+from service.onnx_graph.fusion_results import FusionAnalysis, FusionPattern
+from service.onnx_graph.fusions import analyze_fusions
 from tests.model_factory import resnet_block_classifier, two_input_adder
 
 
