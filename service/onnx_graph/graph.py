@@ -66,11 +66,26 @@ def _outer_references(graph: onnx.GraphProto) -> set[str]:
     return referenced - defined
 
 
+def tensor_value(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's value, or InvalidModel when its data does not fit its dims or type.
+
+    The ONNX checker does not compare an initializer's data with its declared shape, so a damaged
+    model reaches here; numpy's reshape error would otherwise surface as a crash.
+    """
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, KeyError, TypeError) as exc:
+        dims = list(tensor.dims)
+        raise InvalidModel(
+            f"Tensor '{tensor.name}' holds data that does not fit its type and dims {dims} ({exc})."
+        ) from exc
+
+
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value a ``Constant`` node holds, for the numeric forms of its attribute."""
     for attr in node.attribute:
         if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
+            return tensor_value(attr.t)
         if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
             return np.asarray(helper.get_attribute_value(attr))
     return None
@@ -178,7 +193,7 @@ class GraphIndex:
             seen.add(tensor)
             init = self.initializers.get(tensor)
             if init is not None:
-                return numpy_helper.to_array(init)
+                return tensor_value(init)
             node = self.producer(tensor)
             if node is None:
                 return None

@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from service.errors import InvalidModel
+from service.onnx_graph.graph import tensor_value
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
@@ -212,7 +213,7 @@ class GraphIndex:
         return name in self.initializers
 
     def constant(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.initializers[name])
+        return tensor_value(self.initializers[name])
 
     def constant_type(self, name: str) -> int:
         return int(self.initializers[name].data_type)
@@ -373,7 +374,7 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     for attr in node.attribute:
         if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return numpy_helper.to_array(attr.t)
+            return tensor_value(attr.t)
         if attr.name == "value_float":
             return np.array(attr.f, dtype=np.float32)
         if attr.name == "value_floats":

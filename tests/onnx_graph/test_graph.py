@@ -192,3 +192,21 @@ def test_depths_make_the_longer_branch_of_a_residual_block_deeper() -> None:
     # block_bn2 ends the two-conv branch; stem_relu is the shortcut into the same Add.
     assert depths["block_bn2"] > depths["stem_relu"]
     assert depths["stem_conv"] == 1, "weights do not add depth"
+
+
+@pytest.mark.parametrize("damage", ["extra_values", "unknown_dtype"])
+def test_a_constant_whose_data_does_not_fit_its_dims_is_an_invalid_model_not_a_crash(damage: str) -> None:
+    # Found by the protobuf fuzzer: the ONNX checker passes such a model, numpy's reshape then raised.
+    from service.onnx_graph.fusions import analyze_fusions
+
+    model = resnet_block_classifier()
+    clip_min = next(init for init in model.graph.initializer if init.name == "clip_min")
+    if damage == "extra_values":
+        clip_min.CopyFrom(numpy_helper.from_array(np.array([0.0, 1.0], np.float32), "clip_min"))
+        del clip_min.dims[:]  # declared a scalar, holds two values
+        onnx.checker.check_model(model)  # the checker lets it through
+    else:
+        clip_min.data_type = -1
+    with pytest.raises(InvalidModel, match="clip_min"):
+        analyze_fusions(model)
+    assert issubclass(InvalidModel, BadInput)  # so an upload answers 400
