@@ -21,11 +21,12 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from service.errors import Conflict, NotFound, ServiceError
 from service.jobs.leases import HEARTBEAT_INTERVAL_S
-from service.jobs.records import JobRecord, JobStatus
+from service.jobs.records import LOG_LIMIT_CHARS, JobRecord, JobStatus
 from service.remote.client import WorkerApi
 
 logger = logging.getLogger(__name__)
@@ -91,23 +92,22 @@ class RemoteJobRows:
         return True
 
     def update_progress(self, job_id: str, progress: float, phase: str | None) -> None:
-        try:
-            self._learn_cancel(job_id, self.api.progress(job_id, progress, phase))
-        except Conflict:
-            self._learn_cancel(job_id, True)  # the job ended on the server (failed as abandoned): stop
-        except ServiceError as exc:
-            logger.warning("job %s: progress not recorded on the API server: %s", job_id, exc.message)
+        self._report(job_id, "progress", lambda: self.api.progress(job_id, progress, phase))
 
     def heartbeat(self, job_id: str) -> bool:
-        """Renew the job's lease on the server (service.jobs.leases); False once the job has ended there,
-        which also makes the running handler stop at its next cancellation check."""
+        """Renew the job's lease on the server (service.jobs.leases); False once the job has ended there."""
+        return self._report(job_id, "heartbeat", lambda: self.api.heartbeat(job_id))
+
+    def _report(self, job_id: str, what: str, send: Callable[[], bool]) -> bool:
+        """Send one report about a running job; its answer carries the cancel flag. False when the
+        server says the job has ended (409: failed as lost, say), which makes the handler stop too."""
         try:
-            self._learn_cancel(job_id, self.api.heartbeat(job_id))
+            self._learn_cancel(job_id, send())
         except Conflict:
             self._learn_cancel(job_id, True)
             return False
         except ServiceError as exc:
-            logger.warning("job %s: heartbeat not recorded on the API server: %s", job_id, exc.message)
+            logger.warning("job %s: %s not recorded on the API server: %s", job_id, what, exc.message)
         return True
 
     def _start_beating(self, job_id: str) -> None:
@@ -133,12 +133,8 @@ class RemoteJobRows:
         with self._lock:
             text = "".join(self._pending_log.pop(job_id, []))
             self._flushed_at[job_id] = time.monotonic()
-        if not text:
-            return
-        try:
-            self._learn_cancel(job_id, self.api.append_log(job_id, text[-64_000:]))
-        except ServiceError as exc:
-            logger.warning("job %s: log lines not recorded on the API server: %s", job_id, exc.message)
+        if text:
+            self._report(job_id, "log lines", lambda: self.api.append_log(job_id, text[-LOG_LIMIT_CHARS:]))
 
     def finish(
         self,
