@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,3 +54,29 @@ def remote_setup(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> It
 
 def api_host_root(setup: RemoteSetup) -> Path:
     return setup.settings.database_path.parent
+
+
+@contextmanager
+def short_lease_server(root: Path, redis_url: str) -> Iterator[tuple[httpx.Client, Settings, str]]:
+    """A server whose remote jobs lose their lease after 1 s of silence (swept every 0.1 s), with one
+    queued fp32 build nobody has taken yet: yields the client, the settings and the job id."""
+    import redis
+
+    # Empty Redis, so a burst worker in the test takes this server's build and no other module's job.
+    redis.Redis.from_url(redis_url).flushdb()
+    settings = settings_for(
+        root,
+        queue_backend="redis",
+        redis_url=redis_url,
+        worker_token=WORKER_TOKEN,
+        remote_job_lease_s=1.0,
+        remote_lease_sweep_s=0.1,
+    )
+    with running_server(settings) as api:
+        upload = api.post("/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier()))})
+        build = api.post(
+            "/v1/builds",
+            json={"model_id": upload.json()["id"], "precision": "fp32", "backend": "onnxruntime"},
+        )
+        assert build.status_code == 202, build.text
+        yield api, settings, build.json()["id"]

@@ -22,7 +22,7 @@ import pytest
 from service.jobs.runner import JobContext
 from tests.api.conftest import wait_for_job
 from tests.data_factory import classifier_samples
-from tests.remote.conftest import WORKER_TOKEN, RemoteSetup, api_host_root
+from tests.remote.conftest import WORKER_TOKEN, RemoteSetup, api_host_root, short_lease_server
 
 pytest.importorskip("rq", reason="the 'redis' extra (rq, redis) is not installed")
 
@@ -350,33 +350,14 @@ def test_an_empty_api_url_or_redis_url_stops_the_worker_instead_of_running_it_lo
 def test_a_remote_worker_keeps_the_lease_of_a_job_that_reports_nothing_for_longer_than_the_lease(
     tmp_path: Path, redis_url: str
 ) -> None:
-    import redis
-
     from service.errors import BadInput
     from service.jobs.redis_queue import RedisJobQueue
     from service.jobs.worker import JobWorker, local_targets
     from service.remote.client import WorkerApi
     from service.remote.storage import WorkerCache
     from service.remote.worker import remote_executor
-    from tests.model_factory import model_bytes, resnet_block_classifier
-    from tests.server import running_server, settings_for
 
-    redis.Redis.from_url(redis_url).flushdb()
-    settings = settings_for(
-        tmp_path / "api-host",
-        queue_backend="redis",
-        redis_url=redis_url,
-        worker_token=WORKER_TOKEN,
-        remote_job_lease_s=1.0,
-        remote_lease_sweep_s=0.1,
-    )
-    with running_server(settings) as api:
-        upload = api.post("/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier()))})
-        build = api.post(
-            "/v1/builds",
-            json={"model_id": upload.json()["id"], "precision": "fp32", "backend": "onnxruntime"},
-        )
-        job_id = build.json()["id"]
+    with short_lease_server(tmp_path / "api-host", redis_url) as (api, settings, job_id):
         worker_api = WorkerApi(f"http://{settings.host}:{settings.port}", WORKER_TOKEN)
         executor = remote_executor(worker_api, WorkerCache(tmp_path / "cache", 10**9), heartbeat_s=0.2)
 

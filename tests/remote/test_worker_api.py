@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from service.runtime import open_services
-from tests.remote.conftest import WORKER_TOKEN, RemoteSetup
+from tests.remote.conftest import WORKER_TOKEN, RemoteSetup, short_lease_server
 from tests.server import running_server, settings_for
 
 pytest.importorskip("rq", reason="the 'redis' extra (rq, redis) is not installed")
@@ -280,24 +280,8 @@ def test_a_remote_job_stays_running_while_its_worker_beats_and_is_failed_as_lost
     tmp_path: Path, redis_url: str
 ) -> None:
     from service.jobs.leases import LOST_REASON
-    from tests.model_factory import model_bytes, resnet_block_classifier
 
-    settings = settings_for(
-        tmp_path,
-        queue_backend="redis",
-        redis_url=redis_url,
-        worker_token=WORKER_TOKEN,
-        remote_job_lease_s=1.0,
-        remote_lease_sweep_s=0.1,
-    )
-    with running_server(settings) as api:
-        model_id = api.post(
-            "/v1/models", files={"file": ("m.onnx", model_bytes(resnet_block_classifier()))}
-        ).json()["id"]
-        job = api.post(
-            "/v1/builds", json={"model_id": model_id, "precision": "fp32", "backend": "onnxruntime"}
-        )
-        job_id = job.json()["id"]
+    with short_lease_server(tmp_path, redis_url) as (api, _, job_id):
         worker = httpx.Client(base_url=str(api.base_url), headers={"X-Worker-Token": WORKER_TOKEN})
         with worker:
             _claim(worker, job_id)
