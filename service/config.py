@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.backends.cpu_isa import IsaClass
+
 GIB = 1024**3
 MIB = 1024**2
 MIN_WORKER_TOKEN_CHARS = 20
@@ -66,10 +68,14 @@ class Settings(BaseSettings):
     remote_job_lease_s: float = Field(default=180.0, ge=1.0)
     remote_lease_sweep_s: float = Field(default=30.0, gt=0.0)
 
+    # The CPU integer class ONNX Runtime engines are built for (see service/backends/cpu_isa.py); unset:
+    # this host's. Set it to build for a fleet of another class, or to test the 7-bit-weight path.
+    cpu_isa: IsaClass | None = None
+
     log_level: str = "INFO"
     log_json: bool = False
 
-    @field_validator("worker_token", "api_url", mode="before")
+    @field_validator("worker_token", "api_url", "cpu_isa", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # Compose passes unset variables as empty strings (``${VAR:-}``); empty means "not configured".

@@ -15,6 +15,7 @@ from service.backends.base import ShapeRange
 from service.builds.keys import CalibrationOptions
 from service.builds.requests import BuildRequest
 from service.builds.submit import BUILD_JOB, submit_build
+from service.reports.tasks import AccuracyTarget, TaskSpec, targets_of
 
 router = APIRouter(prefix="/v1/builds", tags=["builds"])
 
@@ -28,10 +29,15 @@ class ShapeRangeIn(BaseModel):
 
 class CalibrationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Literal["entropy", "max", "percentile", "mse", "auto"] = "entropy"
+    method: Literal["entropy", "max", "percentile", "mse", "auto"] = Field(
+        default="auto",
+        description="'auto' (default) searches method, per-tensor thresholds and layers kept in float "
+        "until the accuracy target holds; a named method is used as is.",
+    )
     percentile: float = Field(default=99.99, gt=50.0, le=100.0)
     max_samples: int | None = Field(default=None, ge=1)
-    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    holdout_seed: int = Field(default=0, ge=0, description="Seed of the random draw of held-out samples.")
 
 
 class BuildCreate(BaseModel):
@@ -52,6 +58,14 @@ class BuildCreate(BaseModel):
         "part of the device name (e.g. 'H100') or its compute capability (e.g. 'sm_90').",
     )
 
+    task: TaskSpec | None = Field(
+        default=None, description="The task whose metric judges INT8 (default: the model's, else guessed)."
+    )
+    accuracy_target: AccuracyTarget | list[AccuracyTarget] | None = Field(
+        default=None,
+        description="What INT8 must keep, e.g. {'metric': 'top1_agreement', 'min': 0.99}; default per task.",
+    )
+
     @model_validator(mode="after")
     def _eval_needs_calibration(self) -> BuildCreate:
         if self.eval_set_id and not self.calibration_set_id:
@@ -66,6 +80,8 @@ class BuildCreate(BaseModel):
             calibration_set_id=self.calibration_set_id,
             eval_set_id=self.eval_set_id,
             calibration=CalibrationOptions(**self.calibration.model_dump()),
+            task=self.task,
+            accuracy_targets=targets_of(self.accuracy_target),
             keep=tuple(self.keep),
             shapes={k: ShapeRange(tuple(v.min), tuple(v.opt), tuple(v.max)) for k, v in self.shapes.items()},
             device=self.device,

@@ -22,6 +22,9 @@ class JobPublic(BaseModel):
     finished_at: str | None
     params: dict[str, Any]
     result: dict[str, Any] | None
+    # Shortfalls are never silent: an INT8 result below its accuracy target says so here, first.
+    target_met: bool | None = None
+    warnings: list[str] = []
 
 
 def job_public(record: JobRecord, *, log_lines: int = 40) -> dict[str, Any]:
@@ -38,4 +41,6 @@ def job_public(record: JobRecord, *, log_lines: int = 40) -> dict[str, Any]:
         "finished_at": record.finished_at,
         "params": record.params,
         "result": record.result,
+        "target_met": (record.result or {}).get("target_met"),
+        "warnings": list((record.result or {}).get("warnings") or []),
     }

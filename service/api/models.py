@@ -7,11 +7,12 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
 from service.api.uploads import receive_upload, upload_body_schema
+from service.reports.tasks import TaskSpec
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -43,6 +44,19 @@ class ModelPublic(BaseModel):
     outputs: list[TensorSpecPublic]
     op_counts: dict[str, int]
     quantization: QuantizationPublic
+    task: TaskSpec | None = None
+
+
+class ModelUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: TaskSpec | None = Field(
+        description="The task whose metric judges INT8 accuracy (null: guess it from the outputs).",
+        examples=[
+            {"kind": "classification"},
+            {"kind": "detection", "detection": {"layout": "channels_first", "score_threshold": 0.25}},
+            {"kind": "segmentation", "threshold": 0.3},
+        ],
+    )
 
 
 class FusionPatternPublic(BaseModel):
@@ -91,6 +105,12 @@ def list_models(services: ServicesDep, source: str | None = None) -> list[dict[s
 def read_model(model_id: str, services: ServicesDep) -> dict[str, Any]:
     """One model's record."""
     return services.models.get(model_id).to_dict()
+
+
+@router.patch("/{model_id}", response_model=ModelPublic)
+def update_model(model_id: str, body: ModelUpdate, services: ServicesDep) -> dict[str, Any]:
+    """Name the model's task (classification, detection, segmentation, generic) and its metric options."""
+    return services.models.set_task(model_id, body.task).to_dict()
 
 
 @router.get("/{model_id}/onnx", response_class=FileResponse)

@@ -14,6 +14,7 @@ from service.api.jobs_common import JobPublic, job_public
 from service.errors import BadInput, Conflict
 from service.quantize.job import QUANTIZATION_JOB
 from service.quantize.skip import SkipSpec
+from service.reports.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.runtime import Services
 
 router = APIRouter(prefix="/v1/quantizations", tags=["quantizations"])
@@ -24,13 +25,25 @@ class QuantizationCreate(BaseModel):
     model_id: str
     calibration_set_id: str
     eval_set_id: str | None = None
-    method: Literal["entropy", "max", "percentile", "mse", "auto"] = "entropy"
+    method: Literal["entropy", "max", "percentile", "mse", "auto"] = Field(
+        default="auto",
+        description="'auto' (default) searches method, per-tensor thresholds and layers kept in float "
+        "until the accuracy target holds; a named method is used as is.",
+    )
     percentile: float = Field(default=99.99, gt=50.0, le=100.0)
     skip: list[str] = Field(default_factory=list, description="Node names, op types, 'first' or 'last'.")
     sensitivity: Literal["off", "rank", "auto"] = "off"
     min_snr_db: float | None = Field(default=None, description="Accuracy bound for sensitivity 'auto'.")
     min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0)
-    holdout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    holdout_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    holdout_seed: int = Field(default=0, ge=0, description="Seed of the random draw of held-out samples.")
+    task: TaskSpec | None = Field(
+        default=None, description="The task whose metric judges INT8 (default: the model's, else guessed)."
+    )
+    accuracy_target: AccuracyTarget | list[AccuracyTarget] | None = Field(
+        default=None,
+        description="What INT8 must keep, e.g. {'metric': 'top1_agreement', 'min': 0.99}; default per task.",
+    )
     max_samples: int | None = Field(default=None, ge=1)
     target: Literal["tensorrt", "onnxruntime"] = Field(
         default="tensorrt",
@@ -74,7 +87,9 @@ async def create_quantization(
 ) -> JSONResponse:
     """Start calibrating and quantizing an FP32 model; follow it with GET /v1/quantizations/{id}."""
     await run_in_threadpool(_validate, body, services)
-    record, _ = services.runner.submit(QUANTIZATION_JOB, body.model_dump(), owner=current_owner(request))
+    params = body.model_dump(exclude={"accuracy_target"})
+    params["accuracy_targets"] = [t.model_dump() for t in targets_of(body.accuracy_target)]
+    record, _ = services.runner.submit(QUANTIZATION_JOB, params, owner=current_owner(request))
     return JSONResponse(status_code=202, content=job_public(record))
 
 

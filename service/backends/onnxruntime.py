@@ -52,6 +52,7 @@ from service.backends.base import (
     StageTimings,
 )
 from service.backends.build_input import build_input_from
+from service.backends.cpu_isa import CpuIsa, host_cpu_isa
 from service.backends.layer_report import layer_report_from_optimized_graph
 from service.errors import (
     BackendUnavailable,
@@ -84,12 +85,13 @@ class OnnxRuntimeBackend:
 
     name = NAME
 
-    def __init__(self, *, intra_op_threads: int | None = None) -> None:
+    def __init__(self, *, intra_op_threads: int | None = None, cpu_isa: str | None = None) -> None:
         if intra_op_threads is not None and intra_op_threads < 1:
             raise BadInput(
                 f"intra_op_threads must be >= 1 or None (ONNX Runtime's default), got {intra_op_threads}."
             )
         self.intra_op_threads = intra_op_threads
+        self.cpu_isa = host_cpu_isa(cpu_isa)  # decides the INT8 weight range of its Q/DQ placement
         self._info: BackendInfo | None = None
         self._info_lock = threading.Lock()
 
@@ -105,7 +107,10 @@ class OnnxRuntimeBackend:
             if self._info is None:
                 ort = _module()
                 self._info = BackendInfo(
-                    name=NAME, version=str(ort.__version__), device=cpu_description(), strongly_typed=True
+                    name=NAME,
+                    version=str(ort.__version__),
+                    device=cpu_description(self.cpu_isa),
+                    strongly_typed=True,
                 )
             return self._info
 
@@ -239,9 +244,14 @@ class OrtRunner:
         self.close()
 
 
-@lru_cache(maxsize=1)
-def cpu_description() -> str:
-    """``CPU (<model>, <vector ISA>, <n> cores)``: the ISA decides the NCHWc layouts ORT bakes in."""
+@lru_cache(maxsize=8)
+def cpu_description(isa: CpuIsa | None = None) -> str:
+    """``CPU (<model>, <vector ISA>, int8 <class>, <n> cores)``.
+
+    The vector ISA decides the NCHWc layouts ORT bakes in; the integer class (``cpu_isa.py``) decides
+    how its INT8 kernels accumulate and so how weights are quantized. Both are part of every key.
+    """
+    isa = isa or host_cpu_isa()
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
@@ -251,10 +261,10 @@ def cpu_description() -> str:
         pass  # not Linux: the processor string is all there is
     model = fields.get("model name") or platform.processor() or platform.machine()
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    isa = next(
+    vector = next(
         (name for name in ("avx512f", "avx2", "avx", "asimd", "neon") if name in flags), platform.machine()
     )
-    return f"CPU ({model}, {isa}, {os.cpu_count() or 1} cores)"
+    return f"CPU ({model}, {vector}, int8 {isa.isa}, {os.cpu_count() or 1} cores)"
 
 
 def _renumber_generated_names(model: onnx.ModelProto, original_names: set[str]) -> None:

@@ -34,8 +34,9 @@ def _make_tensorrt_rtx() -> Backend:
 
 def _make_onnxruntime() -> Backend:
     from service.backends.onnxruntime import OnnxRuntimeBackend
+    from service.config import get_settings
 
-    return OnnxRuntimeBackend()
+    return OnnxRuntimeBackend(cpu_isa=get_settings().cpu_isa)
 
 
 _FACTORIES: dict[str, Callable[[], Backend]] = {

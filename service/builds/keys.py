@@ -18,18 +18,29 @@ CalibrationMethodName = Literal["entropy", "max", "percentile", "mse", "auto"]
 
 # Bumped whenever the service changes what it hands a builder for the same request (Q/DQ placement,
 # FP16 typing, BN folding...), so engines prepared the old way are rebuilt instead of served.
-PREPARATION_VERSION = 2
+PREPARATION_VERSION = 3  # 3: accuracy search, 7-bit ORT weights on saturating CPUs, random held-out draw
 
 
 @dataclass(frozen=True)
 class CalibrationOptions:
-    method: CalibrationMethodName = "entropy"
+    method: CalibrationMethodName = "auto"  # auto: the accuracy search (quantize/search.py)
     percentile: float = 99.99
     max_samples: int | None = None  # cap on calibration samples used (None: all)
-    holdout_fraction: float = 0.1  # share of the set held out for the accuracy check
+    holdout_fraction: float = 0.2  # share of the set held out for the accuracy check
+    holdout_seed: int = 0  # the held-out samples are drawn at random with this seed
+    task: dict[str, Any] | None = None  # TaskSpec as JSON; None: guessed from the outputs
+    accuracy_targets: tuple[dict[str, Any], ...] = ()  # AccuracyTarget as JSON; empty: task defaults
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["accuracy_targets"] = list(self.accuracy_targets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationOptions:
+        values = dict(data)
+        values["accuracy_targets"] = tuple(values.get("accuracy_targets", ()))
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,7 @@ class BuildConfig:
             precision=data["precision"],
             keep=tuple(sorted(data.get("keep", ()))),
             shapes=shapes,
-            calibration=CalibrationOptions(**calibration) if calibration else None,
+            calibration=CalibrationOptions.from_dict(calibration) if calibration else None,
             workspace_bytes=data.get("workspace_bytes"),
             extra=tuple(sorted(data.get("extra", {}).items())),
         )

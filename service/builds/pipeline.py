@@ -25,6 +25,7 @@ from service.quantize.inputs import calibration_inputs
 from service.quantize.pipeline import QuantizationOutcome, QuantizationPlan, quantize_model
 from service.quantize.placement import PlacementTarget
 from service.reports.fusion_report import verify_fusions
+from service.reports.tasks import AccuracyTarget, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,15 @@ class BuildPipeline:
                 calibration_cache=prepared.quantization.calibration_cache if prepared.quantization else None,
             )
         )
-        return {"engine_id": engine_id, "cache": "miss", "build_seconds": built.build_seconds}
+        return {
+            "engine_id": engine_id,
+            "cache": "miss",
+            "build_seconds": built.build_seconds,
+            "task": report["task"],
+            "target_met": report["target_met"],
+            "int8_share": report["int8_share"],
+            "warnings": report["warnings"],
+        }
 
     def prepare(
         self,
@@ -156,12 +165,21 @@ class BuildPipeline:
             eval_binding=eval_binding,
             holdout_fraction=options.holdout_fraction,
             max_samples=options.max_samples,
+            holdout_seed=options.holdout_seed,
         )
+        ctx.log(
+            f"{data.calibration_samples} calibration and {data.holdout_samples} held-out samples"
+            + (f" (drawn with seed {data.holdout_seed})" if data.holdout_seed is not None else "")
+        )
+        target = placement_target(key.backend.name)
         plan = QuantizationPlan(
             method=options.method,
             percentile=options.percentile,
             skip=key.config.keep,
-            target=placement_target(key.backend.name),
+            target=target,
+            ort_weight_max=ort_weight_max() if target == "onnxruntime" else 127,
+            task=TaskSpec.model_validate(options.task) if options.task else None,
+            accuracy_targets=tuple(AccuracyTarget.model_validate(t) for t in options.accuracy_targets),
         )
         return quantize_model(
             model,
@@ -194,13 +212,25 @@ class BuildPipeline:
         analysis = analyze_fusions(model)
         verification = verify_fusions(analysis, built.layer_report, backend=built.info.name)
         accuracy: dict[str, Any] | None = None
-        if prepared.quantization is not None and prepared.quantization.accuracy is not None:
+        outcome = prepared.quantization
+        if outcome is not None and outcome.accuracy is not None:
+            simulated = outcome.target != "onnxruntime"
             accuracy = {
-                "measured_with": "onnxruntime (CPU)",
+                "measured_with": "onnxruntime (CPU)"
+                + (
+                    ", Q/DQ simulated in float as the GPU computes it"
+                    if simulated
+                    else ", this engine's kernels"
+                ),
                 "compared": "FP32 model vs the Q/DQ model built into this engine, on held-out samples",
-                **prepared.quantization.accuracy.to_dict(),
+                **outcome.accuracy.to_dict(),
             }
         return {
+            # What a user decides on comes first: the task metric, the verdict, the warnings.
+            "task": accuracy["task"] if accuracy else None,
+            "target_met": outcome.target_met if outcome is not None else None,
+            "int8_share": outcome.search.int8_share if outcome is not None and outcome.search else None,
+            "warnings": list(outcome.warnings) if outcome is not None else [],
             "backend": {
                 "name": built.info.name,
                 "version": built.info.version,
@@ -216,6 +246,14 @@ class BuildPipeline:
             "quantization": prepared.quantization.summary() if prepared.quantization else None,
             "build_log_tail": built.build_log.splitlines()[-60:],
         }
+
+
+def ort_weight_max() -> int:
+    """The weight range of ONNX Runtime INT8 engines built here (7 bits where U8S8 pairs saturate)."""
+    from service.backends.onnxruntime import OnnxRuntimeBackend
+
+    backend = get_backend("onnxruntime")
+    return backend.cpu_isa.int8_weight_max if isinstance(backend, OnnxRuntimeBackend) else 127
 
 
 def placement_target(backend_name: str) -> PlacementTarget:

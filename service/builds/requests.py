@@ -7,12 +7,13 @@ only fails for reasons the builder itself discovers.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from service.backends.base import BackendInfo, Precision, ShapeRange
 from service.builds.keys import BuildConfig, CalibrationOptions, EngineKey
 from service.errors import BadInput
 from service.onnx_graph.inspect import ModelInfo
+from service.reports.tasks import AccuracyTarget, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,18 @@ class BuildRequest:
     shapes: Mapping[str, ShapeRange] = field(default_factory=dict)
     # Picks one build target when several are live (see service.builds.targets).
     device: str | None = None
+    task: TaskSpec | None = None  # None: the model's named task, else guessed
+    accuracy_targets: tuple[AccuracyTarget, ...] = ()
 
 
-def build_config_from_request(request: BuildRequest, model: ModelInfo) -> BuildConfig:
-    """Validate what does not depend on the backend and produce the canonical config."""
+def build_config_from_request(
+    request: BuildRequest, model: ModelInfo, model_task: TaskSpec | None = None
+) -> BuildConfig:
+    """Validate what does not depend on the backend and produce the canonical config.
+
+    The task (the request's, else the one named on the model) and the accuracy targets are part of
+    the calibration options, hence of the engine key: they decide what the accuracy search keeps.
+    """
     if request.precision == "int8" and not model.quantization.explicit and request.calibration_set_id is None:
         raise BadInput(
             "precision 'int8' on an FP32 model needs a calibration_set_id (upload one with "
@@ -41,6 +50,14 @@ def build_config_from_request(request: BuildRequest, model: ModelInfo) -> BuildC
     calibration = (
         request.calibration if request.precision == "int8" and not model.quantization.explicit else None
     )
+    task = request.task or model_task
+    if calibration is not None and (task is not None or request.accuracy_targets):
+        calibration = replace(
+            calibration,
+            task=task.model_dump(exclude_none=True) if task is not None else calibration.task,
+            accuracy_targets=tuple(t.model_dump() for t in request.accuracy_targets)
+            or calibration.accuracy_targets,
+        )
     # The held-out set can change the engine (method "auto" and sensitivity pick by accuracy on it).
     extra = (("eval_set_id", request.eval_set_id),) if calibration is not None and request.eval_set_id else ()
     return BuildConfig(

@@ -46,7 +46,7 @@ def submit_build(
             "The onnxruntime backend builds CPU engines, where FP16 brings no speed; "
             "ask for fp32 or int8, or use backend 'tensorrt-rtx' for an FP16 GPU engine."
         )
-    config = build_config_from_request(request, model.info)
+    config = build_config_from_request(request, model.info, model.task)
     # TensorRT-family builders need a range for every dynamic input; ONNX Runtime takes any shape.
     shape_ranges_for(model.info.inputs, request.shapes, complete=backend.name != "onnxruntime")
     if request.keep:
@@ -62,7 +62,8 @@ def submit_build(
             and config.calibration.holdout_fraction <= 0
         ):
             raise BadInput(
-                "method 'auto' compares methods on held-out samples: "
+                "method 'auto' searches for the configuration that meets the accuracy target on "
+                "held-out samples: "
                 "give eval_set_id or holdout_fraction > 0."
             )
     key = engine_key(request, config, target)

@@ -69,8 +69,10 @@ class CalibrationSet:
         start: int = 0,
         stop: int | None = None,
         bind: Mapping[str, str] | None = None,
+        indices: Sequence[int] | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Samples ``start:stop`` in order, ``batch_size`` at a time (the last batch may be shorter).
+        """Samples ``start:stop`` (or the samples ``indices`` lists) in order, ``batch_size`` at a time
+        (the last batch may be shorter).
 
         Keys are the stored names, or the model input names of ``bind`` (model name -> stored name,
         as returned by :func:`bind_to_model`). Each batch is a fresh C-contiguous copy.
@@ -85,16 +87,25 @@ class CalibrationSet:
         unknown = sorted(set(binding.values()) - set(positions))
         if unknown:
             raise BadInput(f"The set holds no arrays named {unknown}; it holds {sorted(positions)}.")
-        return self._batches(batch_size, start, stop, {key: positions[name] for key, name in binding.items()})
+        rows = np.arange(start, stop) if indices is None else np.asarray(indices, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.samples):
+            raise BadInput(f"Sample indices must lie in [0, {self.samples}).")
+        return self._batches(batch_size, rows, {key: positions[name] for key, name in binding.items()})
 
     def _batches(
-        self, batch_size: int, start: int, stop: int, sources: dict[str, int]
+        self, batch_size: int, rows: np.ndarray, sources: dict[str, int]
     ) -> Iterator[dict[str, np.ndarray]]:
         arrays = {key: self._memmap(index) for key, index in sources.items()}
         try:
-            for first in range(start, stop, batch_size):
-                last = min(first + batch_size, stop)
-                yield {key: np.array(array[first:last]) for key, array in arrays.items()}
+            for first in range(0, rows.size, batch_size):
+                chosen = rows[first : first + batch_size]
+                contiguous = chosen.size and int(chosen[-1]) - int(chosen[0]) == chosen.size - 1
+                yield {
+                    key: np.array(
+                        array[int(chosen[0]) : int(chosen[-1]) + 1] if contiguous else array[chosen]
+                    )
+                    for key, array in arrays.items()
+                }
         finally:
             arrays.clear()  # drop the mappings as soon as the caller stops iterating
 
@@ -115,6 +126,15 @@ class CalibrationSet:
                 )
             held = min(max(held, 1), total - 1)
         return range(0, total - held), range(total - held, total)
+
+    def random_split(self, holdout_fraction: float, seed: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(calibration samples, held-out samples) as sorted indices, the held-out ones drawn at random
+        with ``seed`` (as many as :meth:`split` holds out), so no naming order biases the check."""
+        _, held = self.split(holdout_fraction)
+        chosen = np.random.default_rng(seed).permutation(self.samples)
+        holdout = np.sort(chosen[: len(held)])
+        rest = np.sort(chosen[len(held) :])
+        return tuple(int(i) for i in rest), tuple(int(i) for i in holdout)
 
     def _memmap(self, index: int) -> np.ndarray:
         path = self.directory / array_file(index)

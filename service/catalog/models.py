@@ -18,6 +18,7 @@ from service.errors import Conflict, NotFound
 from service.jobs.records import utc_now
 from service.onnx_graph.inspect import ModelInfo, model_info
 from service.onnx_graph.loading import model_from_bytes
+from service.reports.tasks import TaskSpec
 from service.store.blobs import BlobStore, StagedUpload
 from service.store.db import Database
 
@@ -31,6 +32,7 @@ class ModelRecord:
     source: str  # upload | quantization | build
     parent_id: str | None
     created_at: str
+    task: TaskSpec | None = None  # named by the user; None: guessed from the outputs when judged
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -40,6 +42,7 @@ class ModelRecord:
             "source": self.source,
             "parent_id": self.parent_id,
             "created_at": self.created_at,
+            "task": self.task.model_dump(exclude_none=True) if self.task else None,
             **self.info.to_dict(),
         }
 
@@ -53,6 +56,7 @@ def _record(row: Any) -> ModelRecord:
         source=row["source"],
         parent_id=row["parent_id"],
         created_at=row["created_at"],
+        task=TaskSpec.model_validate_json(row["task_json"]) if row["task_json"] else None,
     )
 
 
@@ -111,6 +115,16 @@ class ModelCatalog:
         if record is None:
             raise NotFound(f"No model with id '{model_id}'. List models with GET /v1/models.")
         return record
+
+    def set_task(self, model_id: str, task: TaskSpec | None) -> ModelRecord:
+        """Name (or, with None, forget) the task that judges this model's INT8 accuracy."""
+        self.get(model_id)
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE models SET task_json = ? WHERE id = ?",
+                (task.model_dump_json(exclude_none=True) if task else None, model_id),
+            )
+        return self.get(model_id)
 
     def list(self, *, source: str | None = None) -> list[ModelRecord]:
         if source is None:

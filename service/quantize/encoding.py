@@ -36,8 +36,11 @@ class ActivationEncoding:
         return np.array(self.zero_point, dtype=np.uint8 if self.dtype == "uint8" else np.int8)
 
 
-def quantize_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric INT8 values and float32 scales of a float weight (per channel along ``axis``).
+def quantize_weight(
+    weight: np.ndarray, axis: int | None, *, qmax: int = INT8_MAX
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric INT8 values in [-qmax, qmax] and float32 scales of a float weight (per channel along
+    ``axis``). ``qmax`` 64 is the 7-bit range for CPUs whose U8S8 kernels saturate (``cpu_isa.py``).
 
     Scales are FP16-exact (see :func:`fp16_exact_scales`), so FP16 typing never re-rounds them.
     """
@@ -49,8 +52,8 @@ def quantize_weight(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, n
         reduce_axes = tuple(a for a in range(values.ndim) if a != axis)
         amax = np.max(np.abs(values), axis=reduce_axes) if values.size else np.zeros(values.shape[axis])
         shape = [-1 if a == axis else 1 for a in range(values.ndim)]
-    scale = fp16_exact_scales(np.where(amax > 0, amax / INT8_MAX, 1.0))
-    quantized = np.clip(np.rint(values / scale.astype(np.float64).reshape(shape)), -INT8_MAX, INT8_MAX)
+    scale = fp16_exact_scales(np.where(amax > 0, amax / qmax, 1.0))
+    quantized = np.clip(np.rint(values / scale.astype(np.float64).reshape(shape)), -qmax, qmax)
     return quantized.astype(np.int8), scale
 
 

@@ -1,7 +1,8 @@
 """Calibration and held-out batches for a model, from stored calibration sets.
 
-Held-out samples come from a separate evaluation set when one is given, else from a deterministic
-split of the calibration set; they are never used for calibration. Batches are read lazily from
+Held-out samples come from a separate evaluation set when one is given, else they are drawn at random
+from the calibration set with a recorded seed (``holdout_seed``, part of the build config, so a
+rebuild draws the same ones); they are never used for calibration. Batches are read lazily from
 memory-mapped files, so each pass costs one batch of memory.
 """
 
@@ -27,6 +28,7 @@ class CalibrationInputs:
     holdout: Batches | None
     holdout_samples: int
     batch_size: int
+    holdout_seed: int | None = None  # None: a separate evaluation set was used
 
 
 def batch_size_for(inputs: Sequence[TensorSpec], preferred: int = DEFAULT_BATCH_SIZE) -> tuple[int, bool]:
@@ -47,45 +49,41 @@ def calibration_inputs(
     holdout_fraction: float = 0.1,
     max_samples: int | None = None,
     need_holdout: bool = True,
+    holdout_seed: int = 0,
 ) -> CalibrationInputs:
     batch_size, fixed_batch = batch_size_for(model_inputs)
+    seed: int | None = None
+    calib_rows: Sequence[int]
+    holdout_rows: Sequence[int]
     if eval_set is not None:
-        calib_range = range(calibration_set.samples)
-        holdout_set, holdout_range, holdout_bind = eval_set, range(eval_set.samples), eval_binding or {}
+        calib_rows = range(calibration_set.samples)
+        holdout_set, holdout_rows, holdout_bind = eval_set, range(eval_set.samples), eval_binding or {}
     elif need_holdout and holdout_fraction > 0:
-        calib_range, holdout_range = calibration_set.split(holdout_fraction)
-        holdout_set, holdout_bind = calibration_set, binding
+        calib_rows, holdout_rows = calibration_set.random_split(holdout_fraction, holdout_seed)
+        holdout_set, holdout_bind, seed = calibration_set, binding, holdout_seed
     else:
-        calib_range, holdout_range, holdout_set, holdout_bind = (
-            range(calibration_set.samples),
-            range(0),
-            None,
-            {},
-        )
+        calib_rows, holdout_rows, holdout_set, holdout_bind = range(calibration_set.samples), (), None, {}
     if max_samples is not None:
-        calib_range = calib_range[:max_samples]
+        calib_rows = calib_rows[:max_samples]
     # A dynamic batch takes a shorter last batch; a fixed one only whole batches.
-    usable = (len(calib_range) // batch_size) * batch_size if fixed_batch else len(calib_range)
+    usable = (len(calib_rows) // batch_size) * batch_size if fixed_batch else len(calib_rows)
     if usable == 0:
         raise BadInput(
-            f"The calibration set leaves {len(calib_range)} sample(s) for calibration, fewer than one "
+            f"The calibration set leaves {len(calib_rows)} sample(s) for calibration, fewer than one "
             f"batch of {batch_size}; upload more samples or lower holdout_fraction."
         )
-    calib_range = calib_range[:usable]
+    calib_indices = tuple(calib_rows[:usable])
 
     def calibration() -> Iterable[Mapping[str, np.ndarray]]:
-        return calibration_set.batches(
-            batch_size, start=calib_range.start, stop=calib_range.stop, bind=binding
-        )
+        return calibration_set.batches(batch_size, indices=calib_indices, bind=binding)
 
     holdout: Batches | None = None
-    holdout_usable = (len(holdout_range) // batch_size) * batch_size if fixed_batch else len(holdout_range)
+    holdout_usable = (len(holdout_rows) // batch_size) * batch_size if fixed_batch else len(holdout_rows)
     if holdout_set is not None and holdout_usable > 0:
-        stop = holdout_range.start + holdout_usable
-        dataset, start, bind = holdout_set, holdout_range.start, holdout_bind
+        dataset, rows, bind = holdout_set, tuple(holdout_rows[:holdout_usable]), holdout_bind
 
         def holdout_batches() -> Iterable[Mapping[str, np.ndarray]]:
-            return dataset.batches(batch_size, start=start, stop=stop, bind=bind)
+            return dataset.batches(batch_size, indices=rows, bind=bind)
 
         holdout = holdout_batches
     return CalibrationInputs(
@@ -94,4 +92,5 @@ def calibration_inputs(
         holdout=holdout,
         holdout_samples=holdout_usable if holdout is not None else 0,
         batch_size=batch_size,
+        holdout_seed=seed if holdout is not None else None,
     )

@@ -11,6 +11,7 @@ from service.jobs.runner import JobContext
 from service.onnx_graph.inspect import model_inputs
 from service.quantize.inputs import calibration_inputs
 from service.quantize.pipeline import QuantizationPlan, quantize_model
+from service.reports.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.store.blobs import BlobStore
 
 QUANTIZATION_JOB = "quantization"
@@ -22,6 +23,7 @@ class QuantizationJob:
     models: ModelCatalog
     calibration_sets: CalibrationCatalog
     artifacts: BlobStore
+    ort_weight_max: int = 127  # 64 on CPUs whose U8S8 kernels saturate (backends/cpu_isa.py)
 
     def handle(self, ctx: JobContext) -> dict[str, Any]:
         params = ctx.params
@@ -36,21 +38,34 @@ class QuantizationJob:
             self.calibration_sets.bind(set_id, inputs),
             eval_set=self.calibration_sets.open(eval_id) if eval_id else None,
             eval_binding=self.calibration_sets.bind(eval_id, inputs) if eval_id else None,
-            holdout_fraction=params.get("holdout_fraction", 0.1),
+            holdout_fraction=params.get("holdout_fraction", 0.2),
             max_samples=params.get("max_samples"),
+            holdout_seed=params.get("holdout_seed", 0),
         )
         ctx.log(
             f"{data.calibration_samples} calibration and {data.holdout_samples} held-out samples, "
             f"batch size {data.batch_size}"
+            + (
+                f"; held-out samples drawn with seed {data.holdout_seed}"
+                if data.holdout_seed is not None
+                else ""
+            )
         )
+        target = params.get("target", "tensorrt")
+        task = params.get("task") or (record.task.model_dump() if record.task else None)
         plan = QuantizationPlan(
-            method=params.get("method", "entropy"),
+            method=params.get("method", "auto"),
             percentile=params.get("percentile", 99.99),
             skip=tuple(params.get("skip", ())),
             sensitivity=params.get("sensitivity", "off"),
             min_snr_db=params.get("min_snr_db"),
             min_cosine=params.get("min_cosine"),
-            target=params.get("target", "tensorrt"),
+            target=target,
+            ort_weight_max=self.ort_weight_max if target == "onnxruntime" else 127,
+            task=TaskSpec.model_validate(task) if task else None,
+            accuracy_targets=targets_of(
+                [AccuracyTarget.model_validate(t) for t in params.get("accuracy_targets") or []]
+            ),
         )
         outcome = quantize_model(
             model,
@@ -76,5 +91,6 @@ class QuantizationJob:
             "calibration_cache_sha256": cache.sha256,
             "calibration_samples": data.calibration_samples,
             "holdout_samples": data.holdout_samples,
+            "holdout_seed": data.holdout_seed,
             **outcome.summary(),
         }

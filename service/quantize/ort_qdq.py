@@ -16,9 +16,10 @@ per tensor the plan calibrates, and returns how many weights got per-channel sca
 
 Measured on this project's CPU (AMD EPYC, AVX-512 VNNI) with ONNX Runtime 1.31, uint8 activations ran
 as fast as or faster than int8 (benchmarks/results/ort_int8_placement.md); MLAS's x86 kernels are
-built around U8S8. CPUs without VNNI (AVX2 only) multiply u8 x s8 pairs with 16-bit saturation, which
-can clip large products; the service builds and runs an ORT engine on one kind of CPU (its ISA is part
-of the engine key), and that case is left to the accuracy check that every build reports.
+built around U8S8. CPUs without VNNI (AVX2, AVX-512 without VNNI) add u8 x s8 product pairs in
+saturating 16-bit lanes, so there the weights get 7 bits (``weight_max`` 64, chosen from the CPU's
+integer class in ``backends/cpu_isa.py``): every pair then fits and the engine computes the same
+integers on every CPU of its class, which is part of its engine key.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from service.quantize._graph import GraphIndex, NameAllocator, remove_unused_initializers, splice_nodes
 from service.quantize.encoding import (
+    INT8_MAX,
     ActivationEncoding,
     ActivationType,
     int32_bias,
@@ -48,8 +50,12 @@ def insert_ort_qdq(
     activation_amax: Mapping[str, float],
     *,
     activation_type: ActivationType = DEFAULT_ACTIVATION_TYPE,
+    weight_max: int = INT8_MAX,
 ) -> int:
-    """Rewrite ``model`` in place as the plan says; return how many weights got per-channel scales."""
+    """Rewrite ``model`` in place as the plan says; return how many weights got per-channel scales.
+
+    ``weight_max`` is the weights' integer range: 127, or 64 for CPUs whose U8S8 kernels saturate.
+    """
     graph = model.graph
     index = GraphIndex(graph)
     names = NameAllocator(graph)
@@ -76,7 +82,7 @@ def insert_ort_qdq(
     stale: set[str] = set()
     for unit in plan.layers:
         input_encoding = encodings[layer_inputs[unit.node]]
-        per_channel += _quantize_layer(unit, input_encoding, index, names, graph, before)
+        per_channel += _quantize_layer(unit, input_encoding, index, names, graph, before, weight_max)
         stale.update(name for name in (unit.layer.weight, unit.bias) if name)
 
     splice_nodes(graph, before, after)
@@ -142,11 +148,12 @@ def _quantize_layer(
     names: NameAllocator,
     graph: onnx.GraphProto,
     before: dict[str, list[onnx.NodeProto]],
+    weight_max: int,
 ) -> int:
     """Weight DQ (and int32 bias DQ) for one layer; returns 1 when the weight is per channel."""
     layer = unit.layer
     node = index.nodes_by_name[layer.node]
-    values, weight_scale = quantize_weight(index.constant(layer.weight), layer.axis)
+    values, weight_scale = quantize_weight(index.constant(layer.weight), layer.axis, qmax=weight_max)
     node.input[1] = _dequantized_constant(
         graph, names, before, layer.node, f"{layer.weight}_int8", values, weight_scale, layer.axis
     )

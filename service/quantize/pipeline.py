@@ -21,16 +21,17 @@ import onnx
 from service.calibration.algorithms import thresholds_from_histograms
 from service.calibration.collect import collect_histograms
 from service.calibration.trt_cache import calibration_cache_from_scales
-from service.errors import BadInput, JobCancelled
+from service.errors import BadInput
 from service.quantize.placement import PlacementTarget, placement_summary
 from service.quantize.qdq import qdq_model_from_scales
+from service.quantize.search import CONCRETE_METHODS, SearchOutcome, SearchPlan, search_quantization
 from service.quantize.sensitivity import rank_layer_sensitivity, select_layers_to_keep
 from service.quantize.skip import SkipSpec
 from service.reports.accuracy import AccuracyReport, evaluate_with_onnxruntime
+from service.reports.tasks import AccuracyTarget, TaskSpec
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 SensitivityMode = Literal["off", "rank", "auto"]
-CONCRETE_METHODS: tuple[str, ...] = ("entropy", "max", "percentile", "mse")
 INT8_MAX = 127.0
 
 
@@ -38,7 +39,7 @@ INT8_MAX = 127.0
 class QuantizationPlan:
     """What to do; the caller supplies the data."""
 
-    method: str = "entropy"  # entropy | max | percentile | mse | auto
+    method: str = "auto"  # auto (the accuracy search) | entropy | max | percentile | mse
     percentile: float = 99.99
     skip: tuple[str, ...] = ()
     sensitivity: SensitivityMode = "off"
@@ -47,6 +48,10 @@ class QuantizationPlan:
     # Whose Q/DQ placement: "tensorrt" (TensorRT 10/11, TensorRT-RTX) or "onnxruntime" (its CPU
     # provider's integer kernels); the two models differ, see placement.py and ort_placement.py.
     target: PlacementTarget = "tensorrt"
+    # The ONNX Runtime placement's weight range: 64 on CPUs whose U8S8 kernels saturate (cpu_isa.py).
+    ort_weight_max: int = 127
+    task: TaskSpec | None = None  # None: guessed from the FP32 outputs
+    accuracy_targets: tuple[AccuracyTarget, ...] = ()  # empty: the task's defaults
 
 
 @dataclass(frozen=True)
@@ -63,19 +68,31 @@ class QuantizationOutcome:
     quantized_nodes: tuple[str, ...] = ()
     target: PlacementTarget = "tensorrt"
     warnings: tuple[str, ...] = ()
+    search: SearchOutcome | None = None
+
+    @property
+    def target_met(self) -> bool | None:
+        return self.search.target_met if self.search is not None else None
 
     def summary(self) -> dict[str, Any]:
+        accuracy = self.accuracy.to_dict() if self.accuracy else None
         return {
+            # The task metric and the verdict lead: they are what a user decides on.
+            "task": accuracy["task"] if accuracy else None,
+            "target_met": self.target_met,
+            "accuracy_targets": [t.model_dump() for t in self.search.targets] if self.search else [],
+            "int8_share": self.search.int8_share if self.search else None,
+            "warnings": list(self.warnings),
             "method": self.method,
             "target": self.target,
             "calibrated_tensors": len(self.activation_amax),
             "quantized_nodes": len(self.quantized_nodes),
             "kept_layers": list(self.kept_layers),
-            "accuracy": self.accuracy.to_dict() if self.accuracy else None,
+            "accuracy": accuracy,
+            "search": self.search.to_dict() if self.search else None,
             "method_accuracy": self.method_accuracy,
             "sensitivity": self.sensitivity,
             "selection": self.selection,
-            "warnings": list(self.warnings),
         }
 
 
@@ -94,11 +111,6 @@ class Progress:
                 self.report(start + (end - start) * min(done / total, 1.0), None)
 
         return update
-
-
-def _score(report: AccuracyReport) -> float:
-    """One number to rank candidates: the worst output's SNR (higher is better)."""
-    return report.worst_snr_db()
 
 
 def quantize_model(
@@ -120,6 +132,11 @@ def quantize_model(
     reason = placement.unquantizable_reason()
     if reason is not None:
         raise BadInput(f"nothing in this model can be quantized to INT8: {reason}.")
+    if plan.method == "auto" and holdout_batches is None:
+        raise BadInput(
+            "method 'auto' searches for the configuration that meets the accuracy target on held-out "
+            "samples, and none are left: give eval_set_id, raise holdout_fraction, or upload more samples."
+        )
     tensors = list(placement.tensors_to_calibrate)
     say(f"calibrating {len(tensors)} activation tensors on {calibration_samples} samples")
     histograms = collect_histograms(
@@ -127,54 +144,64 @@ def quantize_model(
         calibration_batches,
         tensors,
         total_samples=calibration_samples,
-        progress=steps.slice(0.0, 0.5, "calibrate"),
+        progress=steps.slice(0.0, 0.45, "calibrate"),
         should_stop=should_stop,
     )
-    methods = CONCRETE_METHODS if plan.method == "auto" else (plan.method,)
-    if plan.method == "auto" and holdout_batches is None:
-        raise BadInput(
-            "method 'auto' picks the method by accuracy on held-out samples, and none are left: give "
-            "eval_set_id, raise holdout_fraction, or upload more samples."
+    search: SearchOutcome | None = None
+    if holdout_batches is None:
+        amax = thresholds_from_histograms(histograms, plan.method, percentile=plan.percentile)  # type: ignore[arg-type]
+        result = qdq_model_from_scales(
+            model, amax, skip=skip, target=plan.target, ort_weight_max=plan.ort_weight_max
         )
-
-    candidates: dict[
-        str, tuple[dict[str, float], onnx.ModelProto, AccuracyReport | None, tuple[str, ...]]
-    ] = {}
-    evaluate = steps.slice(0.5, 0.7, "evaluate")
-    for index, method in enumerate(methods):
-        amax = thresholds_from_histograms(histograms, method, percentile=plan.percentile)  # type: ignore[arg-type]
-        result = qdq_model_from_scales(model, amax, skip=skip, target=plan.target)
-        report = (
-            evaluate_with_onnxruntime(model, result.model, holdout_batches())
-            if holdout_batches is not None
-            else None
-        )
-        candidates[method] = (amax, result.model, report, result.quantized_nodes)
-        if report is not None:
-            say(f"method {method}: worst-output SNR {report.worst_snr_db():.2f} dB")
-        evaluate(index + 1, len(methods))
-        if should_stop is not None and should_stop():
-            raise JobCancelled("cancelled during evaluation")
-
-    if plan.method == "auto":
-        best = max(candidates, key=lambda m: _score(candidates[m][2]))  # type: ignore[arg-type]
-        say(f"auto picked '{best}'")
+        best, qdq, quantized, accuracy = plan.method, result.model, result.quantized_nodes, None
+        method_accuracy: dict[str, dict[str, Any]] = {}
     else:
-        best = plan.method
-    amax, qdq, accuracy, quantized = candidates[best]
-    method_accuracy = {m: c[2].to_dict() for m, c in candidates.items() if c[2] is not None}
+        full = plan.method == "auto"
+        search = search_quantization(
+            model,
+            histograms,
+            calibration_batches,
+            holdout_batches,
+            SearchPlan(
+                methods=CONCRETE_METHODS if full else (plan.method,),
+                percentile=plan.percentile,
+                skip=skip,
+                target=plan.target,
+                ort_weight_max=plan.ort_weight_max,
+                task=plan.task,
+                targets=plan.accuracy_targets,
+                per_tensor=full,
+                # A named method is the user's choice; keeping layers is then what sensitivity asks for.
+                keep_layers=full or bool(plan.accuracy_targets),
+            ),
+            progress=steps.slice(0.45, 0.8, "search"),
+            should_stop=should_stop,
+            log=say,
+        )
+        best, amax, accuracy = search.method, search.amax, search.accuracy
+        qdq, quantized = search.qdq.model, search.qdq.quantized_nodes
+        method_accuracy = {name: report.to_dict() for name, report in search.method_reports.items()}
+        say(
+            f"search chose '{best}' ({len(search.kept_layers)} layer(s) kept in float); target "
+            f"{'met' if search.target_met else 'NOT met'}"
+        )
 
     sensitivity: list[dict[str, Any]] | None = None
     selection_summary: dict[str, Any] | None = None
     kept: tuple[str, ...] = tuple(sorted(skip.resolve(model))) if skip else ()
+    if search is not None:
+        kept = tuple(sorted(set(kept) | set(search.kept_layers)))
     if plan.sensitivity != "off" and holdout_batches is not None:
+        if search is not None and search.kept_layers:
+            skip = SkipSpec.parse([*plan.skip, *search.kept_layers])
         ranking = rank_layer_sensitivity(
             model,
             amax,
             holdout_batches,
             skip=skip,
             target=plan.target,
-            progress=steps.slice(0.7, 0.85, "sensitivity"),
+            ort_weight_max=plan.ort_weight_max,
+            progress=steps.slice(0.8, 0.9, "sensitivity"),
             should_stop=should_stop,
         )
         sensitivity = [entry.to_dict() for entry in ranking]
@@ -188,7 +215,8 @@ def quantize_model(
                 min_cosine=plan.min_cosine,
                 skip=skip,
                 target=plan.target,
-                progress=steps.slice(0.85, 0.95, "selective"),
+                ort_weight_max=plan.ort_weight_max,
+                progress=steps.slice(0.9, 0.95, "selective"),
                 should_stop=should_stop,
             )
             selection_summary = {k: v for k, v in selection.to_dict().items() if k != "qdq"}
@@ -199,8 +227,10 @@ def quantize_model(
             )
             if selection.kept_layers:
                 qdq, quantized = selection.qdq.model, selection.qdq.quantized_nodes
-                accuracy = evaluate_with_onnxruntime(model, qdq, holdout_batches())
-    warnings = accuracy_warnings(accuracy, plan.method)
+                accuracy = evaluate_with_onnxruntime(
+                    model, qdq, holdout_batches(), task=plan.task, simulate=plan.target != "onnxruntime"
+                )
+    warnings = (search.warnings if search is not None else ()) + accuracy_warnings(accuracy, plan.method)
     for warning in warnings:
         say(f"warning: {warning}")
     if progress is not None:
@@ -219,6 +249,7 @@ def quantize_model(
         quantized_nodes=tuple(quantized),
         target=plan.target,
         warnings=warnings,
+        search=search,
     )
 
 

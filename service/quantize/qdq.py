@@ -85,6 +85,7 @@ def qdq_model_from_scales(
     skip: SkipSpec | None = None,
     quantize_heads: bool = False,
     target: PlacementTarget = "tensorrt",
+    ort_weight_max: int = 127,
 ) -> QdqResult:
     """The explicitly quantized model for ``model`` given per-tensor activation amax values.
 
@@ -93,10 +94,13 @@ def qdq_model_from_scales(
     BatchNormalization is folded first and the model is for ONNX Runtime only: its int32 biases are
     rejected by TensorRT-RTX's parser). Raises BadInput when an amax the placement needs is missing,
     negative or not finite (naming the tensors), when ``skip`` names unknown nodes, when the model
-    already contains Q/DQ, or for an unknown target.
+    already contains Q/DQ, or for an unknown target. ``ort_weight_max`` is the ONNX Runtime placement's
+    weight range (64 on CPUs whose U8S8 kernels saturate, see ``backends/cpu_isa.py``).
     """
     if check_target(target) == "onnxruntime":
-        return _onnxruntime_qdq_model(model, activation_amax, skip=skip, quantize_heads=quantize_heads)
+        return _onnxruntime_qdq_model(
+            model, activation_amax, skip=skip, quantize_heads=quantize_heads, weight_max=ort_weight_max
+        )
     work = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     plan = plan_qdq(work, skip, quantize_heads=quantize_heads)
     amax = checked_amax(plan.tensors, activation_amax)
@@ -145,11 +149,12 @@ def _onnxruntime_qdq_model(
     *,
     skip: SkipSpec | None,
     quantize_heads: bool,
+    weight_max: int,
 ) -> QdqResult:
     work = onnxruntime_prepared(model)
     plan = plan_ort_qdq(work, skip, quantize_heads=quantize_heads)
     amax = checked_amax(plan.tensors_to_calibrate, activation_amax)
-    per_channel = insert_ort_qdq(work, plan, amax)
+    per_channel = insert_ort_qdq(work, plan, amax, weight_max=weight_max)
     onnx.checker.check_model(work)
     return QdqResult(
         model=work,

@@ -104,6 +104,7 @@ def rank_layer_sensitivity(
     mode: SensitivityMode = SensitivityMode.QUANTIZE_ONE,
     skip: SkipSpec | None = None,
     target: PlacementTarget = "tensorrt",
+    ort_weight_max: int = 127,
     max_layers: int | None = DEFAULT_MAX_LAYERS,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
@@ -126,7 +127,9 @@ def rank_layer_sensitivity(
     for done, node in enumerate(candidates, start=2):
         _check_stop(should_stop)
         keep = everything - {node} if mode is SensitivityMode.QUANTIZE_ONE else frozenset({node})
-        variant = qdq_model_from_scales(prepared, activation_amax, skip=_merged(base, keep), target=target)
+        variant = qdq_model_from_scales(
+            prepared, activation_amax, skip=_merged(base, keep), target=target, ort_weight_max=ort_weight_max
+        )
         snr, cosine = evaluator.score(variant.model)
         results.append(LayerSensitivity(node=node, op_type=op_types[node], snr_db=snr, cosine=cosine))
         _report(progress, done, total)
@@ -149,6 +152,7 @@ def select_layers_to_keep(
     min_cosine: float | None,
     skip: SkipSpec | None = None,
     target: PlacementTarget = "tensorrt",
+    ort_weight_max: int = 127,
     max_kept: int | None = None,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
@@ -179,7 +183,11 @@ def select_layers_to_keep(
     while True:
         _check_stop(should_stop)
         result = qdq_model_from_scales(
-            prepared, activation_amax, skip=_merged(base, frozenset(kept)), target=target
+            prepared,
+            activation_amax,
+            skip=_merged(base, frozenset(kept)),
+            target=target,
+            ort_weight_max=ort_weight_max,
         )
         snr, cosine = evaluator.score(result.model)
         evaluations += 1

@@ -14,6 +14,13 @@ Contract: feed :class:`AccuracyAccumulator` one batch of reference and candidate
   scores: rank 2 ``[N, C]`` (a classifier) or rank 3 ``[N, T, C]`` (per-step scores, e.g. a CTC text
   recognizer), with ``C > 1``, arg-max over the last axis; None for every other output.
 
+- ``worst_channel_cosine`` / ``worst_channel_snr_db``: the same figures per channel of the feature
+  axis (axis 1; for rank 3 the shorter of axes 1 and 2, so ``[N, 84, 8400]`` and ``[N, 8400, 84]``
+  both split into 84 channels), and the worst of them: one collapsed class-score channel of a
+  detector shows here while the whole-output cosine stays near 1. Channels whose reference energy is
+  below 1e-6 of the strongest channel's are left out (their cosine is noise), as are outputs with
+  more than :data:`MAX_CHANNELS` channels;
+
 Elements where either side is NaN or infinite are left out of every figure and counted in
 ``nonfinite_elements``; a non-zero count is itself the finding. Memory is constant in the number of
 batches: only float64 running sums are kept.
@@ -31,12 +38,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from service.errors import BadInput, InvalidInferenceInput, InvalidModel
+from service.reports.task_metrics import TaskAccumulator, TaskMetrics
+from service.reports.tasks import TaskSpec, guess_task
 
 if TYPE_CHECKING:
     import onnx
     import onnxruntime
 
 MAX_SNR_DB = 300.0
+MAX_CHANNELS = 4096
+_WEAK_CHANNEL = 1e-6  # relative reference energy below which a channel's figures are noise
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,10 @@ class OutputAccuracy:
     mean_abs_error: float
     top1_agreement: float | None
     nonfinite_elements: int = 0
+    channel_axis: int | None = None
+    worst_channel: int | None = None
+    worst_channel_cosine: float | None = None
+    worst_channel_snr_db: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +79,7 @@ class AccuracyReport:
     outputs: tuple[OutputAccuracy, ...]
     samples: int
     batches: int
+    task: TaskMetrics | None = None
 
     def worst_cosine(self) -> float:
         """The lowest cosine over all outputs."""
@@ -73,6 +89,31 @@ class AccuracyReport:
         """The lowest SNR over all outputs: one number to rank candidates by (higher is better)."""
         return min(o.snr_db for o in self.outputs)
 
+    def worst_channel_cosine(self) -> float:
+        """The lowest per-channel cosine over all outputs (the whole-output cosine where none)."""
+        return min(
+            o.worst_channel_cosine if o.worst_channel_cosine is not None else o.cosine for o in self.outputs
+        )
+
+    def worst_channel_snr_db(self) -> float:
+        return min(
+            o.worst_channel_snr_db if o.worst_channel_snr_db is not None else o.snr_db for o in self.outputs
+        )
+
+    def metric(self, name: str) -> float | None:
+        """A metric by name (``tasks.METRICS``): task metrics, or the worst output/channel figure."""
+        whole = {
+            "cosine": self.worst_cosine,
+            "snr_db": self.worst_snr_db,
+            "worst_channel_cosine": self.worst_channel_cosine,
+            "worst_channel_snr_db": self.worst_channel_snr_db,
+        }
+        if name in whole:
+            return whole[name]()
+        if self.task is not None and name in self.task.metrics:
+            return self.task.metrics[name]
+        return None
+
     def output(self, name: str) -> OutputAccuracy:
         for item in self.outputs:
             if item.name == name:
@@ -81,10 +122,13 @@ class AccuracyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "task": self.task.to_dict() if self.task is not None else None,
             "samples": self.samples,
             "batches": self.batches,
             "worst_cosine": self.worst_cosine(),
             "worst_snr_db": self.worst_snr_db(),
+            "worst_channel_cosine": self.worst_channel_cosine(),
+            "worst_channel_snr_db": self.worst_channel_snr_db(),
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
@@ -105,6 +149,8 @@ class _OutputSums:
         self.top1_rows = 0
         self.top1_agree = 0
         self.classlike: bool | None = None
+        self.channel_axis: int | None = None
+        self.channel_sums: np.ndarray | None = None  # [channels, 3]: ref_sq, err_sq, dot (+ cand_sq)
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         r = np.asarray(ref, dtype=np.float64)
@@ -130,6 +176,7 @@ class _OutputSums:
         if per_sample.size:
             self.worst_sample_cosine = min(self.worst_sample_cosine, float(np.min(per_sample)))
 
+        self._add_channels(r_f, c_f)
         classlike = r.ndim in (2, 3) and r.shape[-1] > 1
         self.classlike = classlike if self.classlike is None else (self.classlike and classlike)
         if classlike and r.size:
@@ -140,7 +187,48 @@ class _OutputSums:
             self.top1_rows += int(agree.size)
             self.top1_agree += int(np.count_nonzero(agree))
 
+    def _add_channels(self, r: np.ndarray, c: np.ndarray) -> None:
+        axis = channel_axis(r.shape)
+        if axis is None or (self.channel_axis is not None and axis != self.channel_axis):
+            self.channel_axis, self.channel_sums = None, None
+            return
+        if self.channel_sums is not None and self.channel_sums.shape[0] != r.shape[axis]:
+            self.channel_axis, self.channel_sums = None, None
+            return
+        rr, cc = (
+            np.moveaxis(r, axis, 0).reshape(r.shape[axis], -1),
+            np.moveaxis(c, axis, 0).reshape(r.shape[axis], -1),
+        )
+        err = rr - cc
+        sums = np.stack(
+            [
+                np.sum(rr * rr, axis=1),
+                np.sum(cc * cc, axis=1),
+                np.sum(rr * cc, axis=1),
+                np.sum(err * err, axis=1),
+            ],
+            axis=1,
+        )
+        if self.channel_sums is None:
+            self.channel_axis, self.channel_sums = axis, sums
+        else:
+            self.channel_sums += sums
+
+    def _worst_channel(self) -> tuple[int | None, float | None, float | None]:
+        sums = self.channel_sums
+        if sums is None or not sums.size:
+            return None, None, None
+        strong = sums[:, 0] >= _WEAK_CHANNEL * float(np.max(sums[:, 0]))
+        if not strong.any():
+            return None, None, None
+        cosines = np.array([_cosine(d, a, b) for a, b, d, _ in sums])
+        snrs = np.array([snr_db(a, e) for a, _, _, e in sums])
+        candidates = np.flatnonzero(strong)
+        worst = int(candidates[np.argmin(cosines[candidates])])
+        return worst, float(cosines[worst]), float(np.min(snrs[candidates]))
+
     def result(self, name: str) -> OutputAccuracy:
+        worst, worst_cosine, worst_snr = self._worst_channel()
         return OutputAccuracy(
             name=name,
             elements=self.elements,
@@ -151,13 +239,35 @@ class _OutputSums:
             mean_abs_error=self.err_abs / self.elements if self.elements else 0.0,
             top1_agreement=(self.top1_agree / self.top1_rows) if self.classlike and self.top1_rows else None,
             nonfinite_elements=self.nonfinite,
+            channel_axis=self.channel_axis if worst is not None else None,
+            worst_channel=worst,
+            worst_channel_cosine=worst_cosine,
+            worst_channel_snr_db=worst_snr,
         )
+
+
+def channel_axis(shape: tuple[int, ...]) -> int | None:
+    """The feature axis of an output (see the module docstring), or None when it has none to split."""
+    if len(shape) < 2:
+        return None
+    axis = 1
+    if len(shape) == 3 and shape[2] < shape[1]:
+        axis = 2
+    return axis if 1 < shape[axis] <= MAX_CHANNELS else None
 
 
 class AccuracyAccumulator:
     """Streams reference/candidate output pairs; memory does not grow with the number of batches."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, task: TaskSpec | None = None, *, task_reason: str | None = None, task_guessed: bool = False
+    ) -> None:
+        """``task``: the task to judge (named, or guessed by the caller: ``task_guessed``); None guesses
+        it from the first reference batch."""
+        self._task_spec = task
+        self._task_guessed = task_guessed
+        self._task_reason = task_reason or "named on the request or the model"
+        self._task: TaskAccumulator | None = None
         self._sums: dict[str, _OutputSums] = {}
         self._names: tuple[str, ...] | None = None
         self._samples = 0
@@ -183,6 +293,15 @@ class AccuracyAccumulator:
                     f"output {name!r}: reference shape {ref.shape} differs from candidate shape {cand.shape}"
                 )
             self._sums[name].add(ref, cand)
+        if self._task is None:
+            if self._task_spec is not None:
+                self._task = TaskAccumulator(
+                    self._task_spec, guessed=self._task_guessed, reason=self._task_reason
+                )
+            else:
+                spec, reason = guess_task(ref_outputs)
+                self._task = TaskAccumulator(spec, guessed=True, reason=f"guessed: {reason}")
+        self._task.update(ref_outputs, cand_outputs)
         first = np.asarray(ref_outputs[names[0]]).shape if names else ()
         self._samples += int(first[0]) if first else 1
         self._batches += 1
@@ -192,7 +311,8 @@ class AccuracyAccumulator:
         if self._names is None:
             raise BadInput("nothing to compare: no batches were evaluated; give at least one held-out batch")
         outputs = tuple(self._sums[n].result(n) for n in self._names)
-        return AccuracyReport(outputs=outputs, samples=self._samples, batches=self._batches)
+        task = self._task.finish() if self._task is not None else None
+        return AccuracyReport(outputs=outputs, samples=self._samples, batches=self._batches, task=task)
 
 
 def snr_db(signal_energy: float, noise_energy: float) -> float:
@@ -208,11 +328,19 @@ def evaluate_with_onnxruntime(
     reference: bytes | onnx.ModelProto,
     candidate: bytes | onnx.ModelProto,
     batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    task: TaskSpec | None = None,
+    simulate: bool = False,
 ) -> AccuracyReport:
-    """Run both models on the CPU over ``batches`` and compare every output the reference produces."""
+    """Run both models on the CPU over ``batches`` and compare every output the reference produces.
+
+    ``simulate`` runs the candidate's Q/DQ as float arithmetic (no integer kernels), which is what a
+    GPU's INT8 computes up to rounding and the same on every CPU; without it the candidate runs as
+    an ONNX Runtime engine would (fused integer kernels of this CPU).
+    """
     options = cpu_session_options()
     ref_session = onnxruntime_session(reference, options)
-    cand_session = onnxruntime_session(candidate, options)
+    cand_session = onnxruntime_session(candidate, simulation_session_options() if simulate else options)
     names = [o.name for o in ref_session.get_outputs()]
     cand_names = {o.name for o in cand_session.get_outputs()}
     missing = [n for n in names if n not in cand_names]
@@ -220,7 +348,7 @@ def evaluate_with_onnxruntime(
         raise BadInput(
             f"the candidate model lacks reference outputs {missing}; compare models of the same graph"
         )
-    accumulator = AccuracyAccumulator()
+    accumulator = AccuracyAccumulator(task)
     for feeds in batches:
         accumulator.update(run_session(ref_session, names, feeds), run_session(cand_session, names, feeds))
     return accumulator.finish()
@@ -233,6 +361,16 @@ def cpu_session_options() -> onnxruntime.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # unused-initializer warnings of exported models are noise here
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def simulation_session_options() -> onnxruntime.SessionOptions:
+    """Options that keep Q/DQ as float arithmetic: basic optimizations only, so no QDQ fusion into
+    integer kernels whose accumulation differs between CPUs (``backends/cpu_isa.py``)."""
+    import onnxruntime as ort
+
+    options = cpu_session_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return options
 
 

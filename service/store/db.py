@@ -93,6 +93,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
     ALTER TABLE jobs ADD COLUMN heartbeat_at TEXT;
     """,
+    # 2 -> 3: the task a user names on a model (JSON TaskSpec), which picks the accuracy metric.
+    """
+    ALTER TABLE models ADD COLUMN task_json TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -111,8 +111,11 @@ def test_poor_held_out_accuracy_comes_with_a_warning_and_advice(
                       data={"preprocess": json.dumps(preprocess)}).json()["id"]  # fmt: skip
     job = _quantize(api, model_id=model_id, calibration_set_id=set_id, method="entropy",
                     holdout_fraction=0.25)  # fmt: skip
-    (warning,) = job["result"]["warnings"]
-    assert "cosine" in warning and "method 'auto'" in warning
+    shortfall, advice = job["result"]["warnings"]
+    assert "misses the accuracy target" in shortfall and "top1_agreement" in shortfall
+    assert "method 'auto'" in shortfall
+    assert "cosine" in advice and "method 'auto'" in advice
+    assert job["target_met"] is False and job["warnings"] == [shortfall, advice]
     assert any("warning:" in line for line in job["log_tail"])
 
 
