@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.backends.cpu_isa import IsaClass
-
+# CPU integer classes (see service/backends/cpu_isa.py); defined here, the leaf, so both can import it.
+IsaClass = Literal["amx", "avx512-vnni", "avx-vnni", "avx512", "avx2", "arm64", "other"]
 GIB = 1024**3
 MIB = 1024**2
 MIN_WORKER_TOKEN_CHARS = 20

@@ -26,9 +26,10 @@ import platform
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
-IsaClass = Literal["amx", "avx512-vnni", "avx-vnni", "avx512", "avx2", "arm64", "other"]
+from service.config import IsaClass, get_settings
+
 ISA_CLASSES: tuple[IsaClass, ...] = get_args(IsaClass)
 FULL_RANGE_WEIGHT_MAX = 127
 REDUCED_RANGE_WEIGHT_MAX = 64
@@ -90,6 +91,11 @@ def host_cpu_isa(forced: str | None = None) -> CpuIsa:
     if forced:
         return CpuIsa(parse_isa_class(forced), forced=True)
     return cpu_isa_from_flags(cpu_flags(), platform.machine())
+
+
+def host_int8_weight_max() -> int:
+    """The ONNX Runtime weight range for this host's class (or the ``cpu_isa`` setting's)."""
+    return host_cpu_isa(get_settings().cpu_isa).int8_weight_max
 
 
 def cpu_flags() -> frozenset[str]:

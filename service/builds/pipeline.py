@@ -177,7 +177,7 @@ class BuildPipeline:
             percentile=options.percentile,
             skip=key.config.keep,
             target=target,
-            ort_weight_max=ort_weight_max() if target == "onnxruntime" else 127,
+            ort_weight_max=ort_weight_max() if target == "onnxruntime" else None,
             task=TaskSpec.model_validate(options.task) if options.task else None,
             accuracy_targets=tuple(AccuracyTarget.model_validate(t) for t in options.accuracy_targets),
         )

@@ -49,7 +49,7 @@ class QuantizationPlan:
     # provider's integer kernels); the two models differ, see placement.py and ort_placement.py.
     target: PlacementTarget = "tensorrt"
     # The ONNX Runtime placement's weight range: 64 on CPUs whose U8S8 kernels saturate (cpu_isa.py).
-    ort_weight_max: int = 127
+    ort_weight_max: int | None = None
     task: TaskSpec | None = None  # None: guessed from the FP32 outputs
     accuracy_targets: tuple[AccuracyTarget, ...] = ()  # empty: the task's defaults
 
@@ -230,7 +230,9 @@ def quantize_model(
                 accuracy = evaluate_with_onnxruntime(
                     model, qdq, holdout_batches(), task=plan.task, simulate=plan.target != "onnxruntime"
                 )
-    warnings = (search.warnings if search is not None else ()) + accuracy_warnings(accuracy, plan.method)
+    # A met target is the verdict; the whole-output cosine advice only adds to a shortfall.
+    advice = accuracy_warnings(accuracy, plan.method) if search is None or not search.target_met else ()
+    warnings = (search.warnings if search is not None else ()) + advice
     for warning in warnings:
         say(f"warning: {warning}")
     if progress is not None:

@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from service.backends.cpu_isa import host_int8_weight_max
 from service.errors import BadInput
 from service.quantize._graph import (
     GraphIndex,
@@ -85,7 +86,7 @@ def qdq_model_from_scales(
     skip: SkipSpec | None = None,
     quantize_heads: bool = False,
     target: PlacementTarget = "tensorrt",
-    ort_weight_max: int = 127,
+    ort_weight_max: int | None = None,
 ) -> QdqResult:
     """The explicitly quantized model for ``model`` given per-tensor activation amax values.
 
@@ -95,11 +96,16 @@ def qdq_model_from_scales(
     rejected by TensorRT-RTX's parser). Raises BadInput when an amax the placement needs is missing,
     negative or not finite (naming the tensors), when ``skip`` names unknown nodes, when the model
     already contains Q/DQ, or for an unknown target. ``ort_weight_max`` is the ONNX Runtime placement's
-    weight range (64 on CPUs whose U8S8 kernels saturate, see ``backends/cpu_isa.py``).
+    weight range (64 on CPUs whose U8S8 kernels saturate, see ``backends/cpu_isa.py``); None: this
+    host's, so an ONNX Runtime model quantized here computes exactly on this CPU.
     """
     if check_target(target) == "onnxruntime":
         return _onnxruntime_qdq_model(
-            model, activation_amax, skip=skip, quantize_heads=quantize_heads, weight_max=ort_weight_max
+            model,
+            activation_amax,
+            skip=skip,
+            quantize_heads=quantize_heads,
+            weight_max=ort_weight_max if ort_weight_max is not None else host_int8_weight_max(),
         )
     work = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     plan = plan_qdq(work, skip, quantize_heads=quantize_heads)

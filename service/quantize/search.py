@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from service.backends.cpu_isa import host_int8_weight_max
 from service.calibration.algorithms import thresholds_from_histograms
 from service.calibration.histograms import AbsHistogram
 from service.errors import JobCancelled
@@ -56,7 +57,7 @@ class SearchPlan:
     percentile: float = 99.99
     skip: SkipSpec | None = None
     target: PlacementTarget = "tensorrt"
-    ort_weight_max: int = 127
+    ort_weight_max: int | None = None
     task: TaskSpec | None = None  # None: guessed from the FP32 outputs
     targets: tuple[AccuracyTarget, ...] = ()  # empty: the task's defaults
     per_tensor: bool = True
@@ -420,7 +421,9 @@ class _Search:
         )
 
     def _weight_max(self) -> int:
-        return self.plan.ort_weight_max if self.plan.target == "onnxruntime" else 127
+        if self.plan.target != "onnxruntime":
+            return 127
+        return self.plan.ort_weight_max if self.plan.ort_weight_max is not None else host_int8_weight_max()
 
 
 def _chosen_error(probe: LayerProbe, amax: Mapping[str, float]) -> float:
