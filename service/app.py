@@ -28,6 +28,7 @@ from service.api import (
 from service.api.auth import install_auth
 from service.api.errors import install_error_handlers
 from service.api.middleware import install_observability
+from service.backends.cuda_device import release_devices
 from service.config import Settings, get_settings
 from service.observability.logging import configure_logging
 from service.runtime import open_services
@@ -45,7 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            services.close()
+            services.close()  # closes the warm runners first: their GPU memory needs the context
+            release_devices()  # then the CUDA primary contexts retained by this process
 
     app = FastAPI(
         title="Engine Service",

@@ -21,7 +21,7 @@ def read_health() -> dict[str, str]:
 @router.get("/readyz")
 def read_readiness(services: ServicesDep) -> JSONResponse:
     """Readiness: storage writable and at least one backend usable."""
-    from service.backends.registry import backend_names, backend_statuses
+    from service.backends.registry import VERIFICATION, backend_names, backend_statuses
 
     storage_ok = services.db.writable() and _dirs_writable(services)
     backends: list[dict[str, Any]] = []
@@ -37,7 +37,12 @@ def read_readiness(services: ServicesDep) -> JSONResponse:
             }
         )
     ready = storage_ok and any(b["can_build"] for b in backends)
-    body = {"status": "ready" if ready else "not_ready", "storage_writable": storage_ok, "backends": backends}
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "storage_writable": storage_ok,
+        "backends": backends,
+        "verification": VERIFICATION,
+    }
     return JSONResponse(status_code=200 if ready else 503, content=body)
 
 

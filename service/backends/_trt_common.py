@@ -4,7 +4,7 @@ The two libraries expose the same builder, parser and runtime API under differen
 (``tensorrt`` and ``tensorrt_rtx``), so every helper here takes the module as its first argument and
 never imports either itself. The chain a build runs through:
 
-``capturing_logger(trt)`` -> ``network_from_onnx(...)`` -> ``builder_config(...)`` ->
+``capturing_logger(trt, keep=...)`` -> ``network_from_onnx(...)`` -> ``builder_config(...)`` ->
 ``add_optimization_profile(...)`` -> ``engine_from_network(...)``
 
 Errors are translated at this boundary: the ONNX parser's rejections become InvalidModel naming each
@@ -40,29 +40,36 @@ class LogRecord:
         return f"[{_SEVERITY_LETTER.get(self.severity, '?')}] {self.message}"
 
 
-def capturing_logger(trt: ModuleType) -> Any:
-    """A ``trt.ILogger`` that records every message, VERBOSE included, in ``.records``.
+def capturing_logger(trt: ModuleType, *, keep: str) -> Any:
+    """A ``trt.ILogger`` that records the messages at ``keep`` severity or more severe in ``.records``.
 
-    VERBOSE is needed: TensorRT-RTX prints its ``Layers:`` dump at that level. The subclass is made
-    once per library module because it must derive from that module's ``ILogger``.
+    TensorRT hands a Python ``ILogger`` every message it produces, VERBOSE included, so the level is
+    applied here, first thing: enterprise TensorRT builds log tens of thousands of VERBOSE tactic lines
+    that must not be kept (use ``keep="WARNING"``); only TensorRT-RTX's builder needs VERBOSE, for its
+    ``Layers:`` dump. The subclass is made once per library module because it must derive from that
+    module's ``ILogger``.
     """
+    limit = _SEVERITY_RANK[keep]
     with _LOGGER_CLASSES_LOCK:
         cls = _LOGGER_CLASSES.get(trt.__name__)
         if cls is None:
 
             class CapturingLogger(trt.ILogger):  # type: ignore[misc, name-defined]
-                def __init__(self) -> None:
+                def __init__(self, limit: int) -> None:
                     # pybind11 trampolines need the base initialised explicitly.
                     trt.ILogger.__init__(self)
+                    self.limit = limit
                     self.records: list[LogRecord] = []
 
                 def log(self, severity: Any, msg: str) -> None:
+                    if int(severity) > self.limit:  # Severity values rank like _SEVERITY_RANK
+                        return
                     # list.append is atomic under the GIL; builder threads may log concurrently.
                     self.records.append(LogRecord(getattr(severity, "name", str(severity)), msg))
 
             cls = CapturingLogger
             _LOGGER_CLASSES[trt.__name__] = cls
-    return cls()
+    return cls(limit)
 
 
 def log_text(records: Sequence[LogRecord], *, most_verbose: str = "INFO") -> str:
@@ -109,6 +116,16 @@ def _parser_error(error: Any) -> str:
     where = f"node '{node}' ({operator})" if node else (f"a {operator} node" if operator else "the model")
     description = " | ".join(line.strip() for line in str(error.desc()).splitlines() if line.strip())
     return f"{where}: {description}"
+
+
+def disable_tf32(trt: ModuleType, config: Any) -> str:
+    """Clear ``BuilderFlag.TF32`` so FP32 layers compute in full FP32; returns the note for the build log.
+
+    TensorRT sets TF32 by default, which on Ampere and later GPUs runs FP32 convolutions and matrix
+    multiplies with 10-bit mantissas: an "fp32" engine would really be TF32.
+    """
+    config.clear_flag(trt.BuilderFlag.TF32)
+    return "TF32 disabled (BuilderFlag.TF32 cleared): FP32 layers compute in full FP32"
 
 
 def builder_config(trt: ModuleType, builder: Any, *, workspace_bytes: int | None) -> Any:

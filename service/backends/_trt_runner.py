@@ -1,34 +1,49 @@
-"""The GPU runner shared by the TensorRT and TensorRT-RTX backends (pycuda).
+"""The GPU runner shared by the TensorRT and TensorRT-RTX backends, over :mod:`cuda_device`.
 
-One ``TrtRunner`` owns one deserialized engine, one execution context and one CUDA stream, used in
-the device's *primary* CUDA context (the context TensorRT's runtime API uses too), pushed around
-every call so any thread may call it. A call:
+One ``TrtRunner`` owns one deserialized engine, one execution context, one CUDA stream and four
+events, all created and destroyed with the device's primary context pushed (``device.activate()``),
+so any thread may call it. The primary context itself belongs to the process (retained once by
+:func:`service.backends.cuda_device.cuda_device`, released at shutdown); a runner never releases it.
+A call:
 
-1. copies each feed into a page-locked host buffer (``cuda.pagelocked_empty``; buffers and their
-   device twins are kept and reused while shapes fit, and grow only when a larger shape arrives),
+1. checks each feed against the engine (name, static shape; dtype converted to the engine's) and
+   copies it into a page-locked host buffer (kept and reused while shapes fit, grown when a larger
+   shape arrives),
 2. sets dynamic input shapes (``set_input_shape``) and every tensor address (``set_tensor_address``),
-3. enqueues async H2D copies, ``execute_async_v3`` and async D2H copies on the stream, with a CUDA
-   event between stages, so ``infer_timed`` reports H2D, compute and D2H separately.
+3. enqueues async H2D copies, the engine (``execute_async_v3``, or the captured CUDA graph) and async
+   D2H copies on the stream, with an event between stages, so ``infer_timed`` reports H2D, compute and
+   D2H separately.
 
-Thread safety: one context and one stream admit one call at a time, so calls are serialised by a
-lock. For parallel inference load several runners (each has its own context and stream).
+Calls are serialised by a lock (one context and one stream admit one call at a time); load several
+runners for parallel inference.
 
-CUDA graphs (``cuda_graph=True``, engines with static input shapes only): after the first ordinary
-call, the ``execute_async_v3`` enqueue is captured once into a CUDA graph and later calls launch the
-graph; copies stay outside the graph so the stage timings keep their meaning. Capture is re-done when
-buffers are reallocated; if capture or launch fails the runner falls back to ordinary enqueues and
-says so in its log. Data-dependent output shapes (outputs whose size is known only after running)
-are not supported by this runner.
+CUDA graphs (``cuda_graph=True``, engines whose inputs are all static): after the first ordinary call
+(TensorRT needs one before capture) the ``execute_async_v3`` enqueue is captured once
+(``CudaDevice.capture_graph``) and later calls launch the graph; copies stay outside it so the stage
+timings keep their meaning. ``graph_launches`` counts launches and ``graph_note`` says why graphs
+are off when they are (dynamic shapes, or a capture that failed: then the runner logs a warning and
+enqueues normally).
+
+I/O must have numpy types: an engine with bf16 or fp8 inputs or outputs is refused at load
+(EngineNotRunnableHere), since numpy feeds cannot be converted to them. Data-dependent output shapes
+are not supported.
+
+TensorRT-RTX compiles its kernels when an engine first runs. With ``runtime_cache`` (a file path) the
+runner gives the execution context an ``IRuntimeCache`` loaded from that file and writes the cache
+back (atomically) after the first call and at close, so the next load of the same engine on the same
+GPU skips the compilation. A cache from another GPU or library version is rejected by TensorRT-RTX
+and replaced.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType, TracebackType
 from typing import Any
 
@@ -36,24 +51,10 @@ import numpy as np
 
 from service.backends._trt_common import capturing_logger, error_messages
 from service.backends.base import IOSpec, ShapeRange, StageTimings
+from service.backends.cuda_device import CudaDevice
 from service.errors import BackendUnavailable, EngineNotRunnableHere, InvalidInferenceInput
 
 logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def primary_context(device_index: int = 0) -> Iterator[Any]:
-    """Make the device's primary CUDA context current for the block (pycuda)."""
-    import pycuda.driver as cuda
-
-    cuda.init()
-    context = cuda.Device(device_index).retain_primary_context()
-    context.push()
-    try:
-        yield context
-    finally:
-        cuda.Context.pop()
-        context.detach()
 
 
 @dataclass(eq=False)
@@ -61,7 +62,7 @@ class _Buffer:
     """A page-locked host array and its device twin, with room for ``capacity`` elements."""
 
     host: np.ndarray
-    device: Any
+    device: int
     capacity: int
 
     def view(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -69,31 +70,48 @@ class _Buffer:
 
 
 class TrtRunner:
-    """A loaded TensorRT / TensorRT-RTX engine on GPU 0 (``CUDA_VISIBLE_DEVICES`` picks the GPU)."""
+    """A loaded TensorRT / TensorRT-RTX engine on ``device``."""
 
-    def __init__(self, trt: ModuleType, engine_bytes: bytes, *, label: str, cuda_graph: bool = False) -> None:
-        import pycuda.driver as cuda
-
-        cuda.init()
-        self._cuda = cuda
+    def __init__(
+        self,
+        trt: ModuleType,
+        engine_bytes: bytes,
+        *,
+        label: str,
+        device: CudaDevice,
+        cuda_graph: bool = False,
+        runtime_cache: Path | None = None,
+    ) -> None:
         self._trt = trt
         self._label = label
-        self._device_name = cuda.Device(0).name()
-        self._context = cuda.Device(0).retain_primary_context()
+        self._device = device
         self._lock = threading.Lock()
         self._closed = False
-        self._log = capturing_logger(trt)
+        self._log = capturing_logger(trt, keep="WARNING")
         self._buffers: dict[str, _Buffer] = {}
-        self._graph: Any = None
+        self._graph: int | None = None
         self._graph_key: tuple[Any, ...] | None = None
-        try:
-            with self._active():
+        self._stream: int | None = None
+        self._events: tuple[int, ...] = ()
+        self._runtime_cache_file = runtime_cache
+        self._runtime_cache: Any = None
+        self._saved_runtime_cache: bytes | None = None
+        self.graph_launches = 0
+        with device.activate():
+            try:
                 self._open(engine_bytes)
-        except BaseException:
-            self._context.detach()  # release the primary-context reference taken above
-            raise
-        self._inputs, self._outputs = _io_specs(trt, self._engine)
-        self._use_graph = cuda_graph and not any(_has_dynamic(spec.shape) for spec in self._inputs)
+            except BaseException:
+                self._release_resources()
+                raise
+        dynamic = any(_has_dynamic(spec.shape) for spec in self._inputs)
+        self._use_graph = cuda_graph and not dynamic
+        self.graph_note = (
+            "off (not asked for)"
+            if not cuda_graph
+            else "off: the engine has dynamic input shapes"
+            if dynamic
+            else "on: captured after the first call"
+        )
 
     def _open(self, engine_bytes: bytes) -> None:
         self._runtime = self._trt.Runtime(self._log)
@@ -101,16 +119,36 @@ class TrtRunner:
         self._engine = self._runtime.deserialize_cuda_engine(engine_bytes)
         if self._engine is None:
             raise EngineNotRunnableHere(
-                f"{self._label} could not load this engine on {self._device_name}: "
+                f"{self._label} could not load this engine on {self._device.name}: "
                 f"{' | '.join(error_messages(self._log.records)[-3:]) or 'no reason logged'}."
             )
-        self._exec = self._engine.create_execution_context()
+        self._inputs, self._outputs = _io_specs(self._trt, self._engine, self._label)
+        self._exec = self._execution_context()
         if self._exec is None:
             raise BackendUnavailable(
                 f"{self._label} could not create an execution context (out of GPU memory?)."
             )
-        self._stream = self._cuda.Stream()
-        self._events = tuple(self._cuda.Event() for _ in range(4))
+        self._stream = self._device.create_stream()
+        self._events = tuple(self._device.create_event() for _ in range(4))
+
+    def _execution_context(self) -> Any:
+        if self._runtime_cache_file is None:
+            return self._engine.create_execution_context()
+        config = self._engine.create_runtime_config()
+        cache = config.create_runtime_cache()
+        stored = self._runtime_cache_file.read_bytes() if self._runtime_cache_file.exists() else b""
+        if stored and not cache.deserialize(stored):
+            logger.warning(
+                "%s runtime cache %s does not match this GPU or library version; compiling afresh",
+                self._label,
+                self._runtime_cache_file,
+            )
+        else:
+            self._saved_runtime_cache = stored or None
+        if not config.set_runtime_cache(cache):
+            raise BackendUnavailable(f"{self._label} refused its runtime cache for this engine.")
+        self._runtime_cache = cache
+        return self._engine.create_execution_context(config)
 
     @property
     def inputs(self) -> tuple[IOSpec, ...]:
@@ -124,31 +162,34 @@ class TrtRunner:
         return self.infer_timed(feeds)[0]
 
     def infer_timed(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], StageTimings]:
-        cuda = self._cuda
-        with self._lock, self._active():
-            if self._closed:
+        device = self._device
+        with self._lock, device.activate():
+            if self._closed or self._stream is None:
                 raise BackendUnavailable(f"This {self._label} runner was closed.")
+            stream = self._stream
             staged = self._stage_inputs(feeds)
             outputs = self._output_views()
             start, copied_in, computed, copied_out = self._events
-            start.record(self._stream)
+            device.record_event(start, stream)
             for name, view in staged.items():
-                cuda.memcpy_htod_async(self._buffers[name].device, view, self._stream)
-            copied_in.record(self._stream)
-            self._enqueue()
-            computed.record(self._stream)
+                device.copy_to_device(self._buffers[name].device, view, stream)
+            device.record_event(copied_in, stream)
+            self._enqueue(stream)
+            device.record_event(computed, stream)
             for name, view in outputs.items():
-                cuda.memcpy_dtoh_async(view, self._buffers[name].device, self._stream)
-            copied_out.record(self._stream)
-            self._stream.synchronize()
+                device.copy_to_host(view, self._buffers[name].device, stream)
+            device.record_event(copied_out, stream)
+            device.synchronize(stream)
             timings = StageTimings(
-                h2d_ms=copied_in.time_since(start),
-                compute_ms=computed.time_since(copied_in),
-                d2h_ms=copied_out.time_since(computed),
-                device=self._device_name,
+                h2d_ms=device.elapsed_ms(start, copied_in),
+                compute_ms=device.elapsed_ms(copied_in, computed),
+                d2h_ms=device.elapsed_ms(computed, copied_out),
+                device=device.name,
             )
             if self._use_graph and self._graph is None:
-                self._capture_graph()
+                self._capture_graph(stream)
+            if self._runtime_cache is not None and self._saved_runtime_cache is None:
+                self._save_runtime_cache()  # the first call compiled the kernels
             # Copies: the page-locked buffers are reused by the next call.
             return {name: view.copy() for name, view in outputs.items()}, timings
 
@@ -157,13 +198,10 @@ class TrtRunner:
             if self._closed:
                 return
             self._closed = True
-            with self._active():
-                for buffer in self._buffers.values():
-                    buffer.device.free()
-                self._buffers.clear()
-                self._graph = None
-                del self._exec, self._engine, self._runtime
-            self._context.detach()
+            with self._device.activate():
+                if self._runtime_cache is not None:
+                    self._save_runtime_cache()
+                self._release_resources()
 
     def __enter__(self) -> TrtRunner:
         return self
@@ -173,13 +211,26 @@ class TrtRunner:
     ) -> None:
         self.close()
 
-    @contextmanager
-    def _active(self) -> Iterator[None]:
-        self._context.push()
-        try:
-            yield
-        finally:
-            self._cuda.Context.pop()
+    def _release_resources(self) -> None:
+        """Free everything this runner created; the caller has the context pushed."""
+        device = self._device
+        if self._graph is not None:
+            device.destroy_graph(self._graph)
+            self._graph = None
+        for buffer in self._buffers.values():
+            device.free(buffer.device)
+            device.free_host(buffer.host)
+        self._buffers.clear()
+        for event in self._events:
+            device.destroy_event(event)
+        self._events = ()
+        if self._stream is not None:
+            device.destroy_stream(self._stream)
+            self._stream = None
+        # TensorRT objects release device memory when collected: drop them while the context is current.
+        for name in ("_exec", "_runtime_cache", "_engine", "_runtime"):
+            if hasattr(self, name):
+                setattr(self, name, None)
 
     def _check_validity(self, engine_bytes: bytes) -> None:
         """Ask the runtime whether the engine suits this GPU before deserialising it, where it can say."""
@@ -195,7 +246,7 @@ class TrtRunner:
                 if int(diagnostics) & int(flag)  # the members are bit masks
             ]
             raise EngineNotRunnableHere(
-                f"{self._label} reports this engine cannot run on {self._device_name}: "
+                f"{self._label} reports this engine cannot run on {self._device.name}: "
                 f"{', '.join(reasons) or 'invalid engine'}. Rebuild it for this GPU and library version."
             )
 
@@ -207,10 +258,16 @@ class TrtRunner:
                     f"Input '{spec.name}' is missing; the engine needs {self._input_names}."
                 )
             array = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
-            if _has_dynamic(spec.shape) and not self._exec.set_input_shape(spec.name, array.shape):
+            if not _has_dynamic(spec.shape):
+                if array.shape != spec.shape:  # a static input reads exactly its own size from the buffer
+                    raise InvalidInferenceInput(
+                        f"Input '{spec.name}' has shape {list(array.shape)}; this engine was built for "
+                        f"exactly {list(spec.shape)}."
+                    )
+            elif not _fits(array.shape, spec.shape) or not self._exec.set_input_shape(spec.name, array.shape):
                 raise InvalidInferenceInput(
                     f"Input '{spec.name}' has shape {list(array.shape)}, outside the engine's profile "
-                    f"{spec.profile}."
+                    f"{spec.profile} (dims {list(spec.shape)})."
                 )
             view = self._buffer(spec.name, array.shape, array.dtype).view(array.shape)
             np.copyto(view, array)
@@ -228,7 +285,7 @@ class TrtRunner:
                 )
             views[spec.name] = self._buffer(spec.name, shape, np.dtype(spec.dtype)).view(shape)
         for name, buffer in self._buffers.items():
-            self._exec.set_tensor_address(name, int(buffer.device))
+            self._exec.set_tensor_address(name, buffer.device)
         return views
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> _Buffer:
@@ -237,50 +294,57 @@ class TrtRunner:
         if buffer is not None and buffer.capacity >= needed and buffer.host.dtype == dtype:
             return buffer
         if buffer is not None:
-            buffer.device.free()
-        host = self._cuda.pagelocked_empty(needed, dtype)
-        buffer = _Buffer(host=host, device=self._cuda.mem_alloc(host.nbytes), capacity=needed)
+            self._device.free(buffer.device)
+            self._device.free_host(buffer.host)
+        host = self._device.host_array(needed, dtype)
+        buffer = _Buffer(host=host, device=self._device.alloc(host.nbytes), capacity=needed)
         self._buffers[name] = buffer
-        self._graph = None  # a captured graph holds the old addresses
+        if self._graph is not None:  # a captured graph holds the old addresses
+            self._device.destroy_graph(self._graph)
+            self._graph = None
         return buffer
 
-    def _enqueue(self) -> None:
+    def _enqueue(self, stream: int) -> None:
         if self._graph is not None and self._graph_key == self._addresses():
-            try:
-                self._graph.launch(self._stream)
-                return
-            except (self._cuda.Error, TypeError) as exc:
-                self._disable_graph(f"launching the CUDA graph failed ({exc})")
-        if not self._exec.execute_async_v3(self._stream.handle):
+            self._device.launch_graph(self._graph, stream)
+            self.graph_launches += 1
+            return
+        if not self._exec.execute_async_v3(stream):
             raise BackendUnavailable(
                 f"{self._label} failed to run the engine: "
                 f"{' | '.join(error_messages(self._log.records)[-3:]) or 'no reason logged'}."
             )
 
-    def _capture_graph(self) -> None:
-        """Capture one ``execute_async_v3`` (after an ordinary call, as TensorRT requires)."""
-        cuda = self._cuda
-        try:
-            mode = getattr(getattr(cuda, "capture_mode", None), "THREAD_LOCAL", None)
-            self._stream.begin_capture(*(() if mode is None else (mode,)))
-            try:
-                enqueued = self._exec.execute_async_v3(self._stream.handle)
-            finally:
-                graph = self._stream.end_capture()
-            if not enqueued:
-                raise RuntimeError("execute_async_v3 refused to enqueue under capture")
-            self._graph = graph.instantiate()
-            self._graph_key = self._addresses()
-        except (AttributeError, RuntimeError, TypeError, cuda.Error) as exc:
-            self._disable_graph(f"capturing a CUDA graph failed ({exc})")
+    def _capture_graph(self, stream: int) -> None:
+        """Capture one ``execute_async_v3`` into a CUDA graph (after an ordinary call, as TensorRT asks)."""
 
-    def _disable_graph(self, why: str) -> None:
-        logger.warning("%s runner: %s; running without CUDA graphs", self._label, why)
-        self._use_graph = False
-        self._graph = None
+        def enqueue() -> None:
+            if not self._exec.execute_async_v3(stream):
+                raise RuntimeError("execute_async_v3 refused to enqueue under stream capture")
+
+        try:
+            self._graph = self._device.capture_graph(stream, enqueue)
+            self._graph_key = self._addresses()
+        except RuntimeError as exc:  # CudaError included: the engine is not capturable, run it plainly
+            self._use_graph = False
+            self.graph_note = f"off: capturing a CUDA graph failed ({exc})"
+            logger.warning("%s runner: %s", self._label, self.graph_note)
+
+    def _save_runtime_cache(self) -> None:
+        file = self._runtime_cache_file
+        if file is None or self._runtime_cache is None:
+            return
+        data = bytes(memoryview(self._runtime_cache.serialize()))
+        if not data or data == self._saved_runtime_cache:
+            return
+        file.parent.mkdir(parents=True, exist_ok=True)
+        scratch = file.with_name(f"{file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        scratch.write_bytes(data)
+        os.replace(scratch, file)
+        self._saved_runtime_cache = data
 
     def _addresses(self) -> tuple[Any, ...]:
-        return tuple(sorted((name, int(buffer.device)) for name, buffer in self._buffers.items()))
+        return tuple(sorted((name, buffer.device) for name, buffer in self._buffers.items()))
 
     @property
     def _input_names(self) -> list[str]:
@@ -291,7 +355,14 @@ def _has_dynamic(shape: tuple[int | str, ...]) -> bool:
     return any(not isinstance(dim, int) for dim in shape)
 
 
-def _io_specs(trt: ModuleType, engine: Any) -> tuple[tuple[IOSpec, ...], tuple[IOSpec, ...]]:
+def _fits(shape: tuple[int, ...], dims: tuple[int | str, ...]) -> bool:
+    """Same rank, and equal wherever the engine's dimension is static."""
+    return len(shape) == len(dims) and all(
+        not isinstance(dim, int) or dim == size for size, dim in zip(shape, dims, strict=True)
+    )
+
+
+def _io_specs(trt: ModuleType, engine: Any, label: str) -> tuple[tuple[IOSpec, ...], tuple[IOSpec, ...]]:
     inputs: list[IOSpec] = []
     outputs: list[IOSpec] = []
     for index in range(engine.num_io_tensors):
@@ -299,8 +370,13 @@ def _io_specs(trt: ModuleType, engine: Any) -> tuple[tuple[IOSpec, ...], tuple[I
         is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
         try:
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
-        except TypeError:  # bf16/fp8 have no numpy equivalent
-            dtype = str(engine.get_tensor_dtype(name))
+        except TypeError as exc:  # bf16, fp8, fp4: numpy has no such type to feed or read
+            raise EngineNotRunnableHere(
+                f"{label} engine {'input' if is_input else 'output'} '{name}' has type "
+                f"{engine.get_tensor_dtype(name)}, which numpy cannot represent, so this runner cannot feed "
+                "or read it. Rebuild with float32, float16, int8, int32, int64 or bool I/O (keep the ONNX "
+                "graph inputs and outputs in one of those types)."
+            ) from exc
         dims = tuple(int(d) for d in engine.get_tensor_shape(name))
         shape: tuple[int | str, ...] = tuple(d if d >= 0 else "?" for d in dims)
         profile = None

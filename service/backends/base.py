@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Literal, Protocol, runtime_checkable
 
@@ -195,3 +196,14 @@ class Backend(Protocol):
     def build(self, model: bytes, spec: BuildSpec) -> BuiltEngine: ...
 
     def load(self, engine_bytes: bytes) -> Runner: ...
+
+
+@runtime_checkable
+class RuntimeCacheLoader(Protocol):
+    """A backend whose engines compile kernels when they first run and can keep them in a file.
+
+    ``load_with_runtime_cache(engine, file)`` loads like ``load`` and keeps that engine's runtime
+    cache in ``file`` (read at load, written after the first call and at close). TensorRT-RTX is one.
+    """
+
+    def load_with_runtime_cache(self, engine_bytes: bytes, cache_file: Path) -> Runner: ...

@@ -1,7 +1,7 @@
 """Which NVIDIA GPUs this host has, asked of the CUDA driver directly.
 
 ``probe_cuda()`` loads the driver library (``libcuda.so.1`` / ``nvcuda.dll``) with ctypes and reads
-each device's name, compute capability and memory. It needs neither pycuda nor a CUDA toolkit, so
+each device's name, compute capability and memory. It needs neither cuda-python nor a CUDA toolkit, so
 every backend can say why it cannot run here on any host, and the answer never depends on which
 optional Python packages happen to be installed. The result is cached for the process: GPUs do not
 come and go under a running service.

@@ -1,4 +1,4 @@
-"""The enterprise TensorRT backend (10.x and 11.x, with pycuda): builds and runs on an NVIDIA GPU.
+"""The enterprise TensorRT backend (10.x and 11.x, with cuda-python): builds and runs on an NVIDIA GPU.
 
 TensorRT 10 (implicit precision, ``BackendInfo.strongly_typed`` False):
 
@@ -23,9 +23,16 @@ formats are resolved); a timing cache persisted per GPU: ``spec.timing_cache_pat
 and the GPU architecture and TensorRT version are inserted before its suffix
 (``timing.cache`` -> ``timing.sm_89.trt10.8.0.cache``) so hosts with different GPUs sharing one volume
 never mix caches; concurrent builds merge theirs in (``ITimingCache.combine``) and write atomically.
-The runner is :class:`service.backends._trt_runner.TrtRunner` (pycuda, CUDA-event stage timings).
+Calibration batches take the network's input dtypes, static batch size and static dims
+(:mod:`service.backends._trt_calibration`). The runner is :class:`service.backends._trt_runner.TrtRunner`
+(over :mod:`service.backends.cuda_device`, CUDA-event stage timings).
 
-This module is exercised only where a GPU, TensorRT and pycuda are present (tests marked ``gpu``).
+Verification: this module runs only where a GPU, enterprise TensorRT and cuda-python are present
+(tests marked ``gpu``); no machine this project is built on has them, so it is verified by review
+against the TensorRT 10.8/11 sources and by CPU tests of its logic (TensorRT-RTX objects with the same
+API, a recording CUDA device, a runtime stand-in). FP32 builds clear ``BuilderFlag.TF32`` (the build
+log says so); other precisions leave it on for the layers that stay FP32, and say that too. The
+logger keeps WARNING and above only.
 """
 
 from __future__ import annotations
@@ -33,25 +40,23 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from service.backends import _trt_common as common
+from service.backends._trt_calibration import calibrator_for
 from service.backends.base import Availability, BackendInfo, BuildSpec, BuiltEngine, LayerReport, Runner
 from service.backends.build_input import BuildInput, build_input_from
+from service.backends.cuda_device import CudaDevice, cuda_device, driver_module
 from service.backends.devices import GpuDevice, probe_cuda
 from service.backends.layer_report import layer_report_from_inspector_json, onnx_nodes_from_metadata
-from service.errors import (
-    BackendUnavailable,
-    BadInput,
-    BuildFailed,
-    EngineNotRunnableHere,
-    InvalidCalibrationSet,
-)
+from service.errors import BackendUnavailable, BadInput, BuildFailed, EngineNotRunnableHere
+
+if TYPE_CHECKING:
+    from service.calibration.trt_calibrator import CalibratorState
 
 NAME = "tensorrt"
 LABEL = "TensorRT"
@@ -87,34 +92,37 @@ class TensorRtBackend:
 
     def build(self, model: bytes, spec: BuildSpec) -> BuiltEngine:
         trt, gpu = _require()
-        from service.backends._trt_runner import primary_context
-
+        device = cuda_device()
         facts = build_input_from(model, spec)
         notes = list(facts.notes)
-        logger = common.capturing_logger(trt)
+        logger = common.capturing_logger(trt, keep="WARNING")  # VERBOSE tactic lines are never kept
         strongly_typed = _major(trt) >= 11
         written: dict[str, bytes] = {}
         started = time.perf_counter()
         # The builder, the calibrator's device buffers and the inspector share the primary context.
-        with primary_context():
+        with device.activate():
             builder = trt.Builder(logger)
             network, parser = common.network_from_onnx(
                 trt, builder, logger, facts.parser_bytes, strongly_typed=strongly_typed, label=LABEL
             )
             config = common.builder_config(trt, builder, workspace_bytes=spec.workspace_bytes)
             common.add_optimization_profile(trt, builder, config, network, facts.shape_ranges)
+            notes.append(_tf32_policy(trt, config, spec))
             if strongly_typed:
                 notes.append(_strongly_typed_note(trt, spec))
                 calibrator = None
             else:
-                calibrator = _configure_precision(trt, builder, config, network, facts, spec, notes, written)
+                calibrator = _configure_precision(
+                    trt, builder, config, network, facts, spec, notes, written, device
+                )
             cache_file = _timing_cache_file(spec.timing_cache_path, gpu, str(trt.__version__))
             if cache_file is not None:
                 _load_timing_cache(config, cache_file, notes)
             try:
-                engine = common.engine_from_network(builder, network, config, logger.records, LABEL)
-                if calibrator is not None:
-                    calibrator.state.raise_failure()
+                engine = engine_then_calibration_failure(
+                    partial(common.engine_from_network, builder, network, config, logger.records, LABEL),
+                    calibrator.state if calibrator is not None else None,
+                )
             finally:
                 if calibrator is not None:
                     calibrator.free()
@@ -140,7 +148,36 @@ class TensorRtBackend:
             raise EngineNotRunnableHere(f"TensorRT engines cannot run on this host: {problem}.")
         from service.backends._trt_runner import TrtRunner
 
-        return TrtRunner(_module(), engine_bytes, label=LABEL, cuda_graph=self.cuda_graph)
+        return TrtRunner(
+            _module(), engine_bytes, label=LABEL, device=cuda_device(), cuda_graph=self.cuda_graph
+        )
+
+
+def engine_then_calibration_failure(build: Callable[[], bytes], state: CalibratorState | None) -> bytes:
+    """Run ``build``; a failure recorded inside a calibrator callback wins over the build's own error.
+
+    A cancelled job or bad calibration data stops calibration from inside TensorRT, which then fails
+    the build: the cause (JobCancelled, InvalidCalibrationSet, ...) is what the job must report, not
+    the BuildFailed it led to.
+    """
+    try:
+        engine = build()
+    except BuildFailed:
+        if state is not None:
+            state.raise_failure()
+        raise
+    if state is not None:
+        state.raise_failure()
+    return engine
+
+
+def _tf32_policy(trt: ModuleType, config: Any, spec: BuildSpec) -> str:
+    """FP32 builds compute in FP32 (TF32 cleared); other builds may use TF32 where layers stay FP32."""
+    if spec.precision == "fp32":
+        return common.disable_tf32(trt, config)
+    return (
+        f"TF32 enabled (TensorRT's default): layers of this {spec.precision} build left in FP32 may use TF32"
+    )
 
 
 def _configure_precision(
@@ -152,6 +189,7 @@ def _configure_precision(
     spec: BuildSpec,
     notes: list[str],
     written: dict[str, bytes],
+    device: CudaDevice,
 ) -> Any | None:
     """TensorRT 10's implicit-precision flags, calibrator and pinned layers; returns the calibrator."""
     calibrator = None
@@ -163,7 +201,7 @@ def _configure_precision(
         if facts.has_qdq:
             notes.append("explicit quantization: INT8 scales come from the model's Q/DQ nodes")
         elif spec.calibration_batches is not None or spec.calibration_cache is not None:
-            calibrator = _calibrator(builder, config, facts, spec, written)
+            calibrator = calibrator_for(trt, builder, config, network, spec, device, notes, written)
         else:
             raise BadInput(
                 "An INT8 build on TensorRT 10 needs INT8 scales: a model with Q/DQ nodes, a calibration "
@@ -177,47 +215,6 @@ def _configure_precision(
             _pin_layers(trt, network, spec.keep_layers, kept, notes)
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     return calibrator
-
-
-def _calibrator(
-    builder: Any, config: Any, facts: BuildInput, spec: BuildSpec, written: dict[str, bytes]
-) -> Any:
-    from service.calibration.trt_calibrator import CalibrationBatcher, make_entropy_calibrator
-
-    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]]
-    if spec.calibration_batches is None:
-        # Cache only: TensorRT reads the scales and never asks for a batch, so this batcher is never iterated.
-        batches, samples = (lambda: iter(())), spec.calibration_batch_size
-    else:
-        batches = spec.calibration_batches
-        samples = spec.calibration_samples or _count_samples(batches, facts.input_names[0])
-    batcher = CalibrationBatcher(
-        batches, facts.input_names, batch_size=spec.calibration_batch_size, num_samples=samples
-    )
-    calibrator = make_entropy_calibrator(
-        batcher,
-        cache=spec.calibration_cache,
-        on_cache_written=lambda data: written.__setitem__("cache", data),
-    )
-    config.int8_calibrator = calibrator
-    if spec.calibration_batches is not None and facts.shape_ranges:
-        # Dynamic inputs: TensorRT calibrates with a profile fixed at the calibration batch shape.
-        profile = builder.create_optimization_profile()
-        for name, shape in batcher.batch_shapes().items():
-            profile.set_shape(name, shape, shape, shape)
-        config.set_calibration_profile(profile)
-    return calibrator
-
-
-def _count_samples(batches: Callable[[], Iterable[Mapping[str, np.ndarray]]], first_input: str) -> int:
-    total = 0
-    for feeds in batches():
-        if first_input not in feeds:
-            raise InvalidCalibrationSet(
-                f"A calibration batch lacks input '{first_input}'; it has {sorted(feeds)}."
-            )
-        total += int(np.shape(feeds[first_input])[0])
-    return total
 
 
 def _pin_layers(trt: ModuleType, network: Any, keep: tuple[str, ...], dtype: Any, notes: list[str]) -> None:
@@ -283,9 +280,16 @@ def _timing_cache_file(path: str | None, gpu: GpuDevice, version: str) -> Path |
 
 
 def _load_timing_cache(config: Any, file: Path, notes: list[str]) -> None:
+    """Use the stored timing cache; a corrupt or mismatched one is replaced by an empty cache."""
     data = file.read_bytes() if file.exists() else b""
-    if not config.set_timing_cache(config.create_timing_cache(data), False):
-        notes.append(f"timing cache {file} does not match this GPU/TensorRT; starting an empty one")
+    try:
+        cache = config.create_timing_cache(data) if data else None
+        accepted = cache is not None and config.set_timing_cache(cache, False)
+    except (RuntimeError, TypeError, ValueError):  # TensorRT raises on some corrupt files
+        accepted = False
+    if data and not accepted:
+        notes.append(f"timing cache {file} is corrupt or from another GPU/TensorRT; starting an empty one")
+    if not accepted:
         config.set_timing_cache(config.create_timing_cache(b""), False)
 
 
@@ -312,9 +316,9 @@ def _problem() -> str | None:
     except BackendUnavailable as exc:
         return exc.message
     try:
-        import pycuda.driver  # noqa: F401
-    except ImportError as exc:
-        return f"pycuda is not installed (pip install 'engine-service[gpu]'): {exc}"
+        driver_module()
+    except BackendUnavailable as exc:
+        return exc.message
     probe = probe_cuda()
     if not probe.has_gpu:
         return f"TensorRT builds and runs on an NVIDIA GPU, and {probe.reason}"

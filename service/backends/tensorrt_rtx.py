@@ -15,11 +15,14 @@ made with ``compute_capabilities=("sm_86",)`` builds for exactly those via
 ``compute_capability`` (so of every engine cache key and report). A timing cache has no effect on
 TensorRT-RTX engines and makes its builder query a GPU, so ``timing_cache_path`` is ignored.
 
-Run: engines need an NVIDIA GPU of a targeted architecture, the TensorRT-RTX runtime and pycuda.
+Run: engines need an NVIDIA GPU of a targeted architecture, the TensorRT-RTX runtime and cuda-python.
 ``load()`` raises EngineNotRunnableHere naming what is missing; where all are present it returns the
-shared pycuda runner (:mod:`service.backends._trt_runner`), which checks the engine's validity for
-the GPU first. That GPU path is written against the documented API but has not been exercised on an
-RTX GPU in this project's test runs (they have none); the AOT build path is tested for real.
+shared runner (:mod:`service.backends._trt_runner`), which checks the engine's validity for the GPU
+first. TensorRT-RTX compiles kernels when an engine first runs: ``load_with_runtime_cache`` keeps
+them in a runtime cache file per engine (the serving pool puts it in the engine cache), so later
+loads skip the compilation. Verification: builds run for real on this project's CPU-only test
+machines; execution (runner, runtime cache) is verified by review against the installed
+``tensorrt_rtx`` API and by CPU tests through a recording CUDA device, never on an RTX GPU.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 from service.backends import _trt_common as common
 from service.backends.base import Availability, BackendInfo, BuildSpec, BuiltEngine, Runner
 from service.backends.build_input import build_input_from
+from service.backends.cuda_device import cuda_device, driver_module
 from service.backends.devices import parse_sm as _parse_sm
 from service.backends.devices import probe_cuda
 from service.backends.layer_report import layer_report_from_builder_log
@@ -104,7 +109,7 @@ class TensorRtRtxBackend:
                 "warning: precision int8 was asked for but the model has no Q/DQ nodes; TensorRT-RTX takes "
                 "INT8 only from Q/DQ, so this engine has no INT8 layers"
             )
-        logger = common.capturing_logger(trt)
+        logger = common.capturing_logger(trt, keep="VERBOSE")  # the Layers: dump is VERBOSE
         started = time.perf_counter()
         builder = trt.Builder(logger)
         network, parser = common.network_from_onnx(
@@ -134,6 +139,13 @@ class TensorRtRtxBackend:
         )
 
     def load(self, engine_bytes: bytes) -> Runner:
+        return self._load(engine_bytes, None)
+
+    def load_with_runtime_cache(self, engine_bytes: bytes, cache_file: Path) -> Runner:
+        """Load, keeping the kernels TensorRT-RTX compiles at first run in ``cache_file``."""
+        return self._load(engine_bytes, cache_file)
+
+    def _load(self, engine_bytes: bytes, cache_file: Path | None) -> Runner:
         problem = self._run_problem()
         if problem is not None:
             raise EngineNotRunnableHere(
@@ -142,7 +154,7 @@ class TensorRtRtxBackend:
             )
         from service.backends._trt_runner import TrtRunner
 
-        return TrtRunner(_module(), engine_bytes, label=LABEL)
+        return TrtRunner(_module(), engine_bytes, label=LABEL, device=cuda_device(), runtime_cache=cache_file)
 
     def _set_targets(self, trt: ModuleType, config: object) -> None:
         if not self._targets:
@@ -163,9 +175,9 @@ class TensorRtRtxBackend:
                 f"{[_sm(cc) for cc in self.targets]}"
             )
         try:
-            import pycuda.driver  # noqa: F401
-        except ImportError as exc:
-            return f"pycuda is not installed (pip install 'engine-service[gpu]'): {exc}"
+            driver_module()
+        except BackendUnavailable as exc:
+            return exc.message
         return None
 
 

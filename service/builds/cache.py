@@ -116,6 +116,8 @@ class EngineCache:
         self.db = db
         self.plans = BlobStore(root / "plans")
         self.artifacts = BlobStore(root / "artifacts")  # calibration caches and other build outputs
+        # TensorRT-RTX runtime caches (kernels compiled when an engine first runs), one per engine.
+        self.runtime_caches = root / "runtime_caches"
         self.budget_bytes = budget_bytes
         self._drop_listeners: builtins.list[Callable[[str], object]] = []
 
@@ -249,8 +251,13 @@ class EngineCache:
     def delete(self, engine_id: str) -> None:
         self._drop(self.get(engine_id))
 
+    def runtime_cache_file(self, engine_id: str) -> Path:
+        """Where the runtime cache of engine ``engine_id`` lives (the file may not exist yet)."""
+        return self.runtime_caches / f"{engine_id}.runtime.cache"
+
     def _drop(self, record: EngineRecord) -> None:
         self.db.execute("DELETE FROM engines WHERE id = ?", (record.id,))
+        self.runtime_cache_file(record.id).unlink(missing_ok=True)
         for listener in self._drop_listeners:
             listener(record.id)
         if not self.db.query_one("SELECT 1 FROM engines WHERE plan_sha256 = ?", (record.plan_sha256,)):

@@ -3,13 +3,19 @@
 Format (as TensorRT writes and reads it)::
 
     TRT-<version code>-<algorithm>
-    <tensor name>: <8 hex digits>
+    <tensor name>: <hex digits>
     ...
 
 The version code is TensorRT's ``NV_TENSORRT_VERSION``: ``major*10000 + minor*100 + patch`` from
 TensorRT 10 on (10.1.0 -> ``100100``), ``major*1000 + minor*100 + patch`` before (8.6.1 -> ``8601``).
 The algorithm is ``EntropyCalibration2`` for ``IInt8EntropyCalibrator2``. Each hex value is the
-big-endian IEEE-754 bit pattern of the float32 scale, ``scale = amax / 127`` (1.0 -> ``3f800000``).
+IEEE-754 bit pattern of the float32 scale, ``scale = amax / 127`` (1.0 -> ``3f800000``), written the
+way TensorRT writes it: lowercase and without leading zeros, so a zero scale is ``0``. TensorRT also
+writes infinity (``7f800000``) and negative values for some tensors; they are read and written back
+bit for bit (a cache TensorRT wrote round-trips unchanged), but they carry no INT8 range:
+:meth:`CalibrationCache.thresholds` leaves every tensor whose scale is not finite and positive out
+(listed by :meth:`CalibrationCache.unusable`), so a consumer keeps those tensors out of INT8 and never
+sees an infinite or zero amax. NaN is rejected.
 
 TensorRT compares the header with the calibrator it is running: a cache written for another version
 or algorithm is rejected ("Calibration table does not match calibrator algorithm type") and it falls
@@ -36,7 +42,7 @@ ALGORITHMS = frozenset(
 )
 
 _HEADER = re.compile(r"TRT-(\d+)-([A-Za-z0-9_]+)")
-_HEX_SCALE = re.compile(r"[0-9A-Fa-f]{8}")
+_HEX_SCALE = re.compile(r"[0-9A-Fa-f]{1,8}")
 _VERSION = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?(?:\.\d+)*(?:[.+-].*)?")
 
 
@@ -52,8 +58,12 @@ class CalibrationCache:
         object.__setattr__(self, "scales", MappingProxyType(dict(self.scales)))
 
     def thresholds(self) -> dict[str, float]:
-        """amax per tensor (``scale * 127``)."""
-        return {name: scale * 127.0 for name, scale in self.scales.items()}
+        """amax per tensor (``scale * 127``), for the tensors with a finite, positive scale only."""
+        return {name: scale * 127.0 for name, scale in self.scales.items() if _usable(scale)}
+
+    def unusable(self) -> tuple[str, ...]:
+        """Tensors whose scale is zero, negative or infinite: no INT8 range, keep them out of INT8."""
+        return tuple(name for name, scale in self.scales.items() if not _usable(scale))
 
 
 def trt_version_code(version: str) -> str:
@@ -77,8 +87,9 @@ def calibration_cache_from_scales(
 ) -> bytes:
     """The cache text for per-tensor scales, one line per tensor in the mapping's order.
 
-    ``trt_version`` is the TensorRT that will read the cache (``tensorrt.__version__``); scales must
-    be finite and positive, and names non-empty and free of line breaks.
+    ``trt_version`` is the TensorRT that will read the cache (``tensorrt.__version__``). A scale may
+    be anything TensorRT itself writes (infinity, zero, negative) but not NaN, and must fit a float32
+    without a non-zero value rounding to zero; names must be non-empty and free of line breaks.
     """
     if algorithm not in ALGORITHMS:
         raise BadInput(f"Unknown calibration algorithm '{algorithm}'; TensorRT knows {sorted(ALGORITHMS)}.")
@@ -86,8 +97,8 @@ def calibration_cache_from_scales(
     for name, scale in scales.items():
         if not name or name.splitlines() != [name]:  # one name, one line: no line breaks of any kind
             raise BadInput(f"Tensor name {name!r} cannot be written to a calibration cache line.")
-        if not (math.isfinite(scale) and scale > 0.0):
-            raise BadInput(f"The scale of tensor '{name}' is {scale!r}; scales must be finite and positive.")
+        if math.isnan(scale):
+            raise BadInput(f"The scale of tensor '{name}' is NaN; a calibration cache needs a number.")
         lines.append(f"{name}: {_hex_from_scale(scale, name)}")
     return ("\n".join(lines) + "\n").encode("utf-8")
 
@@ -129,13 +140,17 @@ def _parse_line(line: str, number: int) -> tuple[str, float]:
     value = value.strip()
     if not colon or not name or _HEX_SCALE.fullmatch(value) is None:
         raise BadInput(
-            f"Line {number} of the calibration cache is {line[:80]!r}; expected '<tensor name>: <8 hex "
-            "digits>' such as 'input: 3c010204'."
+            f"Line {number} of the calibration cache is {line[:80]!r}; expected '<tensor name>: <1 to 8 "
+            "hex digits>' such as 'input: 3c010204'."
         )
-    (scale,) = struct.unpack(">f", bytes.fromhex(value))
-    if not (math.isfinite(scale) and scale >= 0.0):
-        raise BadInput(f"Line {number} of the calibration cache gives tensor '{name}' the scale {scale!r}.")
+    (scale,) = struct.unpack(">f", int(value, 16).to_bytes(4, "big"))
+    if math.isnan(scale):
+        raise BadInput(f"Line {number} of the calibration cache gives tensor '{name}' the scale nan.")
     return name, float(scale)
+
+
+def _usable(scale: float) -> bool:
+    return math.isfinite(scale) and scale > 0.0
 
 
 def _hex_from_scale(scale: float, name: str) -> str:
@@ -143,6 +158,6 @@ def _hex_from_scale(scale: float, name: str) -> str:
         packed = struct.pack(">f", scale)
     except OverflowError as exc:
         raise BadInput(f"The scale of tensor '{name}' ({scale!r}) does not fit a float32.") from exc
-    if struct.unpack(">f", packed)[0] == 0.0:
+    if scale != 0.0 and struct.unpack(">f", packed)[0] == 0.0:
         raise BadInput(f"The scale of tensor '{name}' ({scale!r}) rounds to zero in float32.")
-    return packed.hex()
+    return format(int.from_bytes(packed, "big"), "x")  # as TensorRT writes it: no leading zeros

@@ -1,6 +1,6 @@
-"""TensorRT 10 ``IInt8EntropyCalibrator2`` adapter: fixed-size batches into pycuda device buffers.
+"""TensorRT 10 ``IInt8EntropyCalibrator2`` adapter: fixed-size batches into GPU device buffers.
 
-Three parts, the first two pure Python so they are tested without a GPU:
+Four parts; all but the last are tested without a GPU (the device through a recording double):
 
 ``CalibrationBatcher``
     Re-batches the calibration data (any incoming batch sizes) into batches of exactly
@@ -18,9 +18,12 @@ Three parts, the first two pure Python so they are tested without a GPU:
     record the first failure. TensorRT calls these methods from C++ and cannot carry a Python
     exception through, so a failure ends calibration (``get_batch`` returns None) and
     ``raise_failure()`` re-raises it after the build.
+``DeviceBatchFeeder``
+    Copies each host batch into device buffers allocated once per input, through a
+    :class:`service.backends.cuda_device.CudaDevice`, with the primary context pushed per call.
 ``make_entropy_calibrator``
-    Imports tensorrt and pycuda, and returns the ``trt.IInt8EntropyCalibrator2`` subclass instance
-    that copies each host batch into device buffers allocated once per input.
+    Imports tensorrt and returns the ``trt.IInt8EntropyCalibrator2`` subclass instance whose
+    callbacks delegate to the two above (a few lines, checked by reading).
 
 With TensorRT 10 every network has an explicit batch dimension: the batch is the leading dimension
 of each array (it must match the network's static input shape or the calibration profile), and
@@ -48,6 +51,8 @@ from service.errors import BadInput, InvalidCalibrationSet, JobCancelled
 
 if TYPE_CHECKING:
     import tensorrt as trt
+
+    from service.backends.cuda_device import CudaDevice
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +93,7 @@ class CalibrationBatcher:
         batch_size: int,
         num_samples: int,
         input_dtypes: Mapping[str, DTypeLike] | None = None,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
         should_stop: StopCheck | None = None,
     ) -> None:
         if batch_size < 1:
@@ -108,6 +114,8 @@ class CalibrationBatcher:
                 f"input_dtypes names {unknown}, which are not engine inputs {list(self.input_names)}."
             )
         self.input_dtypes = tuple(np.dtype(dtypes.get(name, np.float32)) for name in self.input_names)
+        # The network's dims per input (-1 where dynamic): every static dim must match the data's.
+        self.input_shapes = {name: tuple(int(d) for d in dims) for name, dims in (input_shapes or {}).items()}
         self.batch_size = batch_size
         self.num_samples = num_samples
         self._should_stop = should_stop
@@ -160,11 +168,22 @@ class CalibrationBatcher:
                 f"Calibration batch {index} has inputs with different or missing batch dimensions: {counts}."
             )
         for name, array in arrays.items():
-            if array.dtype.kind not in "fiu":
+            dims = self.input_shapes.get(name)
+            if dims is not None and not _sample_fits(array.shape[1:], dims[1:]):
+                raise InvalidCalibrationSet(
+                    f"Calibration input '{name}' has samples of shape {list(array.shape[1:])}, but the "
+                    f"network's input is {list(dims)} (-1 = any); TensorRT would read the wrong number of "
+                    "bytes."
+                )
+            if array.dtype.kind not in "fiub":
                 raise InvalidCalibrationSet(
                     f"Calibration input '{name}' has dtype {array.dtype}; numeric data is required."
                 )
         return arrays, next(iter(counts.values()))
+
+
+def _sample_fits(sample: tuple[int, ...], dims: tuple[int, ...]) -> bool:
+    return len(sample) == len(dims) and all(d < 0 or d == s for s, d in zip(sample, dims, strict=True))
 
 
 class _BatchBuilder:
@@ -271,67 +290,88 @@ class CalibratorState:
             raise self.failure
 
 
+class DeviceBatchFeeder:
+    """What ``get_batch`` and ``free`` do on the GPU, through a :class:`CudaDevice`.
+
+    One device buffer per input, allocated at the first batch with that batch's byte size (the
+    engine's dtype and the calibration batch shape, so an INT64 input gets 8 bytes per element) and
+    reused; a batch of another size is a failure, never a copy past the buffer. Every device call
+    runs with the device's primary context pushed and popped around it; nothing is retained or
+    released here (the process owns the context).
+    """
+
+    def __init__(self, state: CalibratorState, device: CudaDevice) -> None:
+        self.state = state
+        self._device = device
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, nbytes)
+
+    def get_batch(self, names: Sequence[str]) -> list[int] | None:
+        """Device pointers of the next batch in the order of ``names``; None at the end or on failure."""
+        arrays = self.state.next_arrays(names)
+        if arrays is None:
+            return None
+        try:
+            with self._device.activate():
+                return [self._copy(name, array) for name, array in zip(names, arrays, strict=True)]
+        except Exception as exc:  # a CUDA error cannot cross TensorRT's C++ frame
+            self.state.record_failure(exc)
+            return None
+
+    def free(self) -> None:
+        """Release the device buffers (idempotent)."""
+        if not self._buffers:
+            return
+        with self._device.activate():
+            for pointer, _ in self._buffers.values():
+                self._device.free(pointer)
+        self._buffers.clear()
+
+    def _copy(self, name: str, array: np.ndarray) -> int:
+        known = self._buffers.get(name)
+        if known is None:
+            known = (self._device.alloc(array.nbytes), array.nbytes)
+            self._buffers[name] = known
+        elif known[1] != array.nbytes:
+            raise InvalidCalibrationSet(
+                f"Calibration input '{name}' changed size between batches "
+                f"({known[1]} -> {array.nbytes} bytes)."
+            )
+        self._device.copy_to_device(known[0], array)
+        return known[0]
+
+
 def make_entropy_calibrator(
     batcher: CalibrationBatcher,
     *,
+    device: CudaDevice,
     cache: bytes | None = None,
     on_cache_written: CacheCallback | None = None,
 ) -> trt.IInt8EntropyCalibrator2:
-    """An ``IInt8EntropyCalibrator2`` feeding ``batcher`` through pycuda device buffers.
+    """An ``IInt8EntropyCalibrator2`` feeding ``batcher`` through ``device`` (a :class:`DeviceBatchFeeder`).
 
-    With ``cache`` TensorRT reads our scales and skips calibration. Needs tensorrt, pycuda and a
-    GPU. It uses the calling thread's current CUDA context, or pushes device 0's primary context
-    (the one TensorRT's runtime API uses) when there is none. After the build, call
-    ``calibrator.state.raise_failure()`` (a cancellation or data error inside a callback surfaces
-    there) and ``calibrator.free()``.
+    With ``cache`` TensorRT reads our scales and skips calibration. Needs tensorrt and a GPU. After the
+    build, call ``calibrator.state.raise_failure()`` (a cancellation or data error inside a callback
+    surfaces there) and ``calibrator.free()``.
     """
-    import pycuda.driver as cuda
     import tensorrt as trt
-
-    cuda.init()
-    pushed = None
-    if cuda.Context.get_current() is None:
-        pushed = cuda.Device(0).retain_primary_context()
-        pushed.push()
 
     state = CalibratorState(
         batcher, cache=cache, on_cache_written=on_cache_written, trt_version=trt.__version__
     )
+    feeder = DeviceBatchFeeder(state, device)
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
         def __init__(self) -> None:
             # pybind11 trampolines must have the base initialised explicitly or they crash.
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.state = state
-            self._device: dict[str, Any] = {}
-            self._nbytes: dict[str, int] = {}
+            self.free = feeder.free
 
         def get_batch_size(self) -> int:
             return 1  # explicit batch: the batch is the arrays' leading dimension
 
         def get_batch(self, names: list[str]) -> list[int] | None:
-            arrays = state.next_arrays(names)
-            if arrays is None:
-                return None
-            try:
-                return [self._copy_to_device(name, array) for name, array in zip(names, arrays, strict=True)]
-            except Exception as exc:  # a CUDA error cannot cross TensorRT's C++ frame
-                state.record_failure(exc)
-                return None
-
-        def _copy_to_device(self, name: str, array: np.ndarray) -> int:
-            buffer = self._device.get(name)
-            if buffer is None:
-                buffer = cuda.mem_alloc(max(array.nbytes, 1))
-                self._device[name] = buffer
-                self._nbytes[name] = array.nbytes
-            elif self._nbytes[name] != array.nbytes:
-                raise InvalidCalibrationSet(
-                    f"Calibration input '{name}' changed size between batches "
-                    f"({self._nbytes[name]} -> {array.nbytes} bytes)."
-                )
-            cuda.memcpy_htod(buffer, array)
-            return int(buffer)
+            return feeder.get_batch(names)
 
         def read_calibration_cache(self) -> bytes | None:
             return state.read_cache()
@@ -339,27 +379,16 @@ def make_entropy_calibrator(
         def write_calibration_cache(self, cache: Any) -> None:
             state.write_cache(cache)
 
-        def free(self) -> None:
-            """Release the device buffers, and the context pushed for them if we pushed one."""
-            nonlocal pushed
-            for buffer in self._device.values():
-                buffer.free()
-            self._device.clear()
-            if pushed is not None:
-                cuda.Context.pop()
-                pushed = None
-
     return EntropyCalibrator()
 
 
 def _cache_for(cache: bytes, trt_version: str | None) -> bytes:
-    """Validate a cache up front (not deep inside a build) and re-head it for its reader."""
+    """Validate a cache up front (not deep inside a build) and re-head it for its reader.
+
+    Zero, infinite and negative scales are kept as they are: TensorRT writes them itself and reads
+    them back.
+    """
     parsed = scales_from_calibration_cache(cache)
-    zero = [name for name, scale in parsed.scales.items() if not scale > 0.0]
-    if zero:
-        raise BadInput(
-            f"The calibration cache gives tensors {zero[:5]} a zero scale; TensorRT needs positive scales."
-        )
     if trt_version is None:
         return cache
     # This calibrator is an entropy calibrator: TensorRT only accepts a cache headed with its own

@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from service.backends.base import Runner
+from service.backends.base import Runner, RuntimeCacheLoader
 from service.builds.cache import EngineCache
 from service.errors import BackendUnavailable
 from service.serving.runnable import BackendLookup, default_backend_lookup, require_runnable
@@ -161,7 +161,10 @@ class RunnerPool:
         backend = self.backend_for(record.backend)
         started = time.perf_counter()
         plan = self.engines.read_plan(engine_id)
-        runner = backend.load(plan)
+        if isinstance(backend, RuntimeCacheLoader):  # keep compiled kernels with the engine
+            runner = backend.load_with_runtime_cache(plan, self.engines.runtime_cache_file(engine_id))
+        else:
+            runner = backend.load(plan)
         footprint = estimate_footprint(len(plan), record.backend)
         seconds = time.perf_counter() - started
         if footprint > self.budget_bytes:

@@ -21,3 +21,9 @@ def test_readyz_names_every_backend_and_says_why_one_cannot_be_used(api: httpx.C
     for backend in body["backends"]:
         if not (backend["can_build"] and backend["can_run"]):
             assert backend["reason"], backend  # a backend that cannot do something says why
+
+
+def test_readyz_states_what_is_verified_where(api: httpx.Client) -> None:
+    statement = api.get("/readyz").json()["verification"]
+    assert "TensorRT-RTX builds: verified on CPU here" in statement
+    assert "enterprise TensorRT path" in statement and "verified by review and CPU tests only" in statement

@@ -1,6 +1,6 @@
-"""Enterprise TensorRT (10.x/11.x) with pycuda on a real NVIDIA GPU, and TensorRT-RTX engines run there.
+"""Enterprise TensorRT (10.x/11.x) with cuda-python on a real NVIDIA GPU, and TensorRT-RTX engines run there.
 
-Every test is marked ``gpu`` and skips, with the backend's own reason, where TensorRT, pycuda or a GPU
+Every test is marked ``gpu`` and skips, with the backend's own reason, where TensorRT, cuda-python or a GPU
 is missing. Nothing here is simulated.
 """
 
@@ -13,6 +13,7 @@ import onnx
 import pytest
 from onnxconverter_common import float16
 
+from service.backends._trt_runner import TrtRunner
 from service.backends.base import Backend, BuildSpec, BuiltEngine, ShapeRange
 from service.backends.registry import get_backend
 from service.backends.tensorrt import TensorRtBackend
@@ -68,6 +69,10 @@ def test_fp32_engine_matches_onnxruntime_across_the_profile(
             np.testing.assert_allclose(runner.infer(feeds)["logits"], expected, rtol=1e-3, atol=1e-4)
 
 
+def test_fp32_build_runs_without_tf32_and_says_so(fp32_engine: BuiltEngine) -> None:
+    assert "TF32 disabled" in fp32_engine.build_log
+
+
 def test_inspector_report_names_every_compute_node(
     fp32_engine: BuiltEngine, resnet_block: onnx.ModelProto
 ) -> None:
@@ -90,7 +95,7 @@ def test_timings_are_measured_per_stage_with_cuda_events(
         assert timings.device == trt_backend.describe().device.rsplit(" (", 1)[0]
 
 
-def test_cuda_graph_runner_gives_the_ordinary_results(
+def test_cuda_graph_runner_launches_a_graph_and_gives_the_ordinary_results(
     trt_backend: TensorRtBackend, builds: BuildCache, image_batch
 ) -> None:
     graphed = TensorRtBackend(cuda_graph=True)
@@ -100,6 +105,9 @@ def test_cuda_graph_runner_gives_the_ordinary_results(
     expected = reference_outputs(static, feeds)["logits"]
     with graphed.load(built.engine_bytes) as runner:
         results = [runner.infer(feeds)["logits"] for _ in range(3)]  # 1st ordinary, then captured graph
+        assert isinstance(runner, TrtRunner)
+        assert runner.graph_note.startswith("on"), runner.graph_note
+        assert runner.graph_launches == 2  # the 2nd and 3rd calls ran the captured graph
     for result in results:
         np.testing.assert_allclose(result, expected, rtol=1e-3, atol=1e-4)
 

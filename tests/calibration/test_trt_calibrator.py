@@ -14,8 +14,9 @@ from service.calibration.trt_cache import (
     scales_from_calibration_cache,
     trt_version_code,
 )
-from service.calibration.trt_calibrator import CalibrationBatcher, CalibratorState
+from service.calibration.trt_calibrator import CalibrationBatcher, CalibratorState, DeviceBatchFeeder
 from service.errors import BadInput, InvalidCalibrationSet, JobCancelled
+from tests.backends.cuda_double import RecordingDevice
 from tests.model_factory import model_bytes, two_input_adder
 
 Feeds = Mapping[str, np.ndarray]
@@ -214,7 +215,7 @@ def test_a_given_cache_is_handed_out_with_the_header_of_the_reading_tensorrt() -
     ("cache", "message"),
     [
         (b"not a cache", "Line 1 of the calibration cache"),
-        (b"TRT-100100-EntropyCalibration2\nx: 00000000\n", "zero scale"),
+        (b"TRT-100100-EntropyCalibration2\nx: 7fc00000\n", "scale nan"),
     ],
 )
 def test_an_unusable_cache_is_rejected_before_any_build(cache: bytes, message: str) -> None:
@@ -243,13 +244,12 @@ def test_a_failing_cache_callback_is_recorded_not_raised_into_tensorrt() -> None
 
 def _tensorrt_and_gpu():  # type: ignore[no-untyped-def]
     trt = pytest.importorskip("tensorrt")
-    cuda = pytest.importorskip("pycuda.driver")
-    try:
-        cuda.init()
-        if cuda.Device.count() == 0:
-            pytest.skip("no CUDA device")
-    except cuda.Error as exc:
-        pytest.skip(f"CUDA is not usable here: {exc}")
+    pytest.importorskip("cuda.bindings.driver")
+    from service.backends.devices import probe_cuda
+
+    probe = probe_cuda()
+    if not probe.has_gpu:
+        pytest.skip(f"no usable CUDA device: {probe.reason}")
     if not hasattr(trt, "IInt8EntropyCalibrator2"):
         pytest.skip(f"TensorRT {trt.__version__} has no implicit INT8 calibration (removed in 11)")
     return trt
@@ -272,6 +272,7 @@ def _int8_engine(trt, model, calibrator) -> bytes:  # type: ignore[no-untyped-de
 @pytest.mark.gpu
 def test_tensorrt_calibrates_through_the_adapter_and_then_accepts_our_cache() -> None:
     trt = _tensorrt_and_gpu()
+    from service.backends.cuda_device import cuda_device
     from service.calibration.trt_calibrator import make_entropy_calibrator
 
     batch = 4
@@ -281,8 +282,9 @@ def test_tensorrt_calibrates_through_the_adapter_and_then_accepts_our_cache() ->
     samples = _samples(16, seed=3)
 
     written: list[bytes] = []
+    device = cuda_device()
     calibrator = make_entropy_calibrator(
-        _batcher(samples, [16], batch_size=batch), cache=None, on_cache_written=written.append
+        _batcher(samples, [16], batch_size=batch), device=device, cache=None, on_cache_written=written.append
     )
     try:
         _int8_engine(trt, model, calibrator)
@@ -305,6 +307,7 @@ def test_tensorrt_calibrates_through_the_adapter_and_then_accepts_our_cache() ->
     }
     cached = make_entropy_calibrator(
         _batcher(samples, [16], batch_size=batch),
+        device=device,
         cache=calibration_cache_from_scales(scales),  # default header: re-headed for this TensorRT
         on_cache_written=None,
     )
@@ -315,3 +318,74 @@ def test_tensorrt_calibrates_through_the_adapter_and_then_accepts_our_cache() ->
         cached.free()
     assert cached.state.cache_reads >= 1
     assert cached.state.batches_served == 0  # TensorRT took our scales and skipped calibration
+
+
+def _int64_state(count: int = 4) -> tuple[CalibratorState, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    samples = {"ids": rng.integers(0, 2**40, (count, 16)), "scale": rng.standard_normal((count, 1))}
+    batcher = CalibrationBatcher(
+        lambda: iter([samples]),
+        ["ids", "scale"],
+        batch_size=2,
+        num_samples=count,
+        input_dtypes={"ids": np.int64, "scale": np.float16},
+    )
+    return CalibratorState(batcher), samples
+
+
+def test_the_feeder_copies_each_input_with_the_engine_dtype_into_a_buffer_of_its_size() -> None:
+    state, samples = _int64_state()
+    device = RecordingDevice()
+    feeder = DeviceBatchFeeder(state, device)
+    pointers = feeder.get_batch(["scale", "ids"])
+    assert pointers is not None
+    with device.activate():
+        np.testing.assert_array_equal(device.read(pointers[1], np.int64, (2, 16)), samples["ids"][:2])
+        assert len(device.memory[pointers[1]]) == 2 * 16 * 8  # int64: 8 bytes per element, not 4
+        assert len(device.memory[pointers[0]]) == 2 * 1 * 2  # float16
+    assert [(c.dtype, c.shape, c.nbytes) for c in device.copies] == [
+        ("float16", (2, 1), 4),
+        ("int64", (2, 16), 256),
+    ]
+    second = feeder.get_batch(["scale", "ids"])
+    assert second == pointers  # buffers are reused
+    assert feeder.get_batch(["scale", "ids"]) is None  # the end of the data
+    feeder.free()
+    feeder.free()
+    assert device.live_allocations == 0
+    # Every device call ran inside a push/pop pair; nothing was retained or left pushed.
+    assert device.balanced and device.context_log == ["push", "pop"] * 4
+
+
+def test_a_batch_that_changes_size_fails_instead_of_overrunning_the_buffer() -> None:
+    state, _ = _int64_state()
+    device = RecordingDevice()
+    feeder = DeviceBatchFeeder(state, device)
+    assert feeder.get_batch(["ids", "scale"]) is not None
+    feeder._buffers["ids"] = (feeder._buffers["ids"][0], 8)  # as if the first batch had been smaller
+    assert feeder.get_batch(["ids", "scale"]) is None
+    with pytest.raises(InvalidCalibrationSet, match="'ids' changed size between batches"):
+        state.raise_failure()
+    feeder.free()
+    assert device.balanced and device.live_allocations == 0
+
+
+def test_a_device_error_ends_calibration_and_is_raised_after_the_build() -> None:
+    state, _ = _int64_state()
+    device = RecordingDevice()
+
+    def fail(nbytes: int) -> int:
+        raise RuntimeError("CUDA call cuMemAlloc failed: CUDA_ERROR_OUT_OF_MEMORY")
+
+    device.alloc = fail  # type: ignore[method-assign]
+    feeder = DeviceBatchFeeder(state, device)
+    assert feeder.get_batch(["ids", "scale"]) is None
+    with pytest.raises(RuntimeError, match="CUDA_ERROR_OUT_OF_MEMORY"):
+        state.raise_failure()
+    assert device.balanced
+
+
+def test_a_cache_tensorrt_wrote_with_zero_and_infinite_scales_is_handed_back_unchanged() -> None:
+    theirs = b"TRT-100800-EntropyCalibration2\nimage: 3c010204\nshape_out: 0\nidx: 7f800000\nneg: bf800000\n"
+    state = CalibratorState(_batcher(_samples(2), [2], batch_size=2), cache=theirs, trt_version="10.8.0")
+    assert state.read_cache() == theirs

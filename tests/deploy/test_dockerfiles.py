@@ -172,14 +172,14 @@ def test_images_check_liveness_with_the_bundled_script(image: str) -> None:
     assert f"docker/healthcheck.py {command[1]}" in [item.arguments for item in runtime.all("COPY")]
 
 
-def test_gpu_image_compiles_pycuda_and_never_installs_tensorrt_from_pypi() -> None:
+def test_gpu_image_installs_cuda_python_and_never_installs_tensorrt_from_pypi() -> None:
     build = read_stages(DOCKERFILES["gpu"])[0]
     runs = " ".join(item.arguments for item in build.all("RUN"))
 
-    assert "--no-build-isolation --constraint docker/constraints.txt pycuda" in runs
-    # Only the extension's presence can be checked at build time: importing pycuda.driver needs a driver.
-    assert "find_spec('pycuda._driver')" in runs
-    assert "import pycuda.driver" not in runs
+    assert "--constraint docker/constraints.txt cuda-python" in runs
+    # cuda-python loads libcuda lazily, so importing the driver module needs no driver at build time.
+    assert "from cuda.bindings import driver" in runs
+    assert "pycuda" not in runs
     assert ".[gpu]" not in runs, (
         "the gpu extra would install TensorRT 11 from PyPI over the base image's 10.x"
     )
@@ -202,10 +202,9 @@ def _constraint_pins() -> dict[str, Version]:
 
 def test_constraints_pin_every_runtime_dependency_within_its_declared_range() -> None:
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    pycuda = next(
-        Requirement(item) for item in project["optional-dependencies"]["gpu"] if item.startswith("pycuda")
-    )
-    requirements = [Requirement(item) for item in project["dependencies"]] + [pycuda]
+    gpu_extra = project["optional-dependencies"]["gpu"]
+    cuda_python = next(Requirement(item) for item in gpu_extra if item.startswith("cuda-python"))
+    requirements = [Requirement(item) for item in project["dependencies"]] + [cuda_python]
     pins = _constraint_pins()
 
     missing = [str(req) for req in requirements if canonicalize_name(req.name) not in pins]

@@ -193,3 +193,32 @@ def test_threads_sharing_one_runner_get_consistent_results(stores: Stores) -> No
             parallel = list(executor.map(lambda x: runner.infer({"input": x})["logits"], inputs))
     for a, b in zip(serial, parallel, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class RuntimeCachingBackend(SlowLoadingBackend):
+    """ONNX Runtime standing in for TensorRT-RTX: records where the pool asks it to keep a runtime cache."""
+
+    def __init__(self) -> None:
+        super().__init__(delay_s=0.0)
+        self.cache_files: list[Path] = []
+
+    def load_with_runtime_cache(self, engine_bytes: bytes, cache_file: Path) -> Runner:
+        self.cache_files.append(cache_file)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_bytes(b"compiled kernels")  # what the TensorRT-RTX runner writes after a call
+        return self.inner.load(engine_bytes)
+
+
+def test_a_runtime_cache_backend_keeps_one_cache_per_engine_in_the_engine_cache(stores: Stores) -> None:
+    record = build_engine(stores, resnet_block_classifier(seed=8))
+    backend = RuntimeCachingBackend()
+    pool = RunnerPool(stores.engines, budget_bytes=1 << 30, backend_for=lambda name: backend)
+    with pool.lease(record.id):
+        pass
+    expected = stores.engines.runtime_cache_file(record.id)
+    assert backend.cache_files == [expected] and backend.loads == 0
+    assert expected.parent.parent == stores.engines.plans.root.parent  # under the engines dir
+    assert expected.exists()
+    pool.close()
+    stores.engines.delete(record.id)
+    assert not expected.exists()  # the cache leaves with its engine
