@@ -33,10 +33,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 
-    # Uploads and archives.
+    # Uploads and archives. Archive limits count bytes actually inflated, not bytes uploaded:
+    # the whole set, one member, and a compressed member's expansion over its compressed size.
     max_upload_bytes: int = Field(default=1 * GIB, gt=0)
     max_archive_members: int = Field(default=100_000, gt=0)
     max_archive_uncompressed_bytes: int = Field(default=8 * GIB, gt=0)
+    max_archive_member_bytes: int = Field(default=2 * GIB, gt=0)
+    max_archive_expansion_ratio: float = Field(default=200.0, ge=1.0)
 
     # Engine cache and warm runners.
     engine_cache_bytes: int = Field(default=20 * GIB, gt=0)

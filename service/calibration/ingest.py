@@ -37,6 +37,7 @@ from service.calibration.set_info import (
     StatsAccumulator,
     array_file,
 )
+from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
 from service.errors import Conflict, InvalidCalibrationSet, TooLarge
 
 _SUPPORTED = "an .npz, an .npy, or a .zip/.tar/.tar.gz of PNG/JPEG images"
@@ -54,12 +55,14 @@ def ingest_calibration_upload(
     preprocess: PreprocessSpec | None,
     max_members: int,
     max_uncompressed_bytes: int,
+    limits: ExpansionLimits = UNBOUNDED_MEMBERS,
 ) -> CalibrationSetInfo:
     """Validate the upload at ``upload_path`` and write its stored form to ``dest_dir`` (must not exist).
 
-    Raises InvalidCalibrationSet for malformed or unusable data, UnsafeArchive for archives with
-    unsafe members, TooLarge past the bounds, Conflict when ``dest_dir`` exists. On any error
-    nothing is left in ``dest_dir``'s parent.
+    ``max_uncompressed_bytes`` bounds the whole set (bytes read out of an archive, and the stored
+    arrays); ``limits`` bounds each archive member. Raises InvalidCalibrationSet for malformed or
+    unusable data, UnsafeArchive for archives with unsafe members, TooLarge past the bounds, Conflict
+    when ``dest_dir`` exists. On any error nothing is left in ``dest_dir``'s parent.
     """
     if dest_dir.exists():
         raise Conflict(f"A calibration set is already stored at {dest_dir}.")
@@ -70,9 +73,9 @@ def ingest_calibration_upload(
         if kind == "npy":
             _require_no_preprocess(preprocess, "an .npy array")
             info = ingest_npy(upload_path, filename, build)
-        elif kind == "zip" and is_npz(upload_path, filename, max_members, max_uncompressed_bytes):
+        elif kind == "zip" and is_npz(upload_path, filename, max_members, max_uncompressed_bytes, limits):
             _require_no_preprocess(preprocess, "an .npz archive")
-            info = ingest_npz(upload_path, filename, build, max_members, max_uncompressed_bytes)
+            info = ingest_npz(upload_path, filename, build, max_members, max_uncompressed_bytes, limits)
         else:
             if preprocess is None:
                 raise InvalidCalibrationSet(
@@ -80,7 +83,7 @@ def ingest_calibration_upload(
                     f"for example {_PREPROCESS_EXAMPLE}."
                 )
             info = _ingest_images(
-                upload_path, kind, filename, build, preprocess, max_members, max_uncompressed_bytes
+                upload_path, kind, filename, build, preprocess, max_members, max_uncompressed_bytes, limits
             )
         (build / INFO_FILE).write_text(json.dumps(info.to_dict(), indent=1))
         for path in build.iterdir():
@@ -125,8 +128,11 @@ def _ingest_images(
     spec: PreprocessSpec,
     max_members: int,
     max_bytes: int,
+    limits: ExpansionLimits,
 ) -> CalibrationSetInfo:
-    listing = scan_archive(upload_path, kind, max_members=max_members, max_total_bytes=max_bytes)
+    listing = scan_archive(
+        upload_path, kind, max_members=max_members, max_total_bytes=max_bytes, limits=limits
+    )
     if not listing.images:
         examples = ", ".join(f"'{s.name}' ({s.reason})" for s in listing.skipped[:3])
         raise InvalidCalibrationSet(
@@ -137,7 +143,7 @@ def _ingest_images(
     target: np.ndarray | None = None
     first_name = ""
     stats = StatsAccumulator(spec.channel_axis, spec.channels)
-    for member in read_images(upload_path, listing, max_total_bytes=max_bytes):
+    for member in read_images(upload_path, listing, max_total_bytes=max_bytes, limits=limits):
         sample = image_to_array(member.data, spec, name=member.name)
         if target is None:
             stored_bytes = count * sample.nbytes

@@ -21,6 +21,7 @@ from service.calibration.datasets import CalibrationSet, bind_to_model
 from service.calibration.ingest import ingest_calibration_upload
 from service.calibration.preprocess import PreprocessSpec
 from service.calibration.set_info import CalibrationSetInfo
+from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
 from service.errors import Conflict, NotFound
 from service.jobs.records import utc_now
 from service.onnx_graph.inspect import TensorSpec
@@ -65,12 +66,19 @@ def calibration_set_id(upload_sha256: str, preprocess: PreprocessSpec | None) ->
 
 class CalibrationCatalog:
     def __init__(
-        self, db: Database, root: Path, *, max_archive_members: int, max_archive_uncompressed_bytes: int
+        self,
+        db: Database,
+        root: Path,
+        *,
+        max_archive_members: int,
+        max_archive_uncompressed_bytes: int,
+        member_limits: ExpansionLimits = UNBOUNDED_MEMBERS,
     ) -> None:
         self.db = db
         self.root = root
         self.max_archive_members = max_archive_members
         self.max_archive_uncompressed_bytes = max_archive_uncompressed_bytes
+        self.member_limits = member_limits
         root.mkdir(parents=True, exist_ok=True)
 
     def directory(self, set_id: str) -> Path:
@@ -104,6 +112,7 @@ class CalibrationCatalog:
                 preprocess=preprocess,
                 max_members=self.max_archive_members,
                 max_uncompressed_bytes=self.max_archive_uncompressed_bytes,
+                limits=self.member_limits,
             )
             try:
                 if model_inputs is not None:
