@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_archive_uncompressed_bytes: int = Field(default=8 * GIB, gt=0)
     max_archive_member_bytes: int = Field(default=2 * GIB, gt=0)
     max_archive_expansion_ratio: float = Field(default=200.0, ge=1.0)
+    # What image preprocessing may produce (samples x H x W x C x dtype), checked before decoding.
+    max_preprocessed_bytes: int = Field(default=4 * GIB, gt=0)
+    max_preprocessed_sample_bytes: int = Field(default=256 * MIB, gt=0)
 
     # Engine cache and warm runners.
     engine_cache_bytes: int = Field(default=20 * GIB, gt=0)

@@ -15,6 +15,7 @@ from service.builds.cache import EngineCache
 from service.builds.pipeline import BuildPipeline
 from service.builds.storage import LocalBuildStorage
 from service.builds.submit import BUILD_JOB
+from service.calibration.preprocess import PreprocessLimits
 from service.calibration.zip_stream import ExpansionLimits
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
@@ -110,7 +111,10 @@ def open_services(settings: Settings) -> Services:
         max_archive_members=settings.max_archive_members,
         max_archive_uncompressed_bytes=settings.max_archive_uncompressed_bytes,
         member_limits=ExpansionLimits(
-            settings.max_archive_member_bytes, settings.max_archive_expansion_ratio
+            member_bytes=settings.max_archive_member_bytes, ratio=settings.max_archive_expansion_ratio
+        ),
+        preprocess_limits=PreprocessLimits(
+            sample_bytes=settings.max_preprocessed_sample_bytes, set_bytes=settings.max_preprocessed_bytes
         ),
     )
     engines = EngineCache(db, settings.engines_dir, budget_bytes=settings.engine_cache_bytes)

@@ -27,7 +27,12 @@ import numpy as np
 
 from service.calibration.archives import ArchiveKind, read_images, scan_archive, tar_compression
 from service.calibration.ingest_arrays import flush_array, ingest_npy, ingest_npz, is_npz
-from service.calibration.preprocess import PreprocessSpec, image_to_array
+from service.calibration.preprocess import (
+    UNBOUNDED_PREPROCESS,
+    PreprocessLimits,
+    PreprocessSpec,
+    image_to_array,
+)
 from service.calibration.set_info import (
     INFO_FILE,
     MAX_REPORTED_SKIPPED,
@@ -56,13 +61,15 @@ def ingest_calibration_upload(
     max_members: int,
     max_uncompressed_bytes: int,
     limits: ExpansionLimits = UNBOUNDED_MEMBERS,
+    preprocess_limits: PreprocessLimits = UNBOUNDED_PREPROCESS,
 ) -> CalibrationSetInfo:
     """Validate the upload at ``upload_path`` and write its stored form to ``dest_dir`` (must not exist).
 
     ``max_uncompressed_bytes`` bounds the whole set (bytes read out of an archive, and the stored
-    arrays); ``limits`` bounds each archive member. Raises InvalidCalibrationSet for malformed or
-    unusable data, UnsafeArchive for archives with unsafe members, TooLarge past the bounds, Conflict
-    when ``dest_dir`` exists. On any error nothing is left in ``dest_dir``'s parent.
+    arrays); ``limits`` bounds each archive member, ``preprocess_limits`` what images become. Raises
+    InvalidCalibrationSet for malformed or unusable data, UnsafeArchive for archives with unsafe
+    members, TooLarge past the bounds, Conflict when ``dest_dir`` exists. On any error nothing is left
+    in ``dest_dir``'s parent.
     """
     if dest_dir.exists():
         raise Conflict(f"A calibration set is already stored at {dest_dir}.")
@@ -83,7 +90,15 @@ def ingest_calibration_upload(
                     f"for example {_PREPROCESS_EXAMPLE}."
                 )
             info = _ingest_images(
-                upload_path, kind, filename, build, preprocess, max_members, max_uncompressed_bytes, limits
+                upload_path,
+                kind,
+                filename,
+                build,
+                preprocess,
+                max_members,
+                max_uncompressed_bytes,
+                limits,
+                preprocess_limits,
             )
         (build / INFO_FILE).write_text(json.dumps(info.to_dict(), indent=1))
         for path in build.iterdir():
@@ -129,6 +144,7 @@ def _ingest_images(
     max_members: int,
     max_bytes: int,
     limits: ExpansionLimits,
+    preprocess_limits: PreprocessLimits,
 ) -> CalibrationSetInfo:
     listing = scan_archive(
         upload_path, kind, max_members=max_members, max_total_bytes=max_bytes, limits=limits
@@ -140,12 +156,17 @@ def _ingest_images(
             details={"skipped": [{"name": s.name, "reason": s.reason} for s in listing.skipped[:50]]},
         )
     count = len(listing.images)
+    if spec.size is not None:  # the output size is known: refuse before decoding a single image
+        shape = spec.sample_shape(*spec.size)
+        preprocess_limits.check_sample(shape, spec.itemsize, "every image")
+        preprocess_limits.check_set(count, shape, spec.itemsize)
     target: np.ndarray | None = None
     first_name = ""
     stats = StatsAccumulator(spec.channel_axis, spec.channels)
     for member in read_images(upload_path, listing, max_total_bytes=max_bytes, limits=limits):
-        sample = image_to_array(member.data, spec, name=member.name)
+        sample = image_to_array(member.data, spec, name=member.name, limits=preprocess_limits)
         if target is None:
+            preprocess_limits.check_set(count, sample.shape, sample.dtype.itemsize)
             stored_bytes = count * sample.nbytes
             if stored_bytes > max_bytes:
                 raise TooLarge(

@@ -19,7 +19,7 @@ from typing import Any
 
 from service.calibration.datasets import CalibrationSet, bind_to_model
 from service.calibration.ingest import ingest_calibration_upload
-from service.calibration.preprocess import PreprocessSpec
+from service.calibration.preprocess import UNBOUNDED_PREPROCESS, PreprocessLimits, PreprocessSpec
 from service.calibration.set_info import CalibrationSetInfo
 from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
 from service.errors import Conflict, NotFound
@@ -73,12 +73,14 @@ class CalibrationCatalog:
         max_archive_members: int,
         max_archive_uncompressed_bytes: int,
         member_limits: ExpansionLimits = UNBOUNDED_MEMBERS,
+        preprocess_limits: PreprocessLimits = UNBOUNDED_PREPROCESS,
     ) -> None:
         self.db = db
         self.root = root
         self.max_archive_members = max_archive_members
         self.max_archive_uncompressed_bytes = max_archive_uncompressed_bytes
         self.member_limits = member_limits
+        self.preprocess_limits = preprocess_limits
         root.mkdir(parents=True, exist_ok=True)
 
     def directory(self, set_id: str) -> Path:
@@ -113,6 +115,7 @@ class CalibrationCatalog:
                 max_members=self.max_archive_members,
                 max_uncompressed_bytes=self.max_archive_uncompressed_bytes,
                 limits=self.member_limits,
+                preprocess_limits=self.preprocess_limits,
             )
             try:
                 if model_inputs is not None:
