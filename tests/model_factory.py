@@ -133,6 +133,19 @@ def two_input_adder(*, size: int = 8, opset: int = DEFAULT_OPSET) -> onnx.ModelP
     return g.model(inputs, outputs, "two_input_adder", opset)
 
 
+def shape_expander(*, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """A model whose output size is set by an input's values: the request picks the allocation.
+
+    shape (int64, [1]) --> Expand(one: float32 [1]) --> out (float32, [n])
+    """
+    shape = helper.make_tensor_value_info("shape", TensorProto.INT64, [1])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n"])
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    node = helper.make_node("Expand", ["one", "shape"], ["out"], name="expand")
+    graph = helper.make_graph([node], "shape_expander", [shape], [out], initializer=[one])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
 def model_bytes(model: onnx.ModelProto) -> bytes:
     """Serialized bytes of a model, as a client would upload them."""
     return bytes(model.SerializeToString())

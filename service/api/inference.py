@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.errors import BackendUnavailable, TooLarge
+from service.errors import BackendUnavailable, ServiceError, TooLarge
 from service.runtime import Services
 from service.serving import RUNNER_POOL
 from service.serving.codecs import (
@@ -26,6 +26,7 @@ from service.serving.codecs import (
     request_format,
     response_format,
 )
+from service.serving.failures import model_failure
 from service.serving.runner_pool import RunnerPool
 from service.serving.validation import validate_feeds
 
@@ -102,7 +103,12 @@ def run_inference(
         check_output_choice(answer, [spec.name for spec in runner.outputs], chosen)
         raw = decode_inputs(fmt, body, headers, [spec.name for spec in runner.inputs])
         feeds = validate_feeds(raw, runner.inputs, allow_safe_casts=fmt == "json")
-        outputs = runner.infer(feeds)
+        try:
+            outputs = runner.infer(feeds)
+        except ServiceError as exc:
+            if exc.status < 500:
+                raise
+            raise model_failure(exc) from exc
     metadata = None
     if answer == "json":
         record = services.engines.get(engine_id)
