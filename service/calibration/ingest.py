@@ -68,8 +68,9 @@ def ingest_calibration_upload(
     ``max_uncompressed_bytes`` bounds the whole set (bytes read out of an archive, and the stored
     arrays); ``limits`` bounds each archive member, ``preprocess_limits`` what images become. Raises
     InvalidCalibrationSet for malformed or unusable data, UnsafeArchive for archives with unsafe
-    members, TooLarge past the bounds, Conflict when ``dest_dir`` exists. On any error nothing is left
-    in ``dest_dir``'s parent.
+    members, TooLarge past the bounds, Conflict when ``dest_dir`` exists at the start. When another
+    writer places ``dest_dir`` while this one ingests (the same content: the directory is named by
+    it), that copy is kept and this one dropped. On any error nothing is left in ``dest_dir``'s parent.
     """
     if dest_dir.exists():
         raise Conflict(f"A calibration set is already stored at {dest_dir}.")
@@ -103,7 +104,13 @@ def ingest_calibration_upload(
         (build / INFO_FILE).write_text(json.dumps(info.to_dict(), indent=1))
         for path in build.iterdir():
             _fsync(path)
-        os.rename(build, dest_dir)
+        try:
+            os.rename(build, dest_dir)
+        except OSError:
+            if not dest_dir.is_dir():
+                raise
+            # Another process placed the same content first: its stored form equals ours.
+            shutil.rmtree(build, ignore_errors=True)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
