@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     # What image preprocessing may produce (samples x H x W x C x dtype), checked before decoding.
     max_preprocessed_bytes: int = Field(default=4 * GIB, gt=0)
     max_preprocessed_sample_bytes: int = Field(default=256 * MIB, gt=0)
+    # Tensors a request may make the server allocate: one input (at /infer and in benchmarks), and
+    # all synthetic inputs of one benchmark call.
+    max_input_tensor_bytes: int = Field(default=256 * MIB, gt=0)
+    max_benchmark_input_bytes: int = Field(default=1 * GIB, gt=0)
 
     # Engine cache and warm runners.
     engine_cache_bytes: int = Field(default=20 * GIB, gt=0)

@@ -146,6 +146,19 @@ def shape_expander(*, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+def relu_of_shape(shape: list[int | str], *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """A one-node model whose only size is its input's: tiny on disk, as large as ``shape`` at run time.
+
+    x (float32, shape) --> Relu --> y
+    """
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")], "relu_of_shape", [x], [y]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
 def model_bytes(model: onnx.ModelProto) -> bytes:
     """Serialized bytes of a model, as a client would upload them."""
     return bytes(model.SerializeToString())

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.errors import BackendUnavailable, ServiceError, TooLarge
+from service.reports.synthetic_inputs import TensorBudget
 from service.runtime import Services
 from service.serving import RUNNER_POOL
 from service.serving.codecs import (
@@ -103,6 +104,9 @@ def run_inference(
         check_output_choice(answer, [spec.name for spec in runner.outputs], chosen)
         raw = decode_inputs(fmt, body, headers, [spec.name for spec in runner.inputs])
         feeds = validate_feeds(raw, runner.inputs, allow_safe_casts=fmt == "json")
+        budget = TensorBudget(one_input=services.settings.max_input_tensor_bytes)
+        for name, array in feeds.items():
+            budget.check_input(name, array.shape, array.nbytes)
         try:
             outputs = runner.infer(feeds)
         except ServiceError as exc:
