@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # all synthetic inputs of one benchmark call.
     max_input_tensor_bytes: int = Field(default=256 * MIB, gt=0)
     max_benchmark_input_bytes: int = Field(default=1 * GIB, gt=0)
+    # A JSON /infer body grows about tenfold once parsed into Python numbers; binary bodies do not.
+    max_json_infer_bytes: int = Field(default=16 * MIB, gt=0)
 
     # Engine cache and warm runners.
     engine_cache_bytes: int = Field(default=20 * GIB, gt=0)
