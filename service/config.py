@@ -35,10 +35,22 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 
-    # Uploads and archives.
+    # Uploads and archives. Archive limits count bytes actually inflated, not bytes uploaded:
+    # the whole set, one member, and a compressed member's expansion over its compressed size.
     max_upload_bytes: int = Field(default=1 * GIB, gt=0)
     max_archive_members: int = Field(default=100_000, gt=0)
     max_archive_uncompressed_bytes: int = Field(default=8 * GIB, gt=0)
+    max_archive_member_bytes: int = Field(default=2 * GIB, gt=0)
+    max_archive_expansion_ratio: float = Field(default=200.0, ge=1.0)
+    # What image preprocessing may produce (samples x H x W x C x dtype), checked before decoding.
+    max_preprocessed_bytes: int = Field(default=4 * GIB, gt=0)
+    max_preprocessed_sample_bytes: int = Field(default=256 * MIB, gt=0)
+    # Tensors a request may make the server allocate: one input (at /infer and in benchmarks), and
+    # all synthetic inputs of one benchmark call.
+    max_input_tensor_bytes: int = Field(default=256 * MIB, gt=0)
+    max_benchmark_input_bytes: int = Field(default=1 * GIB, gt=0)
+    # A JSON /infer body grows about tenfold once parsed into Python numbers; binary bodies do not.
+    max_json_infer_bytes: int = Field(default=16 * MIB, gt=0)
 
     # Engine cache and warm runners.
     engine_cache_bytes: int = Field(default=20 * GIB, gt=0)

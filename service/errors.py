@@ -59,6 +59,14 @@ class InvalidInferenceInput(BadInput):
     code = "invalid_inference_input"
 
 
+class ModelRunFailed(ServiceError):
+    """The model itself failed while running on valid inputs (HTTP 422): an allocation it cannot get,
+    a shape its own operators reject. The model's fault, not the server's."""
+
+    code = "model_run_failed"
+    status = 422
+
+
 class NotFound(ServiceError):
     """An id names nothing the service holds (HTTP 404)."""
 

@@ -15,6 +15,8 @@ from service.builds.cache import EngineCache
 from service.builds.pipeline import BuildPipeline, ort_weight_max
 from service.builds.storage import LocalBuildStorage
 from service.builds.submit import BUILD_JOB
+from service.calibration.preprocess import PreprocessLimits
+from service.calibration.zip_stream import ExpansionLimits
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
 from service.config import Settings
@@ -108,6 +110,12 @@ def open_services(settings: Settings) -> Services:
         settings.calibration_dir,
         max_archive_members=settings.max_archive_members,
         max_archive_uncompressed_bytes=settings.max_archive_uncompressed_bytes,
+        member_limits=ExpansionLimits(
+            member_bytes=settings.max_archive_member_bytes, ratio=settings.max_archive_expansion_ratio
+        ),
+        preprocess_limits=PreprocessLimits(
+            sample_bytes=settings.max_preprocessed_sample_bytes, set_bytes=settings.max_preprocessed_bytes
+        ),
     )
     engines = EngineCache(db, settings.engines_dir, budget_bytes=settings.engine_cache_bytes)
     # With a shared queue, other processes may be storing an engine right now: only sweep orphan

@@ -133,6 +133,32 @@ def two_input_adder(*, size: int = 8, opset: int = DEFAULT_OPSET) -> onnx.ModelP
     return g.model(inputs, outputs, "two_input_adder", opset)
 
 
+def shape_expander(*, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """A model whose output size is set by an input's values: the request picks the allocation.
+
+    shape (int64, [1]) --> Expand(one: float32 [1]) --> out (float32, [n])
+    """
+    shape = helper.make_tensor_value_info("shape", TensorProto.INT64, [1])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n"])
+    one = numpy_helper.from_array(np.ones(1, np.float32), "one")
+    node = helper.make_node("Expand", ["one", "shape"], ["out"], name="expand")
+    graph = helper.make_graph([node], "shape_expander", [shape], [out], initializer=[one])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def relu_of_shape(shape: list[int | str], *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """A one-node model whose only size is its input's: tiny on disk, as large as ``shape`` at run time.
+
+    x (float32, shape) --> Relu --> y
+    """
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")], "relu_of_shape", [x], [y]
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
 def model_bytes(model: onnx.ModelProto) -> bytes:
     """Serialized bytes of a model, as a client would upload them."""
     return bytes(model.SerializeToString())

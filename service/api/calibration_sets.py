@@ -29,9 +29,14 @@ def _parse_preprocess(text: str | None) -> PreprocessSpec | None:
     if not text:
         return None
     try:
-        return PreprocessSpec.model_validate(json.loads(text))
-    except json.JSONDecodeError as exc:
+        payload = json.loads(text)
+    # ValueError also covers Python's limit on integer digits, which JSONDecodeError does not.
+    except ValueError as exc:
         raise BadInput(f"The 'preprocess' field is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadInput("The 'preprocess' field is nested too deeply; it is a flat JSON object.") from exc
+    try:
+        return PreprocessSpec.model_validate(payload)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise BadInput(f"The 'preprocess' field is invalid: {problems}") from exc

@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.errors import BackendUnavailable, TooLarge
+from service.errors import BackendUnavailable, ServiceError, TooLarge
+from service.reports.synthetic_inputs import TensorBudget
 from service.runtime import Services
 from service.serving import RUNNER_POOL
 from service.serving.codecs import (
@@ -26,6 +27,7 @@ from service.serving.codecs import (
     request_format,
     response_format,
 )
+from service.serving.failures import model_failure
 from service.serving.runner_pool import RunnerPool
 from service.serving.validation import validate_feeds
 
@@ -72,17 +74,22 @@ def runner_pool(services: Services) -> RunnerPool:
     return pool
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with TooLarge as soon as it passes ``limit`` bytes."""
+async def read_body(request: Request, limit: int, setting: str = "ENGINE_SERVICE_MAX_UPLOAD_BYTES") -> bytes:
+    """The request body, refused with TooLarge (naming ``setting``) as soon as it passes ``limit`` bytes."""
+    advice = f"send a smaller batch or raise {setting}"
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"The request declares {declared} bytes; an inference request may hold {limit}.")
+        raise TooLarge(
+            f"The request declares {declared} bytes; this inference request may hold {limit}; {advice}."
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise TooLarge(f"The request body passed {limit} bytes, the most an inference request may hold.")
+            raise TooLarge(
+                f"The request body passed {limit} bytes, the most this inference request may hold; {advice}."
+            )
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -102,7 +109,15 @@ def run_inference(
         check_output_choice(answer, [spec.name for spec in runner.outputs], chosen)
         raw = decode_inputs(fmt, body, headers, [spec.name for spec in runner.inputs])
         feeds = validate_feeds(raw, runner.inputs, allow_safe_casts=fmt == "json")
-        outputs = runner.infer(feeds)
+        budget = TensorBudget(one_input=services.settings.max_input_tensor_bytes)
+        for name, array in feeds.items():
+            budget.check_input(name, array.shape, array.nbytes)
+        try:
+            outputs = runner.infer(feeds)
+        except ServiceError as exc:
+            if exc.status < 500:
+                raise
+            raise model_failure(exc) from exc
     metadata = None
     if answer == "json":
         record = services.engines.get(engine_id)
@@ -130,8 +145,14 @@ async def infer_engine(engine_id: str, request: Request, output: str | None = No
     services: Services = request.app.state.services
     fmt = request_format(request.headers.get("content-type"))
     answer = response_format(request.headers.get("accept"), fmt)
-    limit = min(services.settings.max_upload_bytes, DEFAULT_MAX_INFERENCE_BYTES)
-    body = await read_body(request, limit)
+    settings = services.settings
+    if fmt == "json" and settings.max_json_infer_bytes < min(
+        settings.max_upload_bytes, DEFAULT_MAX_INFERENCE_BYTES
+    ):
+        body = await read_body(request, settings.max_json_infer_bytes, "ENGINE_SERVICE_MAX_JSON_INFER_BYTES")
+    else:
+        limit = min(settings.max_upload_bytes, DEFAULT_MAX_INFERENCE_BYTES)
+        body = await read_body(request, limit)
     encoded = await run_in_threadpool(
         run_inference, services, engine_id, fmt, body, request.headers, answer, output
     )

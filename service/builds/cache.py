@@ -20,6 +20,7 @@ from typing import Any
 from service.builds.keys import BuildConfig, EngineKey
 from service.errors import NotFound
 from service.jobs.records import utc_now
+from service.onnx_graph.initializer_inputs import without_initializer_inputs
 from service.store.blobs import BlobStore
 from service.store.db import Database
 
@@ -144,7 +145,12 @@ class EngineCache:
         return record
 
     def store(self, new: NewEngine) -> EngineRecord:
-        plan = self.plans.put_bytes(new.engine_bytes)
+        """Store a built engine. An ONNX engine (ONNX Runtime's) is stored with its real inputs only:
+        models before IR 4 list every weight as an input too, which a runner would then demand."""
+        engine_bytes = new.engine_bytes
+        if new.file_extension == ".onnx":
+            engine_bytes = without_initializer_inputs(engine_bytes)
+        plan = self.plans.put_bytes(engine_bytes)
         cache_sha = self.artifacts.put_bytes(new.calibration_cache).sha256 if new.calibration_cache else None
         now = utc_now()
         key = new.key

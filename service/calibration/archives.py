@@ -14,6 +14,9 @@ Nothing is ever extracted to disk. An archive is read twice, sequentially:
   headers can lie.
 
 :class:`SafeZip` gives the same guarantees for zip containers read by name (``.npz`` uploads).
+Zip members are inflated by :class:`~service.calibration.zip_stream.ZipMemberStream`, which bounds
+each member (:class:`~service.calibration.zip_stream.ExpansionLimits`) by its header before reading
+and by the bytes it actually inflates while reading.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
+from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits, ZipMemberStream
 from service.errors import InvalidCalibrationSet, TooLarge, UnsafeArchive
 
 ArchiveKind = Literal["zip", "tar"]
@@ -89,6 +93,13 @@ class _Entry:
     size: int
     kind: Literal["file", "dir", "link", "special"]
     open: Callable[[], IO[bytes]]
+    compressed_size: int | None = None  # zip members that are compressed; None for stored and tar members
+
+    def check_declared(self, limits: ExpansionLimits) -> None:
+        """Refuse a regular member whose declared size already breaks ``limits``."""
+        if self.kind == "file":
+            compressed = self.compressed_size
+            limits.check_declared(self.name, self.size, compressed or 0, compressed is not None)
 
 
 class _Budget:
@@ -130,19 +141,27 @@ def tar_compression(head: bytes) -> Literal["gz", "bz2", "xz", ""]:
     return ""
 
 
-def scan_archive(path: Path, kind: ArchiveKind, *, max_members: int, max_total_bytes: int) -> ArchiveListing:
+def scan_archive(
+    path: Path,
+    kind: ArchiveKind,
+    *,
+    max_members: int,
+    max_total_bytes: int,
+    limits: ExpansionLimits = UNBOUNDED_MEMBERS,
+) -> ArchiveListing:
     """Check every entry of the archive at ``path`` and list its images (see the module docstring)."""
     images: list[str] = []
     skipped: list[SkippedMember] = []
     seen: set[str] = set()
     members = 0
     declared = 0
-    with _archive_entries(path, kind, max_members, max_total_bytes) as entries:
+    with _archive_entries(path, kind, max_members, max_total_bytes, limits) as entries:
         for entry in entries:
             members += 1
             if members > max_members:
                 raise _too_many_members(max_members)
             _check_entry(entry)
+            entry.check_declared(limits)
             if entry.kind == "dir":
                 continue
             if entry.name in seen:
@@ -169,11 +188,13 @@ def scan_archive(path: Path, kind: ArchiveKind, *, max_members: int, max_total_b
     )
 
 
-def read_images(path: Path, listing: ArchiveListing, *, max_total_bytes: int) -> Iterator[ArchiveMember]:
+def read_images(
+    path: Path, listing: ArchiveListing, *, max_total_bytes: int, limits: ExpansionLimits = UNBOUNDED_MEMBERS
+) -> Iterator[ArchiveMember]:
     """Each listed image's bytes with its sorted index, in archive order, one at a time."""
     index_of = {name: index for index, name in enumerate(listing.images)}
     budget = _Budget(max_total_bytes)
-    with _archive_entries(path, listing.kind, listing.members, max_total_bytes) as entries:
+    with _archive_entries(path, listing.kind, listing.members, max_total_bytes, limits) as entries:
         for entry in entries:
             index = index_of.get(entry.name)
             if index is None or entry.kind != "file":
@@ -190,8 +211,16 @@ class SafeZip:
     against ``max_total_bytes``. Use as a context manager.
     """
 
-    def __init__(self, path: Path, *, max_members: int, max_total_bytes: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_members: int,
+        max_total_bytes: int,
+        limits: ExpansionLimits = UNBOUNDED_MEMBERS,
+    ) -> None:
         self._budget = _Budget(max_total_bytes)
+        self._limits = limits
         _check_zip_directory(path, max_members)
         try:
             self._zip = zipfile.ZipFile(path)
@@ -207,8 +236,9 @@ class SafeZip:
                 raise _too_many_members(max_members)
             self._infos: dict[str, zipfile.ZipInfo] = {}
             for info in infos:
-                entry = _zip_entry(self._zip, info)
+                entry = _zip_entry(self._zip, info, limits)
                 _check_entry(entry)
+                entry.check_declared(limits)
                 if entry.kind == "dir":
                     continue
                 if info.filename in self._infos:
@@ -231,7 +261,7 @@ class SafeZip:
     def open(self, name: str) -> IO[bytes]:
         """A counted stream over one member's uncompressed bytes."""
         with _translated_errors("zip"):
-            stream = self._zip.open(self._infos[name])
+            stream = _zip_member(self._zip, self._infos[name], self._limits)
         return _CountedStream(stream, self._budget)  # type: ignore[return-value]
 
     def close(self) -> None:
@@ -308,14 +338,14 @@ def _translated_errors(kind: ArchiveKind) -> Iterator[None]:
 
 @contextmanager
 def _archive_entries(
-    path: Path, kind: ArchiveKind, max_members: int, max_total_bytes: int
+    path: Path, kind: ArchiveKind, max_members: int, max_total_bytes: int, limits: ExpansionLimits
 ) -> Iterator[Iterator[_Entry]]:
     with ExitStack() as stack:
         with _translated_errors(kind):
             if kind == "zip":
                 _check_zip_directory(path, max_members)
                 archive = stack.enter_context(zipfile.ZipFile(path))
-                entries: Iterator[_Entry] = (_zip_entry(archive, info) for info in archive.infolist())
+                entries: Iterator[_Entry] = (_zip_entry(archive, info, limits) for info in archive.infolist())
             else:
                 raw = stack.enter_context(path.open("rb"))
                 compression = tar_compression(raw.read(8))
@@ -365,7 +395,7 @@ def _check_zip_directory(path: Path, max_members: int) -> None:
         )
 
 
-def _zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Entry:
+def _zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ExpansionLimits) -> _Entry:
     if info.flag_bits & 0x1:
         raise InvalidCalibrationSet(f"Archive member '{info.filename}' is encrypted; upload it unencrypted.")
     mode = info.external_attr >> 16
@@ -380,7 +410,15 @@ def _zip_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> _Entry:
         kind = "file"
     else:
         kind = "special"
-    return _Entry(info.filename, info.file_size, kind, lambda: archive.open(info))
+    compressed = info.compress_size if info.compress_type != zipfile.ZIP_STORED else None
+    return _Entry(info.filename, info.file_size, kind, lambda: _zip_member(archive, info, limits), compressed)
+
+
+def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limits: ExpansionLimits) -> IO[bytes]:
+    """A bounded stream over one member, read through the archive's own open file."""
+    if archive.fp is None:
+        raise InvalidCalibrationSet("The zip archive was closed while it was being read.")
+    return ZipMemberStream(archive.fp, info, limits)  # type: ignore[return-value]
 
 
 def _tar_entries(archive: tarfile.TarFile, stream: _BoundedTarStream) -> Iterator[_Entry]:

@@ -27,7 +27,12 @@ import numpy as np
 
 from service.calibration.archives import ArchiveKind, read_images, scan_archive, tar_compression
 from service.calibration.ingest_arrays import flush_array, ingest_npy, ingest_npz, is_npz
-from service.calibration.preprocess import PreprocessSpec, image_to_array
+from service.calibration.preprocess import (
+    UNBOUNDED_PREPROCESS,
+    PreprocessLimits,
+    PreprocessSpec,
+    image_to_array,
+)
 from service.calibration.set_info import (
     INFO_FILE,
     MAX_REPORTED_SKIPPED,
@@ -37,6 +42,7 @@ from service.calibration.set_info import (
     StatsAccumulator,
     array_file,
 )
+from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
 from service.errors import Conflict, InvalidCalibrationSet, TooLarge
 
 _SUPPORTED = "an .npz, an .npy, or a .zip/.tar/.tar.gz of PNG/JPEG images"
@@ -54,12 +60,17 @@ def ingest_calibration_upload(
     preprocess: PreprocessSpec | None,
     max_members: int,
     max_uncompressed_bytes: int,
+    limits: ExpansionLimits = UNBOUNDED_MEMBERS,
+    preprocess_limits: PreprocessLimits = UNBOUNDED_PREPROCESS,
 ) -> CalibrationSetInfo:
     """Validate the upload at ``upload_path`` and write its stored form to ``dest_dir`` (must not exist).
 
-    Raises InvalidCalibrationSet for malformed or unusable data, UnsafeArchive for archives with
-    unsafe members, TooLarge past the bounds, Conflict when ``dest_dir`` exists. On any error
-    nothing is left in ``dest_dir``'s parent.
+    ``max_uncompressed_bytes`` bounds the whole set (bytes read out of an archive, and the stored
+    arrays); ``limits`` bounds each archive member, ``preprocess_limits`` what images become. Raises
+    InvalidCalibrationSet for malformed or unusable data, UnsafeArchive for archives with unsafe
+    members, TooLarge past the bounds, Conflict when ``dest_dir`` exists at the start. When another
+    writer places ``dest_dir`` while this one ingests (the same content: the directory is named by
+    it), that copy is kept and this one dropped. On any error nothing is left in ``dest_dir``'s parent.
     """
     if dest_dir.exists():
         raise Conflict(f"A calibration set is already stored at {dest_dir}.")
@@ -70,9 +81,9 @@ def ingest_calibration_upload(
         if kind == "npy":
             _require_no_preprocess(preprocess, "an .npy array")
             info = ingest_npy(upload_path, filename, build)
-        elif kind == "zip" and is_npz(upload_path, filename, max_members, max_uncompressed_bytes):
+        elif kind == "zip" and is_npz(upload_path, filename, max_members, max_uncompressed_bytes, limits):
             _require_no_preprocess(preprocess, "an .npz archive")
-            info = ingest_npz(upload_path, filename, build, max_members, max_uncompressed_bytes)
+            info = ingest_npz(upload_path, filename, build, max_members, max_uncompressed_bytes, limits)
         else:
             if preprocess is None:
                 raise InvalidCalibrationSet(
@@ -80,12 +91,26 @@ def ingest_calibration_upload(
                     f"for example {_PREPROCESS_EXAMPLE}."
                 )
             info = _ingest_images(
-                upload_path, kind, filename, build, preprocess, max_members, max_uncompressed_bytes
+                upload_path,
+                kind,
+                filename,
+                build,
+                preprocess,
+                max_members,
+                max_uncompressed_bytes,
+                limits,
+                preprocess_limits,
             )
         (build / INFO_FILE).write_text(json.dumps(info.to_dict(), indent=1))
         for path in build.iterdir():
             _fsync(path)
-        os.rename(build, dest_dir)
+        try:
+            os.rename(build, dest_dir)
+        except OSError:
+            if not dest_dir.is_dir():
+                raise
+            # Another process placed the same content first: its stored form equals ours.
+            shutil.rmtree(build, ignore_errors=True)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
@@ -125,8 +150,12 @@ def _ingest_images(
     spec: PreprocessSpec,
     max_members: int,
     max_bytes: int,
+    limits: ExpansionLimits,
+    preprocess_limits: PreprocessLimits,
 ) -> CalibrationSetInfo:
-    listing = scan_archive(upload_path, kind, max_members=max_members, max_total_bytes=max_bytes)
+    listing = scan_archive(
+        upload_path, kind, max_members=max_members, max_total_bytes=max_bytes, limits=limits
+    )
     if not listing.images:
         examples = ", ".join(f"'{s.name}' ({s.reason})" for s in listing.skipped[:3])
         raise InvalidCalibrationSet(
@@ -134,12 +163,17 @@ def _ingest_images(
             details={"skipped": [{"name": s.name, "reason": s.reason} for s in listing.skipped[:50]]},
         )
     count = len(listing.images)
+    if spec.size is not None:  # the output size is known: refuse before decoding a single image
+        shape = spec.sample_shape(*spec.size)
+        preprocess_limits.check_sample(shape, spec.itemsize, "every image")
+        preprocess_limits.check_set(count, shape, spec.itemsize)
     target: np.ndarray | None = None
     first_name = ""
     stats = StatsAccumulator(spec.channel_axis, spec.channels)
-    for member in read_images(upload_path, listing, max_total_bytes=max_bytes):
-        sample = image_to_array(member.data, spec, name=member.name)
+    for member in read_images(upload_path, listing, max_total_bytes=max_bytes, limits=limits):
+        sample = image_to_array(member.data, spec, name=member.name, limits=preprocess_limits)
         if target is None:
+            preprocess_limits.check_set(count, sample.shape, sample.dtype.itemsize)
             stored_bytes = count * sample.nbytes
             if stored_bytes > max_bytes:
                 raise TooLarge(

@@ -1,12 +1,15 @@
 """Intake of ``.npy`` and ``.npz`` uploads: check each untrusted array header, then copy its data.
 
-The data is copied in bounded chunks into the stored, memory-mappable array, checked for NaN/inf and
-summarized on the way. Split from :mod:`service.calibration.ingest` (format detection, image archives,
-atomic placement) because reading untrusted .npy streams is a concern of its own.
+The data is copied in bounded pieces into the stored, memory-mappable array, checked for NaN/inf and
+summarized on the way. A piece is a run of whole samples when a sample is small, or a contiguous part
+of one sample when it is not, so memory stays near ``_CHUNK_BYTES`` whatever one sample's size.
+Split from :mod:`service.calibration.ingest` (format detection, image archives, atomic placement)
+because reading untrusted .npy streams is a concern of its own.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +28,13 @@ from service.calibration.set_info import (
     array_file,
     stats_axis,
 )
+from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
 from service.errors import InvalidCalibrationSet
 
 _CHUNK_BYTES = 4 * 1024 * 1024  # stats need about 4x this in float64 temporaries
 _POSITIONAL_NPZ_NAME = "arr_0"
+# An index into the stored array selecting one piece: leading integer indices, then one slice.
+Piece = tuple[int | slice, ...]
 
 
 @dataclass(frozen=True)
@@ -46,16 +52,34 @@ class _ArrayHeader:
         """The dtype in native byte order, as stored and fed to runtimes."""
         return self.dtype.newbyteorder("=")
 
-    def row_chunks(self) -> Iterator[tuple[int, int]]:
-        """(first, last) sample ranges of about _CHUNK_BYTES each, at least one sample each."""
-        rows = max(1, _CHUNK_BYTES // (self.nbytes // self.shape[0]))
-        for first in range(0, self.shape[0], rows):
-            yield first, min(first + rows, self.shape[0])
+    def pieces(self) -> Iterator[Piece]:
+        """Indices of consecutive C-order pieces of about _CHUNK_BYTES each (see the module docstring).
+
+        Goes down the axes until the block under one index fits a chunk, then takes as many of those
+        blocks as fit: whole samples for small samples, rows of a sample (or of a channel) otherwise.
+        """
+        depth = 0
+        while depth < len(self.shape) - 1 and self._block_bytes(depth) > _CHUNK_BYTES:
+            depth += 1
+        step = max(1, _CHUNK_BYTES // self._block_bytes(depth))
+        for prefix in itertools.product(*(range(dim) for dim in self.shape[:depth])):
+            for first in range(0, self.shape[depth], step):
+                yield (*prefix, slice(first, min(first + step, self.shape[depth])))
+
+    def piece_shape(self, piece: Piece) -> tuple[int, ...]:
+        last = piece[-1]
+        assert isinstance(last, slice)  # pieces() always ends with a slice
+        return (last.stop - last.start, *self.shape[len(piece) :])
+
+    def _block_bytes(self, depth: int) -> int:
+        return math.prod(self.shape[depth + 1 :]) * self.dtype.itemsize
 
 
-def is_npz(path: Path, filename: str, max_members: int, max_bytes: int) -> bool:
+def is_npz(
+    path: Path, filename: str, max_members: int, max_bytes: int, limits: ExpansionLimits = UNBOUNDED_MEMBERS
+) -> bool:
     """A zip whose members are all .npy arrays; a file named .npz must be exactly that."""
-    with SafeZip(path, max_members=max_members, max_total_bytes=max_bytes) as archive:
+    with SafeZip(path, max_members=max_members, max_total_bytes=max_bytes, limits=limits) as archive:
         others = [name for name in archive.names if not name.endswith(".npy")]
         if filename.lower().endswith(".npz") and (others or not archive.names):
             problem = f"members {others[:5]} are not .npy arrays" if others else "it holds no arrays"
@@ -74,16 +98,29 @@ def ingest_npy(upload_path: Path, filename: str, build: Path) -> CalibrationSetI
         raise InvalidCalibrationSet(
             f"'{filename}' is truncated: its header promises more data than it holds."
         )
-    chunks = _file_chunks(upload_path, header, UNNAMED_INPUT)
-    summary = _store_array(chunks, header, build / array_file(0), UNNAMED_INPUT, named=False)
+    target = build / array_file(0)
+    if header.fortran_order:
+        summary = _store_array(
+            _file_chunks(upload_path, header, UNNAMED_INPUT), header, target, UNNAMED_INPUT, named=False
+        )
+    else:  # read sequentially rather than mapped, so the upload's pages do not join the resident set
+        with upload_path.open("rb") as stream:
+            stream.seek(data_offset)
+            chunks = _stream_chunks(stream, header, UNNAMED_INPUT)
+            summary = _store_array(chunks, header, target, UNNAMED_INPUT, named=False)
     return CalibrationSetInfo("npy", header.shape[0], (summary,), filename)
 
 
 def ingest_npz(
-    upload_path: Path, filename: str, build: Path, max_members: int, max_bytes: int
+    upload_path: Path,
+    filename: str,
+    build: Path,
+    max_members: int,
+    max_bytes: int,
+    limits: ExpansionLimits = UNBOUNDED_MEMBERS,
 ) -> CalibrationSetInfo:
     """Store each array of an .npz upload as one input of a set being built in ``build``."""
-    with SafeZip(upload_path, max_members=max_members, max_total_bytes=max_bytes) as archive:
+    with SafeZip(upload_path, max_members=max_members, max_total_bytes=max_bytes, limits=limits) as archive:
         members = {name.removesuffix(".npy"): name for name in archive.names}
         headers: dict[str, _ArrayHeader] = {}
         for key in sorted(members):  # headers first: reject mismatches before copying anything
@@ -165,40 +202,65 @@ def _header_dict(header: _ArrayHeader) -> dict[str, Any]:
     }
 
 
-def _stream_chunks(stream: IO[bytes], header: _ArrayHeader, name: str) -> Iterator[np.ndarray]:
-    """Consecutive sample chunks of C-ordered array data read from a stream."""
-    row_bytes = header.nbytes // header.shape[0]
-    for first, last in header.row_chunks():
-        data = _read_exact(stream, (last - first) * row_bytes, f"array '{name}'")
-        yield np.frombuffer(data, dtype=header.dtype).reshape((last - first, *header.shape[1:]))
+def _stream_chunks(stream: IO[bytes], header: _ArrayHeader, name: str) -> Iterator[tuple[Piece, np.ndarray]]:
+    """Consecutive pieces of C-ordered array data read from a stream."""
+    for piece in header.pieces():
+        shape = header.piece_shape(piece)
+        data = _read_exact(stream, math.prod(shape) * header.dtype.itemsize, f"array '{name}'")
+        yield piece, np.frombuffer(data, dtype=header.dtype).reshape(shape)
 
 
-def _file_chunks(path: Path, header: _ArrayHeader, name: str) -> Iterator[np.ndarray]:
-    """Consecutive sample chunks of a memory-mapped .npy file (either order), copied out one at a time."""
+def _file_chunks(path: Path, header: _ArrayHeader, name: str) -> Iterator[tuple[Piece, np.ndarray]]:
+    """Consecutive pieces of a memory-mapped .npy file (either order), copied out one at a time."""
     try:
         source = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise InvalidCalibrationSet(f"Array '{name}' cannot be read ({exc}).") from exc
-    for first, last in header.row_chunks():
-        yield np.ascontiguousarray(source[first:last])
+    for piece in header.pieces():
+        yield piece, np.ascontiguousarray(source[piece])
 
 
 def _store_array(
-    chunks: Iterator[np.ndarray], header: _ArrayHeader, target_path: Path, name: str, *, named: bool
+    chunks: Iterator[tuple[Piece, np.ndarray]],
+    header: _ArrayHeader,
+    target_path: Path,
+    name: str,
+    *,
+    named: bool,
 ) -> InputSummary:
-    """Write sample chunks into a new C-ordered, native-endian .npy, checking and summarizing them."""
-    target = np.lib.format.open_memmap(target_path, mode="w+", dtype=header.stored_dtype, shape=header.shape)
+    """Write pieces into a new C-ordered, native-endian .npy, checking and summarizing them.
+
+    Pieces arrive in C order, so they are appended with plain writes: a memory map would count every
+    written page in the server's resident set until the kernel chose to drop it.
+    """
     sample_shape = header.shape[1:]
     axis = stats_axis(sample_shape)
     stats = StatsAccumulator(axis, sample_shape[0] if axis is not None else 1)
-    first = 0
-    for chunk in chunks:
-        _check_finite(chunk, name, first)
-        target[first : first + len(chunk)] = chunk
-        stats.update(chunk)
-        first += len(chunk)
-    flush_array(target)
+    with target_path.open("wb") as out:
+        np.lib.format.write_array_header_2_0(
+            out,
+            {
+                "descr": np.lib.format.dtype_to_descr(header.stored_dtype),
+                "fortran_order": False,
+                "shape": header.shape,
+            },
+        )
+        for piece, chunk in chunks:
+            _check_finite(chunk, name, piece)
+            out.write(np.ascontiguousarray(chunk, dtype=header.stored_dtype).data)
+            batch, channels = _stats_view(piece, chunk, axis)
+            stats.update(batch, channels)
     return InputSummary(name, named, sample_shape, header.stored_dtype.name, stats.result())
+
+
+def _stats_view(piece: Piece, chunk: np.ndarray, axis: int | None) -> tuple[np.ndarray, slice]:
+    """The piece as a batch for StatsAccumulator, and which channels it covers."""
+    if len(piece) == 1 or axis is None:  # whole samples, or statistics over the whole tensor
+        return (chunk if len(piece) == 1 else chunk.reshape(1, -1)), slice(None)
+    channel = piece[1]  # axis is 1: the first per-sample axis holds the channels
+    if isinstance(channel, slice):
+        return chunk[np.newaxis], channel
+    return chunk.reshape(1, 1, -1), slice(channel, channel + 1)
 
 
 def _byte_chunks(total: int) -> Iterator[tuple[int, int]]:
@@ -218,13 +280,15 @@ def _read_exact(stream: IO[bytes], size: int, what: str) -> bytes:
     return b"".join(parts)
 
 
-def _check_finite(chunk: np.ndarray, name: str, first: int) -> None:
+def _check_finite(chunk: np.ndarray, name: str, piece: Piece) -> None:
     if chunk.dtype.kind != "f":
         return
     finite = np.isfinite(chunk).reshape(chunk.shape[0], -1).all(axis=1)
     if not finite.all():
+        lead = piece[0]
+        sample = lead.start + int(np.argmin(finite)) if isinstance(lead, slice) else lead
         raise InvalidCalibrationSet(
-            f"Array '{name}' has NaN or infinite values (first at sample {first + int(np.argmin(finite))}); "
+            f"Array '{name}' has NaN or infinite values (first at sample {sample}); "
             "calibration needs finite data, so fix or drop those samples."
         )
 

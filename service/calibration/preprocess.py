@@ -42,6 +42,41 @@ MAX_SIDE = 16384
 Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
 
 
+@dataclass(frozen=True)
+class PreprocessLimits:
+    """Bounds on what preprocessing may materialise, checked before any image is decoded.
+
+    ``sample_bytes`` bounds one output sample (ENGINE_SERVICE_MAX_PREPROCESSED_SAMPLE_BYTES) and
+    ``set_bytes`` all samples together (ENGINE_SERVICE_MAX_PREPROCESSED_BYTES); None leaves one off.
+    """
+
+    sample_bytes: int | None = None
+    set_bytes: int | None = None
+
+    def check_sample(self, shape: tuple[int, ...], itemsize: int, name: str) -> None:
+        size = math.prod(shape) * itemsize
+        if self.sample_bytes is not None and size > self.sample_bytes:
+            raise TooLarge(
+                f"Preprocessing '{name}' would make a sample of shape {list(shape)} ({size} bytes), over the "
+                f"limit of {self.sample_bytes} bytes per sample; pick a smaller 'size' or raise "
+                "ENGINE_SERVICE_MAX_PREPROCESSED_SAMPLE_BYTES.",
+                details={"limit": "max_preprocessed_sample_bytes", "limit_bytes": self.sample_bytes},
+            )
+
+    def check_set(self, count: int, shape: tuple[int, ...], itemsize: int) -> None:
+        size = count * math.prod(shape) * itemsize
+        if self.set_bytes is not None and size > self.set_bytes:
+            raise TooLarge(
+                f"{count} preprocessed images of shape {list(shape)} would take {size} bytes, over the limit "
+                f"of {self.set_bytes}; send fewer images, pick a smaller 'size' or raise "
+                "ENGINE_SERVICE_MAX_PREPROCESSED_BYTES.",
+                details={"limit": "max_preprocessed_bytes", "limit_bytes": self.set_bytes},
+            )
+
+
+UNBOUNDED_PREPROCESS = PreprocessLimits()
+
+
 class PreprocessSpec(BaseModel):
     """How images become model inputs. Dumps canonically: the same meaning gives the same JSON."""
 
@@ -103,6 +138,11 @@ class PreprocessSpec(BaseModel):
             raise ValueError("std values must be positive")
         return self
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per output value."""
+        return int(np.dtype(self.dtype).itemsize)
+
     def sample_shape(self, height: int, width: int) -> tuple[int, ...]:
         """Per-sample output shape for a decoded image of this size (the target size when given)."""
         if self.size is not None:
@@ -146,13 +186,16 @@ def placement_for(width: int, height: int, spec: PreprocessSpec) -> ImagePlaceme
     return ImagePlacement((new_w, new_h), -((new_w - target_w) // 2), -((new_h - target_h) // 2))
 
 
-def image_to_array(data: bytes, spec: PreprocessSpec, *, name: str = "image") -> np.ndarray:
+def image_to_array(
+    data: bytes, spec: PreprocessSpec, *, name: str = "image", limits: PreprocessLimits = UNBOUNDED_PREPROCESS
+) -> np.ndarray:
     """One encoded PNG/JPEG as a C-contiguous sample of ``spec.sample_shape`` and ``spec.dtype``.
 
     Raises InvalidCalibrationSet (naming ``name``) for undecodable images or values that do not fit
-    the output dtype, and TooLarge for images over ``MAX_IMAGE_PIXELS``.
+    the output dtype, and TooLarge, before decoding, for images or resize steps over
+    ``MAX_IMAGE_PIXELS`` and for samples over ``limits``.
     """
-    image = _decoded(data, spec, name)
+    image = _decoded(data, spec, name, limits)
     placement = placement_for(image.width, image.height, spec)
     image = _placed(image, placement, spec)
     pixels = np.asarray(image, dtype=np.uint8)
@@ -185,7 +228,7 @@ def _normalized(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return values
 
 
-def _decoded(data: bytes, spec: PreprocessSpec, name: str) -> Image.Image:
+def _decoded(data: bytes, spec: PreprocessSpec, name: str, limits: PreprocessLimits) -> Image.Image:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -198,6 +241,7 @@ def _decoded(data: bytes, spec: PreprocessSpec, name: str) -> Image.Image:
                     f"Image '{name}' is {image.width}x{image.height} pixels, over the limit of "
                     f"{MAX_IMAGE_PIXELS} pixels; downscale it before uploading."
                 )
+            _check_output(image.width, image.height, spec, name, limits)
             image.load()
             return _converted(ImageOps.exif_transpose(image), spec.channels)
     except UnidentifiedImageError as exc:
@@ -206,6 +250,20 @@ def _decoded(data: bytes, spec: PreprocessSpec, name: str) -> Image.Image:
         raise InvalidCalibrationSet(
             f"Image '{name}' cannot be decoded ({exc}); re-encode or drop it."
         ) from exc
+
+
+def _check_output(width: int, height: int, spec: PreprocessSpec, name: str, limits: PreprocessLimits) -> None:
+    """Refuse, from the image header alone, a resize step or an output sample that is too large.
+
+    EXIF rotation may swap width and height, which changes neither count checked here.
+    """
+    resized_w, resized_h = placement_for(width, height, spec).resized
+    if resized_w * resized_h > MAX_IMAGE_PIXELS:
+        raise TooLarge(
+            f"Preprocessing '{name}' ({width}x{height}) would resize it to {resized_w}x{resized_h} pixels, "
+            f"over the limit of {MAX_IMAGE_PIXELS}; use a smaller 'size' or a 'crop_fraction' nearer 1."
+        )
+    limits.check_sample(spec.sample_shape(height, width), spec.itemsize, name)
 
 
 def _converted(image: Image.Image, channels: int) -> Image.Image:

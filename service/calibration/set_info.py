@@ -118,19 +118,23 @@ class CalibrationSetInfo:
 
 
 class StatsAccumulator:
-    """Streaming per-channel statistics (Chan et al.'s pairwise mean/variance merge, in float64)."""
+    """Streaming per-channel statistics (Chan et al.'s pairwise mean/variance merge, in float64).
+
+    A batch may cover only some channels (``channels``), so one huge sample can be folded in piece by
+    piece; each channel keeps its own count.
+    """
 
     def __init__(self, channel_axis: int | None, channels: int) -> None:
         self.axis = channel_axis
         size = channels if channel_axis is not None else 1
-        self.count = 0
+        self.count = np.zeros(size)
         self.low = np.full(size, np.inf)
         self.high = np.full(size, -np.inf)
         self.mean = np.zeros(size)
         self.m2 = np.zeros(size)
 
-    def update(self, batch: np.ndarray) -> None:
-        """Fold in a batch (sample axis first)."""
+    def update(self, batch: np.ndarray, channels: slice = slice(None)) -> None:
+        """Fold in a batch (sample axis first) whose channel axis holds the ``channels`` of the input."""
         values = batch.astype(np.float64)
         if self.axis is None:
             values = values.reshape(1, -1)
@@ -139,18 +143,19 @@ class StatsAccumulator:
         count = values.shape[1]
         if count == 0:
             return
-        self.low = np.minimum(self.low, values.min(axis=1))
-        self.high = np.maximum(self.high, values.max(axis=1))
+        self.low[channels] = np.minimum(self.low[channels], values.min(axis=1))
+        self.high[channels] = np.maximum(self.high[channels], values.max(axis=1))
         batch_mean = values.mean(axis=1)
         batch_m2 = ((values - batch_mean[:, np.newaxis]) ** 2).sum(axis=1)
-        total = self.count + count
-        delta = batch_mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + batch_m2 + delta**2 * (self.count * count / total)
-        self.count = total
+        before = self.count[channels]
+        total = before + count
+        delta = batch_mean - self.mean[channels]
+        self.mean[channels] = self.mean[channels] + delta * (count / total)
+        self.m2[channels] = self.m2[channels] + batch_m2 + delta**2 * (before * count / total)
+        self.count[channels] = total
 
     def result(self) -> ChannelStats:
-        std = np.sqrt(self.m2 / max(self.count, 1))
+        std = np.sqrt(self.m2 / np.maximum(self.count, 1))
         return ChannelStats(
             axis=self.axis,
             min=tuple(float(v) for v in self.low),

@@ -19,13 +19,15 @@ from typing import Any
 
 from service.calibration.datasets import CalibrationSet, bind_to_model
 from service.calibration.ingest import ingest_calibration_upload
-from service.calibration.preprocess import PreprocessSpec
-from service.calibration.set_info import CalibrationSetInfo
+from service.calibration.preprocess import UNBOUNDED_PREPROCESS, PreprocessLimits, PreprocessSpec
+from service.calibration.set_info import INFO_FILE, CalibrationSetInfo
+from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
 from service.errors import Conflict, NotFound
 from service.jobs.records import utc_now
 from service.onnx_graph.inspect import TensorSpec
 from service.store.blobs import StagedUpload
 from service.store.db import Database
+from service.store.keyed_locks import KeyedLocks
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,14 @@ def _record(row: Any) -> CalibrationSetRecord:
     )
 
 
+def _stored_info(directory: Path) -> CalibrationSetInfo | None:
+    """The info of a complete set stored at ``directory``, or None when there is none to adopt."""
+    try:
+        return CalibrationSetInfo.from_dict(json.loads((directory / INFO_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def calibration_set_id(upload_sha256: str, preprocess: PreprocessSpec | None) -> str:
     if preprocess is None:
         return upload_sha256
@@ -65,12 +75,22 @@ def calibration_set_id(upload_sha256: str, preprocess: PreprocessSpec | None) ->
 
 class CalibrationCatalog:
     def __init__(
-        self, db: Database, root: Path, *, max_archive_members: int, max_archive_uncompressed_bytes: int
+        self,
+        db: Database,
+        root: Path,
+        *,
+        max_archive_members: int,
+        max_archive_uncompressed_bytes: int,
+        member_limits: ExpansionLimits = UNBOUNDED_MEMBERS,
+        preprocess_limits: PreprocessLimits = UNBOUNDED_PREPROCESS,
     ) -> None:
         self.db = db
         self.root = root
         self.max_archive_members = max_archive_members
         self.max_archive_uncompressed_bytes = max_archive_uncompressed_bytes
+        self.member_limits = member_limits
+        self.preprocess_limits = preprocess_limits
+        self._placing = KeyedLocks()
         root.mkdir(parents=True, exist_ok=True)
 
     def directory(self, set_id: str) -> Path:
@@ -85,34 +105,46 @@ class CalibrationCatalog:
         preprocess: PreprocessSpec | None,
         model_inputs: Sequence[TensorSpec] | None = None,
     ) -> tuple[CalibrationSetRecord, bool]:
-        """Ingest a streamed upload; validates against ``model_inputs`` when given. Consumes ``staged``."""
+        """Ingest a streamed upload; validates against ``model_inputs`` when given. Consumes ``staged``.
+
+        Returns the record and whether this call created it. Identical uploads at the same time are
+        serialized on their set id: one ingests, the others find its row (HTTP 200). A set directory
+        without a row is a complete set (it is only ever renamed into place whole), left by a crash
+        between the rename and the insert: it is adopted, never deleted, because in another process
+        it may be a set that request is about to insert.
+        """
         try:
             staged.finish()
             set_id = calibration_set_id(staged.sha256, preprocess)
-            existing = self._find(set_id)
-            if existing is not None:
-                if model_inputs is not None:
-                    bind_to_model(existing.info, model_inputs)
-                return existing, False
-            dest = self.root / set_id
-            if dest.exists():  # a directory without a row: left by a crash between rename and insert
-                shutil.rmtree(dest)
-            info = ingest_calibration_upload(
-                staged.path,
-                name,
-                dest,
-                preprocess=preprocess,
-                max_members=self.max_archive_members,
-                max_uncompressed_bytes=self.max_archive_uncompressed_bytes,
-            )
-            try:
-                if model_inputs is not None:
-                    bind_to_model(info, model_inputs)
-                record = self._insert(set_id, name, staged.size_bytes, info)
-            except BaseException:
-                shutil.rmtree(dest, ignore_errors=True)
-                raise
-            return record, True
+            with self._placing.hold(set_id):
+                existing = self._find(set_id)
+                if existing is not None:
+                    if model_inputs is not None:
+                        bind_to_model(existing.info, model_inputs)
+                    return existing, False
+                dest = self.root / set_id
+                info = _stored_info(dest)
+                placed_here = info is None
+                if info is None:
+                    info = ingest_calibration_upload(
+                        staged.path,
+                        name,
+                        dest,
+                        preprocess=preprocess,
+                        max_members=self.max_archive_members,
+                        max_uncompressed_bytes=self.max_archive_uncompressed_bytes,
+                        limits=self.member_limits,
+                        preprocess_limits=self.preprocess_limits,
+                    )
+                try:
+                    if model_inputs is not None:
+                        bind_to_model(info, model_inputs)
+                    record = self._insert(set_id, name, staged.size_bytes, info)
+                except BaseException:
+                    if placed_here:
+                        shutil.rmtree(dest, ignore_errors=True)
+                    raise
+                return record, True
         finally:
             staged.discard()
 
@@ -147,6 +179,10 @@ class CalibrationCatalog:
         return bind_to_model(self.get(set_id).info, model_inputs)
 
     def delete(self, set_id: str) -> None:
+        with self._placing.hold(set_id):
+            self._delete(set_id)
+
+    def _delete(self, set_id: str) -> None:
         self.get(set_id)
         active = self.db.query(
             "SELECT id FROM jobs WHERE status IN ('queued', 'running') AND params_json LIKE ? LIMIT 5",

@@ -26,6 +26,7 @@ from service.reports.latency import (
     StopCheck,
     measure_latency,
 )
+from service.reports.synthetic_inputs import UNBOUNDED_TENSORS, TensorBudget
 
 BENCHMARK_KIND = "benchmark"
 
@@ -181,10 +182,13 @@ def benchmark_runner(
     *,
     progress: Progress | None = None,
     should_stop: StopCheck | None = None,
+    budget: TensorBudget = UNBOUNDED_TENSORS,
 ) -> BenchmarkReport:
     """Measure ``runner`` (the loaded ``record``) and wrap the numbers with what was measured where."""
     shapes: Mapping[str, ShapeRange] = record.build_config.shape_map()
-    measurement = measure_latency(runner, config, shapes=shapes, progress=progress, should_stop=should_stop)
+    measurement = measure_latency(
+        runner, config, shapes=shapes, progress=progress, should_stop=should_stop, budget=budget
+    )
     return BenchmarkReport(
         engine=MeasuredEngine.from_record(record, runtime),
         config=config,

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from service.backends.base import BackendInfo
+from service.backends.base import BackendInfo, IOSpec
 from service.builds.cache import EngineCache, EngineRecord
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
@@ -41,6 +41,7 @@ from service.reports.evaluation import (
     reference_model_for,
 )
 from service.reports.latency import BenchmarkConfig
+from service.reports.synthetic_inputs import UNBOUNDED_TENSORS, TensorBudget, check_feed_sizes
 from service.serving.runnable import BackendLookup, default_backend_lookup, require_runnable
 from service.serving.runner_pool import RunnerPool
 
@@ -65,12 +66,14 @@ class ReportJobs:
     runner: JobRunner
     pool: RunnerPool
     backend_for: BackendLookup = default_backend_lookup
+    budget: TensorBudget = UNBOUNDED_TENSORS
 
     # Submission ----------------------------------------------------------------------------------
 
     def submit_benchmark(self, engine_id: str, config: BenchmarkConfig, *, owner: str | None) -> JobRecord:
         record = self.engines.get(engine_id)
         require_runnable(record, self.engines, self.backend_for)
+        self._check_input_sizes(record, config)
         params = {"engine_id": engine_id, "config": config.to_dict()}
         return self.runner.submit(BENCHMARK_KIND, params, owner=owner)[0]
 
@@ -92,6 +95,8 @@ class ReportJobs:
         owner: str | None,
     ) -> JobRecord:
         records = [self.engines.get(engine_id) for engine_id in engine_ids]
+        for record in records:
+            self._check_input_sizes(record, config)
         model_id = check_comparable(records, {r.model_id: self.root_model_id(r.model_id) for r in records})
         if eval_set_id is not None:
             self.calibration_sets.bind(eval_set_id, self.models.get(model_id).info.inputs)
@@ -159,6 +164,13 @@ class ReportJobs:
         ctx.progress(1.0, "report")
         return compare_engines(params["model_id"], entries, config.batch_sizes).to_dict()
 
+    def _check_input_sizes(self, record: EngineRecord, config: BenchmarkConfig) -> None:
+        """Refuse at submission a benchmark whose synthetic inputs would be over the budget."""
+        inputs = self.models.get(record.model_id).info.inputs
+        specs = [IOSpec(spec.name, spec.dtype, spec.shape) for spec in inputs]
+        shapes = record.build_config.shape_map()
+        check_feed_sizes(specs, config.batch_sizes, shapes=shapes, budget=self.budget)
+
     # Steps ---------------------------------------------------------------------------------------
 
     def _runtime(self, record: EngineRecord) -> BackendInfo:
@@ -177,6 +189,7 @@ class ReportJobs:
                 config,
                 progress=lambda fraction: ctx.progress(start + share * fraction),
                 should_stop=ctx.should_stop,
+                budget=self.budget,
             )
         for result in report.results:
             latency = result.latency
@@ -252,6 +265,10 @@ def register(services: Services) -> ReportJobs:
         jobs=services.jobs,
         runner=services.runner,
         pool=pool,
+        budget=TensorBudget(
+            one_input=services.settings.max_input_tensor_bytes,
+            all_inputs=services.settings.max_benchmark_input_bytes,
+        ),
     )
     services.runner.register(BENCHMARK_KIND, handlers.benchmark)
     services.runner.register(EVALUATION_KIND, handlers.evaluation)

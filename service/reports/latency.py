@@ -30,7 +30,7 @@ import numpy as np
 
 from service.backends.base import Runner, ShapeRange, StageTimings, TimedRunner
 from service.errors import BadInput, JobCancelled
-from service.reports.synthetic_inputs import synthetic_feeds
+from service.reports.synthetic_inputs import UNBOUNDED_TENSORS, TensorBudget, synthetic_feeds
 
 MAX_ITERATIONS = 1_000_000
 MAX_DURATION_S = 600.0
@@ -276,6 +276,7 @@ def measure_latency(
     shapes: Mapping[str, ShapeRange] | None = None,
     progress: Progress | None = None,
     should_stop: StopCheck | None = None,
+    budget: TensorBudget = UNBOUNDED_TENSORS,
 ) -> LatencyMeasurement:
     """Benchmark every batch size of ``config`` on ``runner`` (see the module docstring)."""
     results: list[BatchResult] = []
@@ -284,7 +285,7 @@ def measure_latency(
     total = len(config.batch_sizes)
     for index, batch_size in enumerate(config.batch_sizes):
         try:
-            feeds = synthetic_feeds(runner.inputs, batch_size, shapes=shapes, seed=index)
+            feeds = synthetic_feeds(runner.inputs, batch_size, shapes=shapes, seed=index, budget=budget)
         except BadInput as exc:
             skipped.append(SkippedBatch(batch_size, f"batch {batch_size} skipped: {exc.message}"))
             continue

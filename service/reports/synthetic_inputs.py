@@ -10,7 +10,9 @@ bytes for ``uint8``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,10 +20,73 @@ from service.backends.base import IOSpec, ShapeRange
 from service.errors import BadInput
 
 
+@dataclass(frozen=True)
+class TensorBudget:
+    """Bytes one input tensor (ENGINE_SERVICE_MAX_INPUT_TENSOR_BYTES) and all inputs of one benchmark
+    call (ENGINE_SERVICE_MAX_BENCHMARK_INPUT_BYTES) may take; None leaves a bound off."""
+
+    one_input: int | None = None
+    all_inputs: int | None = None
+
+    def check_input(self, name: str, shape: Sequence[int], nbytes: int) -> None:
+        """BadInput naming the setting when one input is over its bound."""
+        if self.one_input is not None and nbytes > self.one_input:
+            raise BadInput(
+                f"input '{name}' of shape {list(shape)} takes {nbytes} bytes, over the limit of "
+                f"{self.one_input} bytes for one input tensor; use a smaller batch or shape, or raise "
+                "ENGINE_SERVICE_MAX_INPUT_TENSOR_BYTES.",
+                details={"limit": "max_input_tensor_bytes", "limit_bytes": self.one_input},
+            )
+
+    def check_total(self, batch_size: int, nbytes: int) -> None:
+        """BadInput naming the setting when a benchmark batch's inputs together are over their bound."""
+        if self.all_inputs is not None and nbytes > self.all_inputs:
+            raise BadInput(
+                f"the inputs of a batch of {batch_size} take {nbytes} bytes, over the limit of "
+                f"{self.all_inputs} bytes for one benchmark call; use smaller batch sizes, or raise "
+                "ENGINE_SERVICE_MAX_BENCHMARK_INPUT_BYTES.",
+                details={"limit": "max_benchmark_input_bytes", "limit_bytes": self.all_inputs},
+            )
+
+
+UNBOUNDED_TENSORS = TensorBudget()
+
+
+def check_feed_sizes(
+    specs: Sequence[IOSpec],
+    batch_sizes: Sequence[int],
+    *,
+    shapes: Mapping[str, ShapeRange] | None = None,
+    budget: TensorBudget,
+) -> None:
+    """Refuse (BadInput naming the setting) batch sizes whose synthetic inputs would be over ``budget``.
+
+    Batches the engine cannot take at all are left to the benchmark, which reports them as skipped.
+    """
+    for batch_size in batch_sizes:
+        total = 0
+        for spec in specs:
+            try:
+                shape = _concrete_shape(spec, batch_size, (shapes or {}).get(spec.name))
+            except BadInput:
+                continue
+            nbytes = math.prod(shape) * np.dtype(spec.dtype).itemsize
+            budget.check_input(spec.name, shape, nbytes)
+            total += nbytes
+        budget.check_total(batch_size, total)
+
+
 def synthetic_feeds(
-    specs: Sequence[IOSpec], batch_size: int, *, shapes: Mapping[str, ShapeRange] | None = None, seed: int = 0
+    specs: Sequence[IOSpec],
+    batch_size: int,
+    *,
+    shapes: Mapping[str, ShapeRange] | None = None,
+    seed: int = 0,
+    budget: TensorBudget = UNBOUNDED_TENSORS,
 ) -> dict[str, np.ndarray]:
-    """Seeded inputs of ``batch_size``; BadInput naming the input and axis when the engine cannot take it."""
+    """Seeded inputs of ``batch_size``; BadInput naming the input and axis when the engine cannot take it,
+    or naming the setting when the inputs would be over ``budget`` (checked before allocating)."""
+    check_feed_sizes(specs, [batch_size], shapes=shapes, budget=budget)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in specs:

@@ -46,6 +46,8 @@ NAME_HEADER = "X-Tensor-Name"
 # request may make the server hold (a JSON body expands several-fold once parsed).
 DEFAULT_MAX_INFERENCE_BYTES = 256 * 1024 * 1024
 MAX_NPZ_MEMBERS = 256
+# More axes than any vision model uses, and well under numpy's own limit of 64 (which would raise).
+MAX_TENSOR_RANK = 32
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def decode_inputs(
 def decode_json(body: bytes) -> dict[str, np.ndarray]:
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    # ValueError also covers Python's limit on integer digits (4300), which JSONDecodeError does not.
+    except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidInferenceInput(f"The body is not valid JSON: {exc}.") from exc
     except RecursionError as exc:
         raise InvalidInferenceInput("The JSON body is nested too deeply to read.") from exc
@@ -170,6 +173,7 @@ def _read_npy_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, name: st
                     f"Array '{name}' has dtype {dtype}; only numeric and bool arrays are accepted "
                     "(no pickles)."
                 )
+            check_shape(shape, f"Array '{name}'")
             nbytes = math.prod(shape) * dtype.itemsize
             if nbytes > member.file_size:
                 raise ValueError(
@@ -231,9 +235,18 @@ def parse_shape_header(value: str | None) -> tuple[int, ...]:
         raise InvalidInferenceInput(
             f"{SHAPE_HEADER} '{value}' must be comma-separated whole numbers, e.g. '1,3,224,224'."
         ) from exc
-    if any(dim < 0 for dim in dims):
-        raise InvalidInferenceInput(f"{SHAPE_HEADER} '{value}' has a negative dimension.")
+    check_shape(dims, f"{SHAPE_HEADER} '{value}'")
     return dims
+
+
+def check_shape(shape: Sequence[int], what: str) -> None:
+    """Refuse a declared tensor shape with a negative dimension or more than MAX_TENSOR_RANK axes."""
+    if len(shape) > MAX_TENSOR_RANK:
+        raise InvalidInferenceInput(
+            f"{what} has {len(shape)} dimensions; a tensor may have at most {MAX_TENSOR_RANK}."
+        )
+    if any(dim < 0 for dim in shape):
+        raise InvalidInferenceInput(f"{what} has a negative dimension (shape {list(shape)}).")
 
 
 def check_output_choice(fmt: WireFormat, output_names: Sequence[str], chosen: str | None) -> None:

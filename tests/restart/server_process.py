@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +57,7 @@ class DataDir:
     def database(self) -> Path:
         return self.root / "engine_service.db"
 
-    def environment(self, port: int) -> dict[str, str]:
+    def environment(self, port: int, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("ENGINE_SERVICE_")}
         env.update(
             ENGINE_SERVICE_ENGINES_DIR=str(self.engines),
@@ -68,13 +68,14 @@ class DataDir:
             ENGINE_SERVICE_PORT=str(port),
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
         )
+        env.update(overrides or {})
         return env
 
 
 class ServerProcess:
     """One ``serve`` process; ``kill()`` is SIGKILL, so nothing in the service gets to clean up."""
 
-    def __init__(self, data: DataDir, log_name: str) -> None:
+    def __init__(self, data: DataDir, log_name: str, settings: Mapping[str, str] | None = None) -> None:
         self.data = data
         self.port = free_port()
         self.log_path = data.root / log_name
@@ -83,7 +84,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service.cli.main", "serve", "--log-level", "warning"],
             cwd=data.root,
-            env=data.environment(self.port),
+            env=data.environment(self.port, settings),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -121,15 +122,24 @@ class ServerProcess:
                 self.process.wait(timeout=30)
         self._log.close()
 
+    def memory_kib(self, field: str = "VmHWM") -> int:
+        """A memory figure of the server process from /proc (VmHWM: peak resident set; VmRSS: now), in KiB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+        raise AssertionError(f"/proc/{self.process.pid}/status has no {field}")
+
     def log_tail(self, chars: int = 4000) -> str:
         self._log.flush()
         return self.log_path.read_bytes()[-chars:].decode(errors="replace")
 
 
 @contextmanager
-def running(data: DataDir, log_name: str) -> Iterator[ServerProcess]:
-    """A started, ready server on ``data``; stopped (if still alive) when the block ends."""
-    server = ServerProcess(data, log_name)
+def running(
+    data: DataDir, log_name: str, settings: Mapping[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """A started, ready server on ``data`` with extra ENGINE_SERVICE_* ``settings``; stopped at the end."""
+    server = ServerProcess(data, log_name, settings)
     try:
         server.wait_ready()
         yield server
