@@ -1,4 +1,4 @@
-"""Fixed-range |x| histograms: exact counts, order independence, rejection of bad values."""
+"""|x| histograms on a power-of-two grid: exact counts, order independence, rejection of bad values."""
 
 from __future__ import annotations
 
@@ -21,27 +21,67 @@ def _normal(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
 
 
+def _grid_counts(values: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Direct binning over the final power-of-two range R: counts and the bin width R / size."""
+    magnitudes = np.abs(values.astype(np.float64))
+    top = 2.0 ** np.frexp(magnitudes.max())[1]
+    return np.bincount((magnitudes * size / top).astype(np.int64), minlength=size), top / size
+
+
 def test_histogram_counts_every_element_once_and_records_the_exact_max() -> None:
     values = _normal(10_000)
     hist = abs_histogram_from_arrays([values], num_bins=256)
     assert hist.count == values.size
     assert int(hist.counts.sum()) == values.size
-    assert hist.observed_max == pytest.approx(float(np.abs(values).max()), rel=0, abs=0)
-    assert hist.range_max == hist.observed_max
+    assert hist.observed_max == float(np.abs(values).max())
+    assert hist.observed_max < hist.range_max <= hist.observed_max + hist.bin_width
+    assert 256 < hist.num_bins <= 512
 
 
-def test_histogram_bins_agree_with_numpy_histogram_of_absolute_values() -> None:
+def test_histogram_bins_agree_with_direct_binning_over_the_final_power_of_two_range() -> None:
     values = _normal(50_000, seed=3)
     hist = abs_histogram_from_arrays([values], num_bins=2048)
-    expected, _ = np.histogram(np.abs(values), bins=2048, range=(0.0, hist.range_max))
-    np.testing.assert_array_equal(hist.counts, expected)
-    np.testing.assert_allclose(hist.edges()[[0, -1]], [0.0, hist.range_max])
+    counts, width = _grid_counts(values, 4096)
+    np.testing.assert_array_equal(hist.counts, counts[: hist.num_bins])
+    assert int(counts[hist.num_bins :].sum()) == 0
+    assert hist.bin_width == width
 
 
 def test_the_largest_value_lands_in_the_last_bin() -> None:
     values = np.array([0.0, 0.25, -1.0, 1.0], dtype=np.float32)
-    hist = abs_histogram_from_arrays([values], num_bins=4)
-    np.testing.assert_array_equal(hist.counts, [1, 1, 0, 2])
+    hist = abs_histogram_from_arrays([values], num_bins=4)  # 8 bins over [0, 2): width 0.25
+    np.testing.assert_array_equal(hist.counts, [1, 1, 0, 0, 2])
+    assert hist.range_max == 1.25
+
+
+def test_a_growing_range_merges_bins_exactly_as_direct_binning_would() -> None:
+    small = _normal(5_000, seed=7) * np.float32(1e-3)
+    large = _normal(5_000, seed=8) * np.float32(1e3)  # 20 doublings later
+    grown = abs_histogram_from_arrays([small, large], num_bins=64)
+    counts, _ = _grid_counts(np.concatenate([small, large]), 128)
+    np.testing.assert_array_equal(grown.counts, counts[: grown.num_bins])
+    assert grown == abs_histogram_from_arrays([large, small], num_bins=64)
+
+
+def test_a_value_above_every_earlier_one_goes_into_the_last_bin_and_never_fails() -> None:
+    # Regression: a re-run of ONNX Runtime gave 0.857897 after a maximum of 0.85789, which the
+    # fixed-range design rejected as changed data.
+    accumulator = AbsHistogramAccumulator(2048, name="/model.22/dfl/Softmax_output_0")
+    accumulator.update(np.array([0.1, 0.85789], np.float32))
+    accumulator.update(np.array([0.857897], np.float32))
+    hist = accumulator.result()
+    assert hist.observed_max == pytest.approx(0.857897, rel=1e-6)
+    assert hist.counts[-1] == 2 and hist.count == 3  # 0.85789 shares the last bin (width 1/4096)
+
+
+def test_a_max_measured_elsewhere_widens_the_range_without_being_counted() -> None:
+    accumulator = AbsHistogramAccumulator(16)
+    accumulator.update(np.array([0.5, -0.25], np.float32))
+    accumulator.observe_max(3.0)
+    hist = accumulator.result()
+    assert (hist.observed_max, hist.count) == (3.0, 2)
+    assert hist.range_max == 3.125  # 32 bins over [0, 4): the bin holding 3.0 ends at 3.125
+    assert int(hist.counts[:-1].sum()) == 2 and hist.counts[-1] == 0
 
 
 @settings(max_examples=30, deadline=None, database=None)
@@ -81,15 +121,15 @@ def test_float16_and_float64_values_are_counted_like_float32() -> None:
 
 def test_merging_histograms_with_identical_bins_adds_their_counts() -> None:
     a, b = _normal(1000, 1), _normal(1000, 2)
-    peak = max(max_abs(a), max_abs(b))
-    left = abs_histogram_from_arrays([a], num_bins=64, range_max=peak)
-    right = abs_histogram_from_arrays([b], num_bins=64, range_max=peak)
-    assert left.merge(right) == abs_histogram_from_arrays([a, b], num_bins=64, range_max=peak)
+    a[0] = b[0] = 5.0  # the same max: the same grid and the same trim
+    left = abs_histogram_from_arrays([a], num_bins=64)
+    right = abs_histogram_from_arrays([b], num_bins=64)
+    assert left.merge(right) == abs_histogram_from_arrays([a, b], num_bins=64)
 
 
 def test_merging_histograms_over_different_ranges_is_refused() -> None:
     left = abs_histogram_from_arrays([_normal(100, 1)], num_bins=64)
-    right = abs_histogram_from_arrays([_normal(100, 2)], num_bins=64)
+    right = abs_histogram_from_arrays([_normal(100, 2) * np.float32(10)], num_bins=64)
     with pytest.raises(ValueError, match="identical bins"):
         left.merge(right)
 
@@ -100,22 +140,15 @@ def test_histogram_counts_cannot_be_modified() -> None:
         hist.counts[0] = 5
 
 
-def test_values_beyond_the_fixed_range_are_reported_as_changed_data() -> None:
-    accumulator = AbsHistogramAccumulator(1.0, 16, name="conv_out")
-    accumulator.update(np.array([0.5, -1.0], np.float32))
-    with pytest.raises(
-        InvalidCalibrationSet, match=r"'conv_out'.*above the maximum 1 seen on the first pass"
-    ):
-        accumulator.update(np.array([1.5], np.float32))
-
-
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_values_are_rejected_with_the_tensor_name(bad: float) -> None:
     values = np.array([0.5, bad], dtype=np.float32)
     with pytest.raises(InvalidCalibrationSet, match="'relu_out' produced NaN or infinite values"):
         max_abs(values, name="relu_out")
     with pytest.raises(InvalidCalibrationSet, match="'relu_out' produced NaN or infinite values"):
-        AbsHistogramAccumulator(1.0, 8, name="relu_out").update(values)
+        AbsHistogramAccumulator(8, name="relu_out").update(values)
+    with pytest.raises(InvalidCalibrationSet, match="'relu_out' produced NaN or infinite values"):
+        AbsHistogramAccumulator(8, name="relu_out").observe_max(bad)
 
 
 def test_integer_tensors_cannot_be_calibrated() -> None:
