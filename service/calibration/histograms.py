@@ -1,25 +1,34 @@
-"""Histograms of absolute activation values on a power-of-two grid, built in one streaming pass.
+"""Histograms of absolute activation values: a fine power-of-two grid, filled in one streaming pass.
 
-An ``AbsHistogram`` counts |x| over ``[0, range_max]`` in equal bins (the last bin is closed on the
-right). ``AbsHistogramAccumulator`` builds one from arrays fed one at a time, never keeping them:
+An ``AbsHistogram`` counts |x| over ``[0, range_max]`` in ``num_bins`` equal bins (the last bin is
+closed on the right). ``AbsHistogramAccumulator`` builds one from arrays fed one at a time, never
+keeping them, with ``range_max`` the exact max |x| as before, but reading the data once:
 
-* It counts over ``[0, R)`` in ``size`` bins, ``size`` the smallest power of two of at least
-  ``2 * num_bins``, where ``R = 2**k`` is the smallest power of two above every |x| seen so far.
-  When a larger value arrives, ``R`` doubles (as often as needed) and adjacent bin pairs are
-  summed. Bin ``j`` at range ``R`` holds the values with ``floor(|x| * size / R) == j``; with
-  ``size`` and ``R`` powers of two that product is exact in binary floating point, and
-  ``floor(floor(y) / 2) == floor(y / 2)``, so the merged counts equal direct binning over the final
-  ``R``. The histogram is therefore a pure function of the multiset of values, whatever their order
-  or how they are split into arrays, and no value can ever fall outside the range.
-* ``result()`` trims the grid to the bins up to the one holding the largest |x|. Because that value
-  is at least ``R / 2``, at least ``num_bins + 1`` bins cover ``[0, max |x|]`` (at most
-  ``2 * num_bins``), so the resolution is never coarser than ``num_bins`` bins over the exact range
-  the older two-pass design used, and ``range_max`` exceeds ``observed_max`` by at most one bin.
+* It counts on a fine grid over ``[0, R)``: ``size`` bins, ``size`` the smallest power of two of at
+  least ``GRID_BINS_PER_BIN * num_bins`` (65,536 for 2,048 bins), where ``R = 2**k`` is the smallest
+  power of two above every |x| seen so far. When a larger value arrives, ``R`` doubles (as often as
+  needed) and adjacent bin pairs are summed. Fine bin ``j`` at range ``R`` holds the values with
+  ``floor(|x| * size / R) == j``; with ``size`` and ``R`` powers of two that product is exact in
+  binary floating point, and ``floor(floor(y) / 2) == floor(y / 2)``, so the merged counts equal
+  direct binning over the final ``R``: a pure function of the multiset of values, whatever their
+  order or how they are split into arrays. No value can ever fall outside the range.
+* ``result()`` re-bins the grid to ``num_bins`` bins over ``[0, max |x|]``: the cumulative count at
+  each result edge is interpolated linearly inside the fine bin the edge falls in and rounded. As
+  the max is at least ``R / 2``, a result bin spans at least 16 fine bins, so each edge misplaces at
+  most half of one fine bin's count (about 1/32 of a result bin's worth near that edge).
 
-This replaces a design that read the data twice (exact max first, then counts over ``[0, max]``): it
-needs one pass over the calibration data instead of two, and it cannot fail when ONNX Runtime gives
-slightly different activations on a second run (it promises no bit-identical results across runs or
-batch sizes; a value 1e-6 above the first pass's max used to abort the build).
+Why re-bin instead of returning the grid trimmed to the max (2,049 to 4,096 bins of width ``R /
+4096``): the entropy search is sensitive to the bin layout. On the PP-OCR detector's 81 tensors
+(whole activations, 6 photos at 320x320), entropy thresholds from trimmed 4,096-bin grids were
+within 1 % of those from exact 2,048 bins over ``[0, max]`` for 67 % of the tensors (worst ratio
+0.16); re-binned from an 8,192 / 32,768 / 65,536-bin grid, for 80 / 93 / 96 % (worst 0.88 / 0.84 /
+0.96, all within 5 % at 65,536). ``max`` and ``percentile`` agreed either way. The grid costs
+512 KiB per tensor.
+
+This replaces a design that read the data twice (exact max first, then counts over ``[0, max]``):
+it needs one pass over the calibration data instead of two, and it cannot fail when ONNX Runtime
+gives slightly different activations on a second run (it promises no bit-identical results across
+runs or batch sizes; a value 1e-6 above the first pass's max used to abort the build).
 
 ``observe_max`` lets a caller report a maximum measured elsewhere (an exact in-graph ReduceMax while
 only a subsample of the values is counted); it widens the range as a counted value would. Non-finite
@@ -37,8 +46,10 @@ import numpy as np
 
 from service.errors import InvalidCalibrationSet
 
-# The fewest bins covering [0, max |x|] in a result (TensorRT's entropy calibrator uses 2048).
+# Bins over [0, max |x|] in a result (TensorRT's entropy calibrator uses 2048).
 DEFAULT_NUM_BINS = 2048
+# Fine grid bins per result bin, at least (module docstring).
+GRID_BINS_PER_BIN = 32
 # Elements binned per step: bounds the temporaries (|x| in float32, int32 bin indices, bincount's
 # intp copy) to about 16 MB however large one activation tensor is.
 _CHUNK_ELEMENTS = 1 << 20
@@ -132,8 +143,8 @@ class AbsHistogramAccumulator:
             raise ValueError(f"num_bins must be at least 1, got {num_bins}.")
         self._name = name
         self._num_bins = num_bins
-        # A power of two at least 2 * num_bins: bins per unit (grid size / R) is then a power of two.
-        self._grid = np.zeros(1 << (2 * num_bins - 1).bit_length(), dtype=np.int64)
+        # A power of two: bins per unit (grid size / R) is then a power of two too.
+        self._grid = np.zeros(1 << (GRID_BINS_PER_BIN * num_bins - 1).bit_length(), dtype=np.int64)
         self._log2_size = self._grid.size.bit_length() - 1
         # log2 of R: every value counted so far is below 2**exponent. None until a non-zero value
         # arrives; zeros land in bin 0 at every range.
@@ -158,16 +169,20 @@ class AbsHistogramAccumulator:
         self._grow_to(abs(float(peak)))
 
     def result(self) -> AbsHistogram:
-        """The counts trimmed to the bins covering ``[0, observed_max]``; all of them if that is 0."""
+        """``num_bins`` bins over ``[0, observed_max]``, re-binned from the grid (module docstring)."""
         if self._exponent is None:
-            return AbsHistogram(
-                counts=self._grid[: self._num_bins].copy(), range_max=0.0, observed_max=0.0, count=self._count
-            )
+            counts = np.zeros(self._num_bins, dtype=np.int64)
+            counts[0] = self._grid[0]
+            return AbsHistogram(counts=counts, range_max=0.0, observed_max=0.0, count=self._count)
         width = math.ldexp(1.0, self._exponent - self._log2_size)
         last = min(int(self._observed_max / width), self._grid.size - 1)
+        cumulative = np.concatenate(([0], np.cumsum(self._grid[: last + 1]))).astype(np.float64)
+        edges = np.arange(self._num_bins + 1, dtype=np.float64) * (self._observed_max / self._num_bins)
+        at_edges = np.rint(np.interp(edges, np.arange(last + 2, dtype=np.float64) * width, cumulative))
+        at_edges[-1] = cumulative[-1]  # every value is <= observed_max: the last bin takes the rest
         return AbsHistogram(
-            counts=self._grid[: last + 1].copy(),
-            range_max=(last + 1) * width,
+            counts=np.diff(at_edges.astype(np.int64)),
+            range_max=self._observed_max,
             observed_max=self._observed_max,
             count=self._count,
         )
