@@ -45,8 +45,9 @@ from service.calibration.probes import DEFAULT_SAMPLE_ELEMENTS, TensorProbe, mod
 from service.errors import BadInput, InvalidCalibrationSet, InvalidModel, JobCancelled
 from service.onnx_graph.inspect import model_inputs
 
-# Probe outputs fetched by one session run: runs are cut to stay near this. (A 640x640 detector's
-# subsampled activations are ~60 MiB per sample; whole, they were ~270 MiB.)
+# Calibrated activations computed by one session run (whole, though only probes are fetched):
+# ONNX Runtime's working memory grows with them, ~270 MiB per sample on a 640x640 detector, so
+# runs are cut to stay near this.
 DEFAULT_ACTIVATION_BUDGET_BYTES = 256 * 1024 * 1024
 
 if TYPE_CHECKING:
@@ -90,8 +91,9 @@ def collect_histograms(
     to ``DEFAULT_SAMPLE_ELEMENTS`` values per sample, a strided subsample of larger ones.
 
     ``batches`` is called once. A batch is cut into runs of at most as many samples as fit
-    ``activation_budget_bytes`` of probe outputs (learned from the first run of one sample) when the
-    model's batch dimension allows it; the result does not depend on the cut.
+    ``activation_budget_bytes`` of calibrated activations (their whole float32 size, learned from
+    the first run of one sample) when the model's batch dimension allows it; the result does not
+    depend on the cut.
 
     Raises BadInput for unknown or non-float tensors, InvalidModel when ONNX Runtime cannot load
     the model, InvalidCalibrationSet when the batches do not fit the model, are empty, or give
@@ -264,7 +266,7 @@ class _PassRunner:
             for feeds in self._runs_of(batch):
                 count = _batch_size(feeds, self._plan.model_inputs)
                 fetched = self._run(index, feeds)
-                self._learn_run_size(fetched, count)
+                self._learn_run_size(feeds, fetched, count)
                 for name in self._plan.from_feeds:
                     accumulators[name].update(np.asarray(feeds[name]))
                 for probe in self._probes:
@@ -288,10 +290,17 @@ class _PassRunner:
             yield {name: np.asarray(values)[start : start + step] for name, values in batch.items()}
             start += step
 
-    def _learn_run_size(self, fetched: Mapping[str, np.ndarray], samples: int) -> None:
+    def _learn_run_size(
+        self, feeds: Mapping[str, np.ndarray], fetched: Mapping[str, np.ndarray], samples: int
+    ) -> None:
         if self._budget_bytes is None or self._samples_per_run is not None or samples < 1:
             return
-        per_sample = sum(int(a.nbytes) for a in fetched.values()) / samples
+        per_sample = sum(int(np.asarray(feeds[name]).nbytes) / samples for name in self._plan.from_feeds)
+        for probe in self._probes:
+            if probe.size is None:
+                per_sample += int(fetched[probe.sample].nbytes) / samples
+            else:
+                per_sample += 4 * int(np.asarray(fetched[probe.size]).reshape(-1)[0])
         self._samples_per_run = max(1, int(self._budget_bytes // max(per_sample, 1.0)))
 
     def _run(self, index: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -45,17 +45,23 @@ _INT64_MAX = (1 << 63) - 1
 
 @dataclass(frozen=True)
 class TensorProbe:
-    """The output names that carry one tensor's exact extremes, its sum and its subsample."""
+    """The output names that carry one tensor's exact extremes, its sum and its subsample.
+
+    ``size`` (int64 ``[1]``, values per sample of the whole tensor) is absent before opset 10,
+    where the sample is the whole tensor.
+    """
 
     tensor: str
     maximum: str
     minimum: str
     total: str
     sample: str
+    size: str | None = None
 
     @property
-    def outputs(self) -> tuple[str, str, str, str]:
-        return (self.maximum, self.minimum, self.total, self.sample)
+    def outputs(self) -> tuple[str, ...]:
+        floats = (self.maximum, self.minimum, self.total, self.sample)
+        return floats if self.size is None else (*floats, self.size)
 
 
 def model_with_probes(
@@ -84,7 +90,8 @@ def model_with_probes(
     )
     for probe in probes:
         for output in probe.outputs:
-            probed.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, None))
+            elem_type = TensorProto.INT64 if output == probe.size else TensorProto.FLOAT
+            probed.graph.output.append(helper.make_tensor_value_info(output, elem_type, None))
     return probed, probes
 
 
@@ -146,7 +153,7 @@ class _ProbeBuilder:
         odd = self._node("Add", [self._node("Mul", [half, f"{c}ftwo"], f"{p}even"), f"{c}fone"], f"{p}odd")
         steps = self._node("Cast", [odd], f"{p}steps", to=TensorProto.INT64)
         sample = self._node("Slice", [flat, f"{c}zero", f"{c}end", f"{c}one", steps], f"{p}sample")
-        return TensorProbe(tensor, maximum, minimum, total, sample)
+        return TensorProbe(tensor, maximum, minimum, total, sample, size)
 
 
 def _free_prefix(graph: onnx.GraphProto) -> str:
