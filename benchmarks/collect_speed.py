@@ -130,7 +130,9 @@ def run_side(side: str, job: dict[str, Any], package_root: Path, scratch: Path) 
     return result
 
 
-def compare(new: dict[str, dict[str, float]], old: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+def compare(
+    new: dict[str, dict[str, float]], old: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
     """Per method: ratio new / old over the tensors."""
     table = {}
     for method, ours in new.items():
