@@ -57,6 +57,12 @@ class EngineRecord:
         report = self.report
         return {
             "id": self.id,
+            # What a user decides on leads: the task metric, the verdict, the warnings, the speed.
+            "task": report.get("task"),
+            "target_met": report.get("target_met"),
+            "int8_share": report.get("int8_share"),
+            "warnings": report.get("warnings", []),
+            "speed": report.get("speed"),
             "model_id": self.model_id,
             "built_model_id": self.built_model_id,
             "calibration_set_id": self.calibration_set_id,

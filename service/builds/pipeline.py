@@ -11,17 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnx
 
-from service.backends.base import BackendInfo, BuildSpec, BuiltEngine, LayerReport
+from service.backends.base import Backend, BackendInfo, BuildSpec, BuiltEngine, LayerReport
 from service.backends.registry import get_backend
 from service.builds.keys import BuildConfig, EngineKey
+from service.builds.speed import SpeedCheck, int8_speed_vs_fp32
 from service.builds.storage import BuildOutput, BuildStorage
 from service.jobs.runner import JobContext
 from service.onnx_graph.fusions import analyze_fusions
 from service.onnx_graph.inspect import model_inputs
 from service.quantize.fp16 import fp16_model_from
-from service.quantize.inputs import calibration_inputs
+from service.quantize.inputs import batch_size_for, calibration_inputs
 from service.quantize.pipeline import QuantizationOutcome, QuantizationPlan, quantize_model
 from service.quantize.placement import PlacementTarget
 from service.reports.fusion_report import verify_fusions
@@ -36,6 +38,7 @@ class PreparedModel:
     steps: tuple[str, ...]
     keep_layers: tuple[str, ...]
     quantization: QuantizationOutcome | None = None
+    sample: dict[str, np.ndarray] | None = None  # one calibration input, for the speed check
 
 
 def layer_counts(report: LayerReport) -> dict[str, int]:
@@ -91,8 +94,14 @@ class BuildPipeline:
             f"{backend.name} built a {len(built.engine_bytes)}-byte engine in {built.build_seconds:.2f} s"
         )
         ctx.check_cancelled()
-        ctx.phase("verify", 0.92)
+        ctx.phase("verify", 0.9)
         report = self.evidence(model, prepared, built)
+        speed = self.speed_check(ctx, backend, model, built, key, prepared)
+        if speed is not None:
+            report["speed"] = speed.to_dict()
+            if speed.warning:
+                report["warnings"] = [*report["warnings"], speed.warning]
+                ctx.log(f"warning: {speed.warning}")
         ctx.phase("store", 0.97)
         engine_id = self.storage.store(
             BuildOutput(
@@ -113,8 +122,31 @@ class BuildPipeline:
             "task": report["task"],
             "target_met": report["target_met"],
             "int8_share": report["int8_share"],
+            "speedup_vs_fp32": speed.speedup_vs_fp32 if speed is not None else None,
             "warnings": report["warnings"],
         }
+
+    @staticmethod
+    def speed_check(
+        ctx: JobContext,
+        backend: Backend,
+        model: onnx.ModelProto,
+        built: BuiltEngine,
+        key: EngineKey,
+        prepared: PreparedModel,
+    ) -> SpeedCheck | None:
+        """INT8 against FP32 on a calibration sample, where the backend runs on this host."""
+        if key.config.precision != "int8" or prepared.sample is None or not backend.available().can_run:
+            return None
+        ctx.phase("speed", 0.93)
+        speed = int8_speed_vs_fp32(
+            backend, model.SerializeToString(), built.engine_bytes, key.config.shape_map(), prepared.sample
+        )
+        ctx.log(
+            f"INT8 {speed.int8_ms:.2f} ms vs FP32 {speed.fp32_ms:.2f} ms per run on {speed.device} "
+            f"(speedup {speed.speedup_vs_fp32:.2f}x)"
+        )
+        return speed
 
     def prepare(
         self,
@@ -128,10 +160,11 @@ class BuildPipeline:
         steps: list[str] = []
         keep = tuple(config.keep)
         outcome: QuantizationOutcome | None = None
+        sample: dict[str, np.ndarray] | None = None
         prepared = model
         if config.precision == "int8" and config.calibration is not None:
             ctx.phase("calibrate", 0.05)
-            outcome = self.calibrate(ctx, model, key, params)
+            outcome, sample = self.calibrate(ctx, model, key, params)
             keep = tuple(sorted(set(keep) | set(outcome.kept_layers)))
             if backend.strongly_typed:
                 prepared = outcome.qdq_model
@@ -146,11 +179,14 @@ class BuildPipeline:
             ctx.phase("fp16", 0.75)
             prepared = fp16_model_from(prepared)
             steps.append("layers outside INT8 typed FP16")
-        return PreparedModel(model=prepared, steps=tuple(steps), keep_layers=keep, quantization=outcome)
+        return PreparedModel(
+            model=prepared, steps=tuple(steps), keep_layers=keep, quantization=outcome, sample=sample
+        )
 
     def calibrate(
         self, ctx: JobContext, model: onnx.ModelProto, key: EngineKey, params: dict[str, Any]
-    ) -> QuantizationOutcome:
+    ) -> tuple[QuantizationOutcome, dict[str, np.ndarray]]:
+        """The quantization outcome, and the first calibration sample (for the speed check)."""
         options = key.config.calibration
         assert options is not None and key.calibration_set_id is not None  # guaranteed by prepare()
         inputs = model_inputs(model)
@@ -181,7 +217,7 @@ class BuildPipeline:
             task=TaskSpec.model_validate(options.task) if options.task else None,
             accuracy_targets=tuple(AccuracyTarget.model_validate(t) for t in options.accuracy_targets),
         )
-        return quantize_model(
+        outcome = quantize_model(
             model,
             data.calibration,
             data.calibration_samples,
@@ -191,6 +227,12 @@ class BuildPipeline:
             should_stop=ctx.should_stop,
             log=ctx.log,
         )
+        first = next(iter(data.calibration()))
+        _, fixed_batch = batch_size_for(inputs)  # a fixed batch dimension takes the whole batch
+        return outcome, {
+            name: np.ascontiguousarray(np.asarray(v) if fixed_batch else np.asarray(v)[:1])
+            for name, v in first.items()
+        }
 
     @staticmethod
     def build_spec(config: BuildConfig, prepared: PreparedModel) -> BuildSpec:

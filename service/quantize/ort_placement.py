@@ -38,6 +38,7 @@ names are the model's own, so ranges collected on the FP32 model as uploaded app
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
@@ -60,6 +61,8 @@ _UNARY_OPS = frozenset({"AveragePool", "GlobalAveragePool", "LeakyRelu", "Sigmoi
 _BINARY_OPS = frozenset({"Add", "Mul"})
 _VARIADIC_OPS = frozenset({"Concat"})
 _ORT_LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
+# A joined tensor's 255 levels over the largest input's range leave an input 8 times smaller 32 levels.
+MAX_JOIN_RANGE_RATIO = 8.0
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,22 @@ class OrtQdqPlan:
 
 
 def plan_ort_qdq(
-    model: onnx.ModelProto, skip: SkipSpec | None = None, *, quantize_heads: bool = False
+    model: onnx.ModelProto,
+    skip: SkipSpec | None = None,
+    *,
+    quantize_heads: bool = False,
+    ranges: Mapping[str, float] | None = None,
 ) -> OrtQdqPlan:
-    """The ONNX Runtime placement of a model from ``onnxruntime_prepared`` (see the module docstring)."""
+    """The ONNX Runtime placement of a model from ``onnxruntime_prepared`` (see the module docstring).
+
+    ``ranges`` (calibrated amax per tensor), when known, keep apart what must not share one scale: a
+    Concat whose inputs' ranges differ more than :data:`MAX_JOIN_RANGE_RATIO` times (a detector
+    head joining box coordinates in pixels with class scores in [0, 1], or box-distribution logits
+    with score logits) stays float, so each input keeps its own scale up to the join, and a weighted
+    layer reading such a join (directly or through data-movement ops) stays float too, since its
+    input would need one scale. Without ranges the plan is the widest one, whose tensors to
+    calibrate cover every narrower plan.
+    """
     graph = model.graph
     reject_explicit_qdq(graph)
     index = GraphIndex(graph)
@@ -136,14 +152,21 @@ def plan_ort_qdq(
 
     candidates: list[IntegerLayer] = []
     kept: list[KeptLayer] = []
+    mixed = _mixed_range_joins(index, ranges) if ranges is not None else {}
     for layer in layers:
         reason = _keep_reason(layer, index, skipped, heads)
+        join = mixed.get(index.nodes_by_name[layer.node].input[0])
+        if not reason and join is not None:
+            reason = (
+                f"its input joins tensors whose ranges differ {join:.0f}-fold "
+                "(one INT8 scale would erase the smaller)"
+            )
         if reason:
             kept.append(KeptLayer(layer.node, layer.op_type, reason))
         else:
             candidates.append(_integer_layer(layer, index))
 
-    builder = _RegionBuilder(index)
+    builder = _RegionBuilder(index, ranges)
     for unit in candidates:
         node = index.nodes_by_name[unit.node]
         builder.read(node.input[0], Edge(unit.node, 0))
@@ -162,6 +185,22 @@ def plan_ort_qdq(
         integer_ops=builder.integer_op_names(),
         kept=tuple(kept),
     )
+
+
+def _mixed_range_joins(index: GraphIndex, ranges: Mapping[str, float]) -> dict[str, float]:
+    """Tensors carrying a Concat of inputs whose ranges differ more than MAX_JOIN_RANGE_RATIO times
+    (the Concat's output and what data-movement ops make of it), with that ratio."""
+    found: dict[str, float] = {}
+    for node in index.graph.node:
+        if node.domain not in DEFAULT_DOMAINS:
+            continue
+        if node.op_type in _VARIADIC_OPS:
+            values = [max(float(ranges[name]), 1e-12) for name in node.input if name in ranges]
+            if len(values) == len(node.input) and max(values) > MAX_JOIN_RANGE_RATIO * min(values):
+                found[node.output[0]] = max(values) / min(values)
+        elif node.op_type in _PASS_THROUGH_OPS and node.input and node.input[0] in found:
+            found[node.output[0]] = found[node.input[0]]
+    return found
 
 
 def _keep_reason(
@@ -223,8 +262,9 @@ def _foldable_activation(tensor: str, index: GraphIndex) -> onnx.NodeProto | Non
 class _RegionBuilder:
     """Grows integer regions from the weighted layers' tensors and prunes what no integer unit reads."""
 
-    def __init__(self, index: GraphIndex) -> None:
+    def __init__(self, index: GraphIndex, ranges: Mapping[str, float] | None = None) -> None:
         self.index = index
+        self.ranges = ranges
         self.edges: dict[str, list[Edge]] = {}
         self.range_of: dict[str, str] = {}
         self.mandatory: set[str] = set()  # Conv outputs: QLinearConv has no float output
@@ -260,6 +300,8 @@ class _RegionBuilder:
                 continue
             if len(node.output) != 1 or node.output[0] in index.graph_outputs:
                 continue
+            if node.op_type in _VARIADIC_OPS and not self._comparable([self.range_of[name] for name in data]):
+                continue  # one integer scale would erase the smaller inputs: join them in float
             output = node.output[0]
             if node.op_type in _PASS_THROUGH_OPS:
                 source = self.range_of[data[0]]
@@ -335,6 +377,13 @@ class _RegionBuilder:
                 )
             )
         return tuple(tensors)
+
+    def _comparable(self, sources: list[str]) -> bool:
+        """True without ranges, or when the largest input range is within the ratio of the smallest."""
+        if self.ranges is None or not all(name in self.ranges for name in sources):
+            return True
+        values = [max(float(self.ranges[name]), 1e-12) for name in sources]
+        return max(values) <= MAX_JOIN_RANGE_RATIO * min(values)
 
     def integer_op_names(self) -> tuple[str, ...]:
         return tuple(node.name for node in self.index.graph.node if node.name in self.ops)

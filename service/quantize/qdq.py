@@ -158,7 +158,7 @@ def _onnxruntime_qdq_model(
     weight_max: int,
 ) -> QdqResult:
     work = onnxruntime_prepared(model)
-    plan = plan_ort_qdq(work, skip, quantize_heads=quantize_heads)
+    plan = plan_ort_qdq(work, skip, quantize_heads=quantize_heads, ranges=activation_amax)
     amax = checked_amax(plan.tensors_to_calibrate, activation_amax)
     per_channel = insert_ort_qdq(work, plan, amax, weight_max=weight_max)
     onnx.checker.check_model(work)

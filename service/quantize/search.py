@@ -285,9 +285,11 @@ class _Search:
             return new
         return current
 
-    def _key(self, candidate: _Candidate) -> tuple[bool, float, float]:
+    def _key(self, candidate: _Candidate) -> tuple[bool, float, float, float]:
+        """Met first, then the smallest relative margin, then more INT8, then the worst SNR."""
         margins = [(_value(candidate.report, t) - t.min) / max(abs(t.min), 1e-6) for t in self.targets]
-        return self.met(candidate), min(margins), candidate.report.worst_snr_db()
+        share = self.int8_share(candidate.qdq)
+        return self.met(candidate), round(min(margins), 9), share, candidate.report.worst_snr_db()
 
     def int8_share(self, qdq: QdqResult) -> float:
         """Share of the model's convolutions (or weighted layers, without any) that run in INT8."""

@@ -9,6 +9,11 @@ boxes converted to corners), filtered by ``score_threshold``, then class-wise NM
 keeps at most ``max_detections`` per image. Matching is greedy by FP32 score: each FP32 detection takes
 the unmatched INT8 detection of the same class with the highest IoU, if that IoU exceeds
 ``match_iou``. Recall = matched / FP32 detections, precision = matched / INT8 detections.
+
+Scores near the threshold jitter under any quantization; a box FP32 scores 0.26 and INT8 0.24 is
+the same answer, not a lost one. So for recall the INT8 side is decoded at ``score_threshold * (1 -
+score_margin)`` and for precision the FP32 side is; the counted detections themselves always use
+``score_threshold``. A collapsed score (0.9 -> 0.05) is still lost.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class TaskAccumulator:
     def __init__(self, task: TaskSpec, *, guessed: bool, reason: str) -> None:
         self.task, self.guessed, self.reason = task, guessed, reason
         self._rows = self._top1 = self._topk = 0
-        self._ref_dets = self._cand_dets = self._matched = 0
+        self._ref_dets = self._cand_dets = self._matched = self._cand_matched = 0
         self._intersection = self._union = 0
         self._threshold: float | None = None
 
@@ -70,12 +75,24 @@ class TaskAccumulator:
             self._segment(np.asarray(reference[name]), np.asarray(candidate[name]))
         elif kind == "detection":
             decode = self.task.detection or DetectionDecode()
-            ref_boxes = decode_detections(reference, decode)
-            cand_boxes = decode_detections(candidate, decode)
-            for ref, cand in zip(ref_boxes, cand_boxes, strict=True):
+            lenient = decode.model_copy(
+                update={"score_threshold": decode.score_threshold * (1 - decode.score_margin)}
+            )
+            ref_strict, cand_strict = (
+                decode_detections(reference, decode),
+                decode_detections(candidate, decode),
+            )
+            ref_lenient, cand_lenient = (
+                decode_detections(reference, lenient),
+                decode_detections(candidate, lenient),
+            )
+            for ref, cand, ref_any, cand_any in zip(
+                ref_strict, cand_strict, ref_lenient, cand_lenient, strict=True
+            ):
                 self._ref_dets += len(ref.scores)
                 self._cand_dets += len(cand.scores)
-                self._matched += match_detections(ref, cand, decode.match_iou)
+                self._matched += match_detections(ref, cand_any, decode.match_iou)
+                self._cand_matched += match_detections(cand, ref_any, decode.match_iou)
 
     def finish(self) -> TaskMetrics:
         kind = self.task.kind
@@ -92,14 +109,15 @@ class TaskAccumulator:
         elif kind == "detection":
             metrics = {
                 "detection_recall": self._matched / self._ref_dets if self._ref_dets else None,
-                "detection_precision": self._matched / self._cand_dets if self._cand_dets else None,
+                "detection_precision": self._cand_matched / self._cand_dets if self._cand_dets else None,
             }
             if self._ref_dets and not self._cand_dets:
                 metrics["detection_precision"] = 0.0
             counts = {
                 "reference_detections": self._ref_dets,
                 "candidate_detections": self._cand_dets,
-                "matched": self._matched,
+                "reference_found_again": self._matched,
+                "candidate_matched": self._cand_matched,
             }
         elif kind == "segmentation":
             metrics = {"map_iou": self._intersection / self._union if self._union else 1.0}

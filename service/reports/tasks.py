@@ -56,6 +56,13 @@ class DetectionDecode(_Frozen):
     boxes_output: str | None = Field(default=None, description="layout 'separate': [N, anchors, 4]")
     scores_output: str | None = Field(default=None, description="layout 'separate': [N, anchors, C]")
     score_threshold: float = Field(default=0.25, ge=0.0)
+    score_margin: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="a detection counts as found again when the other side scores it at least "
+        "score_threshold * (1 - score_margin), so scores jittering around the threshold are no loss",
+    )
     nms_iou: float = Field(default=0.45, gt=0.0, le=1.0)
     match_iou: float = Field(default=0.5, gt=0.0, le=1.0)
     max_detections: int = Field(default=300, ge=1, le=10_000)

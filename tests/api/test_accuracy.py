@@ -1,0 +1,124 @@
+"""Accuracy through the API: the task named or guessed, targets, loud shortfalls, speed against FP32."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.api.conftest import build_engine, wait_for_job
+from tests.data_factory import npz_bytes
+from tests.model_factory import model_bytes, resnet_block_classifier
+from tests.trained_models import layout_detector_with_yolo_head, layout_inputs
+
+
+def test_a_model_carries_the_task_named_on_it(api: httpx.Client) -> None:
+    model_id = api.post(
+        "/v1/models", files={"file": ("t.onnx", model_bytes(resnet_block_classifier(seed=7)))}
+    ).json()["id"]
+    assert api.get(f"/v1/models/{model_id}").json()["task"] is None
+    task = {"kind": "detection", "detection": {"layout": "channels_last", "score_threshold": 0.3}}
+    updated = api.patch(f"/v1/models/{model_id}", json={"task": task})
+    assert updated.status_code == 200, updated.text
+    stored = api.get(f"/v1/models/{model_id}").json()["task"]
+    assert stored["kind"] == "detection" and stored["detection"]["layout"] == "channels_last"
+    assert stored["detection"]["score_threshold"] == 0.3
+    assert api.patch(f"/v1/models/{model_id}", json={"task": None}).json()["task"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"task": {"kind": "ocr"}}, 422),
+        ({"task": {"kind": "detection", "detection": {"layout": "separate"}}}, 422),
+        ({"task": {"kind": "classification"}, "extra": 1}, 422),
+    ],
+)
+def test_bad_tasks_are_rejected(
+    api: httpx.Client, classifier: dict[str, str], body: dict[str, Any], status: int
+) -> None:
+    response = api.patch(f"/v1/models/{classifier['model_id']}", json=body)
+    assert response.status_code == status, response.text
+    assert api.patch("/v1/models/" + "0" * 64, json={"task": None}).status_code == 404
+
+
+def test_an_int8_build_leads_with_the_task_metric_and_measures_itself_against_fp32(
+    api: httpx.Client, classifier: dict[str, str]
+) -> None:
+    job = build_engine(
+        api,
+        model_id=classifier["model_id"],
+        precision="int8",
+        backend="onnxruntime",
+        calibration_set_id=classifier["calibration_set_id"],
+        task={"kind": "classification", "top_k": 3},
+        accuracy_target={"metric": "top1_agreement", "min": 0.5},
+    )
+    assert job["target_met"] is True and job["result"]["task"]["kind"] == "classification"
+    assert job["result"]["task"]["guessed"] is False
+    engine = api.get(f"/v1/engines/{job['engine_id']}").json()
+    assert list(engine)[:6] == ["id", "task", "target_met", "int8_share", "warnings", "speed"]
+    assert (
+        engine["task"]["metrics"]["top1_agreement"] >= 0.5 and "top3_agreement" in engine["task"]["metrics"]
+    )
+    assert engine["quantization"]["search"]["path"][0]["step"] == "method:entropy"
+    assert engine["quantization"]["accuracy_targets"] == [{"metric": "top1_agreement", "min": 0.5}]
+    speed = engine["speed"]
+    assert speed["int8_ms"] > 0 and speed["fp32_ms"] > 0 and speed["pairs"] >= 3
+    assert speed["speedup_vs_fp32"] == pytest.approx(speed["fp32_ms"] / speed["int8_ms"], rel=0.01)
+    assert "int8 " in speed["device"]  # the CPU integer class the engine was built for
+    assert job["result"]["speedup_vs_fp32"] == speed["speedup_vs_fp32"]
+    slower = [w for w in job["warnings"] if "not faster than FP32" in w]
+    assert bool(slower) is (speed["speedup_vs_fp32"] <= 1.0)
+
+
+def test_an_unreachable_target_fails_loudly_not_silently(
+    api: httpx.Client, classifier: dict[str, str]
+) -> None:
+    response = api.post(
+        "/v1/quantizations",
+        json={**classifier, "target": "onnxruntime", "accuracy_target": {"metric": "snr_db", "min": 200}},
+    )
+    assert response.status_code == 202, response.text
+    job = wait_for_job(api, f"/v1/quantizations/{response.json()['id']}")
+    assert job["status"] == "succeeded" and job["target_met"] is False
+    assert any("misses the accuracy target" in w and "snr_db" in w for w in job["warnings"])
+    assert job["result"]["holdout_seed"] == 0 and job["result"]["search"]["path"][-1]["step"].startswith(
+        "keep:"
+    )
+
+
+@pytest.mark.slow
+def test_a_trained_detector_with_a_yolo_head_keeps_its_detections_by_default(api: httpx.Client) -> None:
+    """A PicoDet detector ending in a YOLO-style [1, 4 + C, anchors] head; defaults only."""
+    model = layout_detector_with_yolo_head()
+    model_id = api.post("/v1/models", files={"file": ("layout_yolo.onnx", model.SerializeToString())}).json()[
+        "id"
+    ]
+    samples = layout_inputs(20, seed=5)
+    uploaded = api.post(
+        "/v1/calibration-sets",
+        files={"file": ("photos.npz", npz_bytes(image=np.ascontiguousarray(samples)))},
+        data={"model_id": model_id},
+    )
+    assert uploaded.status_code == 201, uploaded.text
+    job = build_engine(
+        api,
+        model_id=model_id,
+        precision="int8",
+        backend="onnxruntime",
+        calibration_set_id=uploaded.json()["id"],
+    )
+    task = job["result"]["task"]
+    assert task["kind"] == "detection" and task["guessed"] is True
+    assert task["counts"]["reference_detections"] >= 3
+    # Measured on these document-layout photos: recall 0.78-0.89, precision 0.86-1.0 depending on the
+    # CPU class (7- or 8-bit weights); the reported failure kept 0 of 4 with every report saying 0.99.
+    recall, precision = task["metrics"]["detection_recall"], task["metrics"]["detection_precision"]
+    assert recall >= 0.6 and precision >= 0.6
+    assert job["result"]["int8_share"] >= 0.7
+    met = recall >= 0.9 and precision >= 0.9  # the detection default target
+    assert job["target_met"] is met
+    assert any("misses the accuracy target" in w for w in job["warnings"]) is (not met)
