@@ -26,6 +26,7 @@ from service.api import (
     workers,
 )
 from service.api.auth import install_auth
+from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.middleware import install_observability
 from service.config import Settings, get_settings
@@ -53,7 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="TensorRT INT8/FP16 engine building: calibration, Q/DQ quantization, verified fusions, "
         "engine cache, inference and reports.",
         lifespan=lifespan,
+        docs_url=None,  # replaced by install_docs: the same pages with assets served from here
+        redoc_url=None,
     )
+    install_docs(app)
     install_error_handlers(app)
     for router in (
         health.router,
