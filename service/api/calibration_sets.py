@@ -75,8 +75,9 @@ def read_calibration_set(set_id: str, services: ServicesDep) -> dict[str, Any]:
 @router.get("/{set_id}/validate")
 def validate_calibration_set(set_id: str, model_id: str, services: ServicesDep) -> dict[str, Any]:
     """Check a set against a model's inputs; 400 says what does not fit."""
-    binding = services.calibration_sets.bind(set_id, services.models.get(model_id).info.inputs)
-    return {"calibration_set_id": set_id, "model_id": model_id, "valid": True, "binding": binding}
+    calibration_set, model = services.calibration_sets.get(set_id), services.models.get(model_id)
+    binding = services.calibration_sets.bind(calibration_set.id, model.info.inputs)
+    return {"calibration_set_id": calibration_set.id, "model_id": model.id, "valid": True, "binding": binding}
 
 
 @router.delete("/{set_id}", status_code=204)

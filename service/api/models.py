@@ -99,10 +99,10 @@ def read_model_onnx(model_id: str, services: ServicesDep) -> FileResponse:
     record = services.models.get(model_id)
     filename = record.name if record.name.endswith(".onnx") else f"{record.name}.onnx"
     return FileResponse(
-        services.model_blobs.path_for(model_id),
+        services.model_blobs.path_for(record.id),
         media_type="application/octet-stream",
         filename=filename,
-        headers={"X-Content-SHA256": model_id},
+        headers={"X-Content-SHA256": record.id},
     )
 
 
@@ -111,9 +111,10 @@ def read_model_fusions(model_id: str, services: ServicesDep) -> dict[str, Any]:
     """Static fusion analysis: Conv-BN-ReLU, Conv-BN-Add and friends, with what blocks INT8 fusion."""
     from service.onnx_graph.fusions import analyze_fusions
 
-    analysis = analyze_fusions(services.models.load(model_id))
+    record = services.models.get(model_id)
+    analysis = analyze_fusions(services.models.load(record.id))
     return {
-        "model_id": model_id,
+        "model_id": record.id,
         "explicit_quantization": analysis.explicit_quantization,
         **analysis.to_dict(),
     }

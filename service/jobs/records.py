@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from service.errors import NotFound
 from service.store.db import Database
+from service.store.ids import resolve_id
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE_STATUSES: tuple[JobStatus, ...] = ("queued", "running")
@@ -112,7 +113,9 @@ class JobStore:
             return _row_to_record(row), True
 
     def get(self, job_id: str, *, kind: str | None = None) -> JobRecord:
-        row = self.db.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        """The job ``job_id`` names exactly or by a unique prefix (Conflict when ambiguous)."""
+        full_id = resolve_id(self.db, "jobs", job_id, noun="job")
+        row = None if full_id is None else self.db.query_one("SELECT * FROM jobs WHERE id = ?", (full_id,))
         if row is None or (kind is not None and row["kind"] != kind):
             what = f"{kind} job" if kind else "job"
             raise NotFound(f"No {what} with id '{job_id}'.")

@@ -360,10 +360,9 @@ class JobRunner(JobExecutor):
         return record, created
 
     def cancel(self, job_id: str, *, kind: str | None = None) -> JobRecord:
-        self.store.get(job_id, kind=kind)
-        record = self.store.request_cancel(job_id)
+        record = self.store.request_cancel(self.store.get(job_id, kind=kind).id)
         if record.status == "cancelled" and record.started_at is None:
-            self.queue.discard(job_id)
+            self.queue.discard(record.id)
         return record
 
     def stop(self, grace_seconds: float = 30.0) -> None:

@@ -71,7 +71,7 @@ class ReportJobs:
     def submit_benchmark(self, engine_id: str, config: BenchmarkConfig, *, owner: str | None) -> JobRecord:
         record = self.engines.get(engine_id)
         require_runnable(record, self.engines, self.backend_for)
-        params = {"engine_id": engine_id, "config": config.to_dict()}
+        params = {"engine_id": record.id, "config": config.to_dict()}
         return self.runner.submit(BENCHMARK_KIND, params, owner=owner)[0]
 
     def submit_evaluation(
@@ -79,8 +79,9 @@ class ReportJobs:
     ) -> JobRecord:
         record = self.engines.get(engine_id)
         require_runnable(record, self.engines, self.backend_for)
+        eval_set_id = self.calibration_sets.get(eval_set_id).id
         self.calibration_sets.bind(eval_set_id, self.models.get(record.model_id).info.inputs)
-        params = {"engine_id": engine_id, "eval_set_id": eval_set_id, "max_samples": max_samples}
+        params = {"engine_id": record.id, "eval_set_id": eval_set_id, "max_samples": max_samples}
         return self.runner.submit(EVALUATION_KIND, params, owner=owner)[0]
 
     def submit_comparison(
@@ -94,9 +95,10 @@ class ReportJobs:
         records = [self.engines.get(engine_id) for engine_id in engine_ids]
         model_id = check_comparable(records, {r.model_id: self.root_model_id(r.model_id) for r in records})
         if eval_set_id is not None:
+            eval_set_id = self.calibration_sets.get(eval_set_id).id
             self.calibration_sets.bind(eval_set_id, self.models.get(model_id).info.inputs)
         params = {
-            "engine_ids": list(engine_ids),
+            "engine_ids": [record.id for record in records],
             "model_id": model_id,
             "config": config.to_dict(),
             "eval_set_id": eval_set_id,
