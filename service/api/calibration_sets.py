@@ -14,13 +14,22 @@ from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
 from service.api.uploads import receive_upload, upload_body_schema
 from service.calibration.preprocess import PreprocessSpec
+from service.calibration.preprocess_examples import PREPROCESS_EXAMPLES
 from service.errors import BadInput
 
 router = APIRouter(prefix="/v1/calibration-sets", tags=["calibration sets"])
 
 _FORM_FIELDS = {
     "name": {"type": "string"},
-    "preprocess": {"type": "string", "description": "JSON PreprocessSpec; required for image archives."},
+    "preprocess": {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"$ref": "#/components/schemas/PreprocessSpec"},
+        "description": "Required for image archives (PNG/JPEG in .zip/.tar): a JSON PreprocessSpec saying "
+        "how each image becomes one model input sample (schema: PreprocessSpec). Worked examples, in order: "
+        + " ".join(f"({n}) {e.title}: {e.explanation}" for n, e in enumerate(PREPROCESS_EXAMPLES, 1)),
+        "examples": [json.dumps(e.spec) for e in PREPROCESS_EXAMPLES],
+    },
     "model_id": {"type": "string", "description": "Validate the set against this model's inputs at upload."},
 }
 

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from service.calibration.preprocess import PreprocessSpec
+from service.calibration.preprocess_examples import openapi_examples
 
 ASSETS_PATH = "/docs-assets"
 DOCS_PATH = "/docs"
@@ -31,8 +36,35 @@ def docs_assets_dir() -> Path:
     return Path(str(files("fastapi_offline") / "static"))
 
 
+# Models that requests carry inside form fields (so FastAPI cannot see them) but the schema must name.
+_FORM_FIELD_SCHEMAS: dict[str, tuple[type[BaseModel], dict[str, Any]]] = {
+    "PreprocessSpec": (PreprocessSpec, openapi_examples()),
+}
+
+
+def publish_form_field_schemas(app: FastAPI) -> None:
+    """Add the JSON schemas of form-field models (``PreprocessSpec``) to ``components.schemas``.
+
+    Each gets its worked examples (OpenAPI 3.1 ``examples`` keyword: a list of values) so Swagger UI and
+    ReDoc show them beside the fields.
+    """
+    generate = app.openapi
+
+    def openapi_with_form_schemas() -> dict[str, Any]:
+        schema = generate()  # cached by FastAPI; the additions are idempotent
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, (model, examples) in _FORM_FIELD_SCHEMAS.items():
+            published = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            published["examples"] = [example["value"] for example in examples.values()]
+            components[name] = published
+        return schema
+
+    app.openapi = openapi_with_form_schemas  # type: ignore[method-assign]
+
+
 def install_docs(app: FastAPI) -> None:
     """Add the offline Swagger UI and ReDoc pages and their assets to ``app``."""
+    publish_form_field_schemas(app)
     app.mount(ASSETS_PATH, StaticFiles(directory=docs_assets_dir()), name="docs-assets")
     openapi_url = app.openapi_url or "/openapi.json"
 

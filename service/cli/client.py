@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from service.calibration.preprocess_examples import cli_help
 from service.cli.client_api import DEFAULT_URL
 from service.cli.client_job_commands import register_job_commands
 from service.cli.client_options import (
@@ -140,7 +141,7 @@ def infer_command(
     ],
     preprocess: Annotated[
         str | None,
-        typer.Option(help="Image PreprocessSpec as JSON or @file.json (default: from the input's shape)."),
+        typer.Option(help=cli_help("image inputs (default: derived from the input's static shape)")),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the outputs to this .npz.")

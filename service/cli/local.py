@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from service.calibration.preprocess_examples import cli_help
 from service.cli.client_options import Backend, JsonOption, Method, Precision, reported_errors
 
 if TYPE_CHECKING:
@@ -109,9 +110,7 @@ def local_build(
         Path | None,
         typer.Option("--calib", help="Calibration file: .npz, .npy or an image .zip/.tar.", exists=True),
     ] = None,
-    preprocess: Annotated[
-        str | None, typer.Option(help="PreprocessSpec JSON (or @file.json) for images.")
-    ] = None,
+    preprocess: Annotated[str | None, typer.Option(help=cli_help("image archives"))] = None,
     eval_file: Annotated[
         Path | None,
         typer.Option("--eval", help="Held-out file for the accuracy check (same formats).", exists=True),
