@@ -39,7 +39,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_level, json_lines=settings.log_json)  # [observability]
+        configure_logging(  # [observability]
+            settings.log_level, json_lines=settings.log_json, file=settings.log_file
+        )
         services = open_services(settings)
         app.state.services = services
         services.start()
