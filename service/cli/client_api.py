@@ -23,7 +23,7 @@ import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,6 +387,18 @@ class ApiClient:
 
     def start_benchmark(self, engine_id: str, config: Mapping[str, Any]) -> JobState:
         document = self.json("POST", f"/v1/engines/{engine_id}/benchmark", json=dict(config))
+        return JobState.from_document(dict(document), kind="report")
+
+    def start_evaluation(self, engine_id: str, eval_set_id: str, max_samples: int | None) -> JobState:
+        body = {"eval_set_id": eval_set_id, "max_samples": max_samples}
+        document = self.json("POST", f"/v1/engines/{engine_id}/evaluate", json=body)
+        return JobState.from_document(dict(document), kind="report")
+
+    def start_comparison(
+        self, engine_ids: Sequence[str], config: Mapping[str, Any], eval_set_id: str | None
+    ) -> JobState:
+        body = {"engine_ids": list(engine_ids), **config, "eval_set_id": eval_set_id}
+        document = self.json("POST", "/v1/reports/comparison", json=body)
         return JobState.from_document(dict(document), kind="report")
 
     # Downloads -----------------------------------------------------------------------------------
