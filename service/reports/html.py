@@ -225,7 +225,7 @@ def comparison_html(report: ComparisonReport, png: bytes | None) -> str:
     return page(f"Engine comparison: model {report.model_id[:12]}", body)
 
 
-def evaluation_html(report: EvaluationReport) -> str:
+def evaluation_html(report: EvaluationReport, png: bytes | None = None) -> str:
     """The evaluation page: engine vs reference, per-output accuracy, worst layers or why none."""
     engine = report.engine
     body = [banner(engine.backend, engine.backend_version, engine.device), engine_table(engine)]
@@ -244,6 +244,7 @@ def evaluation_html(report: EvaluationReport) -> str:
         body.append(f'<p class="note">{layers.compared_tensors} tensors compared. {_e(layers.note)}</p>')
     else:
         body.append(f'<p class="note">{_e(layers.note)}</p>')
+    body.append(image(png, f"SNR per output and worst layers, {engine.measured_on}"))
     return page(
         f"Accuracy evaluation: {engine.precision.upper()} {engine.backend} engine {engine.engine_id[:12]}",
         body,
