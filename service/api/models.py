@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
@@ -53,6 +53,12 @@ class FusionPatternPublic(BaseModel):
     int8_fusable: bool
     blockers: list[str]
     residual_input: str | None = None
+    activation_blocker: str | None = None
+    expected: Literal["fused", "epilogue", "blocked"] = Field(
+        description="What an INT8 build should make of the pattern: fused (one kernel), epilogue (the "
+        "activation runs in a pointwise layer after the INT8 convolution) or blocked (see reason)."
+    )
+    reason: str = Field(description="Why the pattern is not expected to fuse; empty when it is.")
 
 
 class FusionReportPublic(BaseModel):

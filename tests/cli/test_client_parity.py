@@ -107,3 +107,23 @@ def test_compare_needs_two_engines(cli: Cli, fp32_engine_id: str) -> None:
     result = cli("compare", fp32_engine_id, "--iterations", "3")
     assert result.exit_code == 1
     assert errors_of(result)
+
+
+def test_fusion_tables_use_one_vocabulary_for_the_model_and_the_engine(
+    cli: Cli, base_url: str, classifier_id: str, fp32_engine_id: str
+) -> None:
+    wide = {"COLUMNS": "400"}
+    static = CliRunner().invoke(app, ["fusions", classifier_id, "--url", base_url], env=wide)
+    engine = CliRunner().invoke(app, ["fusions", "--engine", fp32_engine_id, "--url", base_url], env=wide)
+    for result in (static, engine):
+        assert result.exit_code == 0, result.output
+        header = next(line for line in result.stdout.splitlines() if "patterns" in line and "fused" in line)
+        assert [word for word in ("fused", "epilogue", "separate", "blocked") if word in header] == [
+            "fused", "epilogue", "separate", "blocked"
+        ]  # fmt: skip
+    assert "expected in INT8" in static.stdout
+    report = json_of(cli("fusions", classifier_id, "--json"))
+    assert {p["expected"] for p in report["patterns"]} <= {"fused", "epilogue", "blocked"}
+    verified = json_of(cli("fusions", "--engine", fp32_engine_id, "--json"))
+    assert {p["status"] for p in verified["patterns"]} <= {"fused", "epilogue", "separate", "blocked"}
+    assert all("expected" in p and "reason" in p for p in verified["patterns"])
