@@ -31,6 +31,14 @@ class BenchmarkOptions(BaseModel):
     iterations: int | None = Field(default=None, ge=1, le=MAX_ITERATIONS)
     duration_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
     concurrency: int = Field(default=1, ge=1, le=MAX_CONCURRENCY)
+    shapes: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Input shape per input name, for engines with dynamic axes besides the batch axis "
+        '(e.g. {"images": [1, 3, 640, 640]}); the batch axis is replaced by each batch size. Default: the '
+        "engine's build shape range (opt), else its calibration set's sample shape; without either, 400 "
+        "names the dynamic axes.",
+        examples=[{"images": [1, 3, 640, 640]}],
+    )
 
     @model_validator(mode="after")
     def _one_bound(self) -> BenchmarkOptions:
@@ -48,6 +56,7 @@ class BenchmarkOptions(BaseModel):
             iterations=iterations,
             duration_s=self.duration_s,
             concurrency=self.concurrency,
+            shapes=tuple(sorted((name, tuple(dims)) for name, dims in self.shapes.items())),
         )
 
 

@@ -40,10 +40,42 @@ DurationOption = Annotated[
 ]
 WarmupOption = Annotated[int, typer.Option(help="Untimed calls first.")]
 ConcurrencyOption = Annotated[int, typer.Option(help="Parallel callers.")]
+ShapeOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--shape",
+        help="Input shape NAME=DIMS with dims joined by x, e.g. images=1x3x640x640 (repeatable), for "
+        "engines with dynamic height/width; the batch dim is replaced by each batch size. Default: the "
+        "engine's build shape range, else its calibration set's shape.",
+    ),
+]
+
+
+def parse_shapes(values: list[str] | None) -> dict[str, list[int]]:
+    """``NAME=1x3x640x640`` options as the API's ``shapes``."""
+    from service.errors import BadInput
+
+    shapes: dict[str, list[int]] = {}
+    for value in values or ():
+        name, _, dims = value.partition("=")
+        try:
+            shapes[name.strip()] = [int(d) for d in dims.lower().split("x")]
+        except ValueError as exc:
+            raise BadInput(
+                f"--shape '{value}': write NAME=DIMS with dims joined by x (images=1x3x640x640)."
+            ) from exc
+        if not name.strip() or not dims:
+            raise BadInput(f"--shape '{value}': write NAME=DIMS with dims joined by x (images=1x3x640x640).")
+    return shapes
 
 
 def benchmark_config(
-    batch_sizes: str, iterations: int | None, duration: float | None, warmup: int, concurrency: int
+    batch_sizes: str,
+    iterations: int | None,
+    duration: float | None,
+    warmup: int,
+    concurrency: int,
+    shapes: list[str] | None = None,
 ) -> dict[str, Any]:
     """The benchmark options as the API takes them (``BenchmarkOptions``), checked like the server does."""
     from service.errors import BadInput
@@ -60,6 +92,7 @@ def benchmark_config(
         "concurrency": concurrency,
         "iterations": None if duration is not None else (iterations or 100),
         "duration_s": duration,
+        "shapes": parse_shapes(shapes),
     }
 
 
@@ -95,6 +128,7 @@ def benchmark_command(
     duration: DurationOption = None,
     warmup: WarmupOption = 10,
     concurrency: ConcurrencyOption = 1,
+    shape: ShapeOption = None,
     wait: WaitOption = True,
     on_interrupt: InterruptOption = "ask",
     url: UrlOption = DEFAULT_URL,
@@ -105,7 +139,7 @@ def benchmark_command(
     from service.cli.client_report_views import benchmark_table
 
     with client_session(url, api_key, as_json) as (api, out):
-        config = benchmark_config(batch_sizes, iterations, duration, warmup, concurrency)
+        config = benchmark_config(batch_sizes, iterations, duration, warmup, concurrency, shape)
         started = api.start_benchmark(engine_id, config)
         state = _follow(api, out, started, "benchmark", wait=wait, on_interrupt=on_interrupt)
         if state is not None:
@@ -142,6 +176,7 @@ def compare_command(
     duration: DurationOption = None,
     warmup: WarmupOption = 10,
     concurrency: ConcurrencyOption = 1,
+    shape: ShapeOption = None,
     wait: WaitOption = True,
     on_interrupt: InterruptOption = "ask",
     url: UrlOption = DEFAULT_URL,
@@ -152,7 +187,7 @@ def compare_command(
     from service.cli.client_report_views import comparison_table
 
     with client_session(url, api_key, as_json) as (api, out):
-        config = benchmark_config(batch_sizes, iterations, duration, warmup, concurrency)
+        config = benchmark_config(batch_sizes, iterations, duration, warmup, concurrency, shape)
         started = api.start_comparison(engine_ids, config, eval_set)
         state = _follow(api, out, started, "comparison", wait=wait, on_interrupt=on_interrupt)
         if state is not None:

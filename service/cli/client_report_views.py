@@ -77,6 +77,16 @@ def benchmark_table(report: Document) -> list[Table]:
         f"{cell(measured.get('backend_version'))}; host {cell(host.get('cpu'))}, "
         f"{cell(host.get('cores'))} cores"
     )
+    conditions = report.get("conditions") or {}
+    load = conditions.get("load_average_start")
+    if conditions:
+        alone = "alone on the host" if conditions.get("exclusive") else "not alone on the host"
+        caption += f"; ran {alone}, load average {cell(load[0] if load else None)}"
+        if conditions.get("warning"):
+            caption += f"; WARNING: {conditions['warning']}"
+    shapes = (report.get("config") or {}).get("shapes") or {}
+    if shapes:
+        caption += "; shapes " + ", ".join(f"{n}={'x'.join(map(str, d))}" for n, d in shapes.items())
     columns = ("batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "inferences/s", "calls")
     views = [make_table("Latency", columns, rows, caption)]
     skipped = report.get("skipped") or []

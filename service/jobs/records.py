@@ -130,6 +130,15 @@ class JobStore:
             )
         return [_row_to_record(r) for r in rows]
 
+    def running_elsewhere(self, job_id: str) -> builtins.list[str]:
+        """The other running jobs as "kind id", less those waiting for the host (phase "waiting for ...")."""
+        rows = self.db.query(
+            "SELECT id, kind FROM jobs WHERE status = 'running' AND id != ? "
+            "AND phase NOT LIKE 'waiting for %' ORDER BY started_at",
+            (job_id,),
+        )
+        return [f"{row['kind']} {row['id']}" for row in rows]
+
     def queued_ids(self) -> builtins.list[str]:
         return [
             r["id"] for r in self.db.query("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at")
