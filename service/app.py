@@ -26,6 +26,7 @@ from service.api import (
     workers,
 )
 from service.api.auth import install_auth
+from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.middleware import install_observability
 from service.backends.cuda_device import release_devices
@@ -39,7 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_level, json_lines=settings.log_json)  # [observability]
+        configure_logging(  # [observability]
+            settings.log_level, json_lines=settings.log_json, file=settings.log_file
+        )
         services = open_services(settings)
         app.state.services = services
         services.start()
@@ -55,7 +58,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="TensorRT INT8/FP16 engine building: calibration, Q/DQ quantization, verified fusions, "
         "engine cache, inference and reports.",
         lifespan=lifespan,
+        docs_url=None,  # replaced by install_docs: the same pages with assets served from here
+        redoc_url=None,
     )
+    install_docs(app)
     install_error_handlers(app)
     for router in (
         health.router,

@@ -86,6 +86,8 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = False
+    # Append the service's log lines to this file instead of stderr (tests keep pytest's output readable).
+    log_file: Path | None = None
 
     @field_validator("worker_token", "api_url", "cpu_isa", mode="before")
     @classmethod

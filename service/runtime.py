@@ -20,6 +20,7 @@ from service.calibration.zip_stream import ExpansionLimits
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
 from service.config import Settings
+from service.jobs.host_gate import HostGate
 from service.jobs.leases import LeaseSweeper
 from service.jobs.records import JobStore
 from service.jobs.runner import JobQueue, JobRunner
@@ -29,6 +30,9 @@ from service.store.blobs import BlobStore
 from service.store.db import Database
 
 logger = logging.getLogger(__name__)
+
+# The host gate's lock files, under the engines root (a volume the processes of one host share).
+HOST_GATE_DIR = ".host"
 
 
 @dataclass
@@ -99,6 +103,8 @@ def open_services(settings: Settings) -> Services:
         max_active_per_owner=settings.max_concurrent_jobs_per_key if settings.auth_enabled else None,
         owner_limit=keys.job_limit,  # a key's own concurrent-job limit
         queue=queue,
+        # Latency jobs run alone among the jobs of every process sharing this engines directory.
+        gate=HostGate(settings.engines_dir / HOST_GATE_DIR),
     )
     # Job counts at scrape time, build durations from finished jobs.
     metrics = ServiceMetrics()

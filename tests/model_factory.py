@@ -76,8 +76,9 @@ def resnet_block_classifier(
     opset: int = DEFAULT_OPSET,
     seed: int = 0,
     softmax: bool = False,
+    spatial: tuple[int | str, int | str] | None = None,
 ) -> onnx.ModelProto:
-    """A tiny ResNet-style classifier.
+    """A tiny ResNet-style classifier (``spatial`` overrides the input's H, W: names make them dynamic).
 
     input[N,3,H,W]
       -> stem: Conv -> BatchNormalization -> Relu                       (conv_bn_relu)
@@ -109,7 +110,8 @@ def resnet_block_classifier(
     if softmax:
         logits = g.node("Softmax", [logits], "softmax", axis=1)
     g.nodes[-1].output[0] = "logits"
-    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])]
+    height, width = spatial or (size, size)
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, height, width])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])]
     return g.model(inputs, outputs, "resnet_block_classifier", opset)
 

@@ -32,6 +32,8 @@ def settings_for(root: Path, **overrides: Any) -> Settings:
         "database_path": root / "engine_service.db",
         "host": "127.0.0.1",
         "port": free_port(),
+        # Service log lines go to a file beside the data, never between pytest's progress lines.
+        "log_file": root / "service.log",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

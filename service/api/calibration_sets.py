@@ -14,13 +14,22 @@ from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
 from service.api.uploads import receive_upload, upload_body_schema
 from service.calibration.preprocess import PreprocessSpec
+from service.calibration.preprocess_examples import PREPROCESS_EXAMPLES
 from service.errors import BadInput
 
 router = APIRouter(prefix="/v1/calibration-sets", tags=["calibration sets"])
 
 _FORM_FIELDS = {
     "name": {"type": "string"},
-    "preprocess": {"type": "string", "description": "JSON PreprocessSpec; required for image archives."},
+    "preprocess": {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"$ref": "#/components/schemas/PreprocessSpec"},
+        "description": "Required for image archives (PNG/JPEG in .zip/.tar): a JSON PreprocessSpec saying "
+        "how each image becomes one model input sample (schema: PreprocessSpec). Worked examples, in order: "
+        + " ".join(f"({n}) {e.title}: {e.explanation}" for n, e in enumerate(PREPROCESS_EXAMPLES, 1)),
+        "examples": [json.dumps(e.spec) for e in PREPROCESS_EXAMPLES],
+    },
     "model_id": {"type": "string", "description": "Validate the set against this model's inputs at upload."},
 }
 
@@ -80,8 +89,9 @@ def read_calibration_set(set_id: str, services: ServicesDep) -> dict[str, Any]:
 @router.get("/{set_id}/validate")
 def validate_calibration_set(set_id: str, model_id: str, services: ServicesDep) -> dict[str, Any]:
     """Check a set against a model's inputs; 400 says what does not fit."""
-    binding = services.calibration_sets.bind(set_id, services.models.get(model_id).info.inputs)
-    return {"calibration_set_id": set_id, "model_id": model_id, "valid": True, "binding": binding}
+    calibration_set, model = services.calibration_sets.get(set_id), services.models.get(model_id)
+    binding = services.calibration_sets.bind(calibration_set.id, model.info.inputs)
+    return {"calibration_set_id": calibration_set.id, "model_id": model.id, "valid": True, "binding": binding}
 
 
 @router.delete("/{set_id}", status_code=204)

@@ -33,7 +33,7 @@ def read_engine(engine_id: str, services: ServicesDep) -> dict[str, Any]:
 def read_engine_layers(engine_id: str, services: ServicesDep) -> dict[str, Any]:
     """Every engine layer with its type, precision, tensor types and the ONNX nodes fused into it."""
     record = services.engines.get(engine_id)
-    return {"engine_id": engine_id, **record.report.get("layers", {})}
+    return {"engine_id": record.id, **record.report.get("layers", {})}
 
 
 @router.get("/{engine_id}/fusions")
@@ -41,7 +41,7 @@ def read_engine_fusions(engine_id: str, services: ServicesDep) -> dict[str, Any]
     """Static fusion patterns checked against the built engine's layers."""
     record = services.engines.get(engine_id)
     return {
-        "engine_id": engine_id,
+        "engine_id": record.id,
         "backend": record.backend,
         "device": record.device,
         **record.report.get("fusions", {}),
@@ -52,11 +52,11 @@ def read_engine_fusions(engine_id: str, services: ServicesDep) -> dict[str, Any]
 def read_engine_plan(engine_id: str, services: ServicesDep) -> FileResponse:
     """Download the engine bytes (verified against their sha256 first)."""
     record = services.engines.get(engine_id)
-    path = services.engines.verified_plan_path(engine_id)
+    path = services.engines.verified_plan_path(record.id)
     return FileResponse(
         path,
         media_type="application/octet-stream",
-        filename=f"{engine_id[:16]}-{record.precision}-{record.backend}{record.file_extension}",
+        filename=f"{record.id[:16]}-{record.precision}-{record.backend}{record.file_extension}",
         headers={"X-Content-SHA256": record.plan_sha256},
     )
 
@@ -64,6 +64,7 @@ def read_engine_plan(engine_id: str, services: ServicesDep) -> FileResponse:
 @router.get("/{engine_id}/calibration-cache", response_class=FileResponse)
 def read_engine_calibration_cache(engine_id: str, services: ServicesDep) -> FileResponse:
     """Download the TensorRT calibration cache the service computed for this engine."""
+    engine_id = services.engines.get(engine_id).id
     path = services.engines.calibration_cache_path(engine_id)
     return FileResponse(
         path,
@@ -80,7 +81,7 @@ def read_engine_model(engine_id: str, services: ServicesDep) -> FileResponse:
     return FileResponse(
         services.model_blobs.path_for(record.built_model_id),
         media_type="application/octet-stream",
-        filename=f"{engine_id[:16]}-built.onnx",
+        filename=f"{record.id[:16]}-built.onnx",
         headers={"X-Content-SHA256": record.built_model_id},
     )
 

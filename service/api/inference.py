@@ -121,7 +121,7 @@ def run_inference(
     metadata = None
     if answer == "json":
         record = services.engines.get(engine_id)
-        metadata = {"engine_id": engine_id, "backend": record.backend, "precision": record.precision}
+        metadata = {"engine_id": record.id, "backend": record.backend, "precision": record.precision}
     return encode_outputs(outputs, answer, chosen=chosen, metadata=metadata)
 
 

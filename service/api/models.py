@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -67,6 +67,12 @@ class FusionPatternPublic(BaseModel):
     int8_fusable: bool
     blockers: list[str]
     residual_input: str | None = None
+    activation_blocker: str | None = None
+    expected: Literal["fused", "epilogue", "blocked"] = Field(
+        description="What an INT8 build should make of the pattern: fused (one kernel), epilogue (the "
+        "activation runs in a pointwise layer after the INT8 convolution) or blocked (see reason)."
+    )
+    reason: str = Field(description="Why the pattern is not expected to fuse; empty when it is.")
 
 
 class FusionReportPublic(BaseModel):
@@ -119,10 +125,10 @@ def read_model_onnx(model_id: str, services: ServicesDep) -> FileResponse:
     record = services.models.get(model_id)
     filename = record.name if record.name.endswith(".onnx") else f"{record.name}.onnx"
     return FileResponse(
-        services.model_blobs.path_for(model_id),
+        services.model_blobs.path_for(record.id),
         media_type="application/octet-stream",
         filename=filename,
-        headers={"X-Content-SHA256": model_id},
+        headers={"X-Content-SHA256": record.id},
     )
 
 
@@ -131,9 +137,10 @@ def read_model_fusions(model_id: str, services: ServicesDep) -> dict[str, Any]:
     """Static fusion analysis: Conv-BN-ReLU, Conv-BN-Add and friends, with what blocks INT8 fusion."""
     from service.onnx_graph.fusions import analyze_fusions
 
-    analysis = analyze_fusions(services.models.load(model_id))
+    record = services.models.get(model_id)
+    analysis = analyze_fusions(services.models.load(record.id))
     return {
-        "model_id": model_id,
+        "model_id": record.id,
         "explicit_quantization": analysis.explicit_quantization,
         **analysis.to_dict(),
     }

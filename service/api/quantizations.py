@@ -62,8 +62,16 @@ class QuantizationPublic(JobPublic):
     qdq_model_id: str | None = None
 
 
-def _validate(body: QuantizationCreate, services: Services) -> None:
+def _validate(body: QuantizationCreate, services: Services) -> QuantizationCreate:
+    """The request with full ids (a unique prefix names the same thing), or a 4xx."""
     model = services.models.get(body.model_id)
+    body = body.model_copy(
+        update={
+            "model_id": model.id,
+            "calibration_set_id": services.calibration_sets.get(body.calibration_set_id).id,
+            "eval_set_id": services.calibration_sets.get(body.eval_set_id).id if body.eval_set_id else None,
+        }
+    )
     if model.info.quantization.explicit:
         raise BadInput(
             f"Model {body.model_id} already has Q/DQ nodes; build it directly with POST /v1/builds."
@@ -79,6 +87,7 @@ def _validate(body: QuantizationCreate, services: Services) -> None:
         )
     if body.skip:
         SkipSpec.parse(body.skip).resolve(services.models.load(body.model_id))
+    return body
 
 
 @router.post("", status_code=202, response_model=QuantizationPublic)
@@ -86,7 +95,7 @@ async def create_quantization(
     body: QuantizationCreate, request: Request, services: ServicesDep
 ) -> JSONResponse:
     """Start calibrating and quantizing an FP32 model; follow it with GET /v1/quantizations/{id}."""
-    await run_in_threadpool(_validate, body, services)
+    body = await run_in_threadpool(_validate, body, services)
     params = body.model_dump(exclude={"accuracy_target"})
     params["accuracy_targets"] = [t.model_dump() for t in targets_of(body.accuracy_target)]
     record, _ = services.runner.submit(QUANTIZATION_JOB, params, owner=current_owner(request))

@@ -31,6 +31,14 @@ class BenchmarkOptions(BaseModel):
     iterations: int | None = Field(default=None, ge=1, le=MAX_ITERATIONS)
     duration_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
     concurrency: int = Field(default=1, ge=1, le=MAX_CONCURRENCY)
+    shapes: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Input shape per input name, for engines with dynamic axes besides the batch axis "
+        '(e.g. {"images": [1, 3, 640, 640]}); the batch axis is replaced by each batch size. Default: the '
+        "engine's build shape range (opt), else its calibration set's sample shape; without either, 400 "
+        "names the dynamic axes.",
+        examples=[{"images": [1, 3, 640, 640]}],
+    )
 
     @model_validator(mode="after")
     def _one_bound(self) -> BenchmarkOptions:
@@ -48,6 +56,7 @@ class BenchmarkOptions(BaseModel):
             iterations=iterations,
             duration_s=self.duration_s,
             concurrency=self.concurrency,
+            shapes=tuple(sorted((name, tuple(dims)) for name, dims in self.shapes.items())),
         )
 
 
@@ -173,23 +182,23 @@ def read_report_html(report_id: str, services: ServicesDep) -> HTMLResponse:
         return HTMLResponse(
             html.comparison_html(comparison, plots.comparison_plot_png(comparison) if measured else None)
         )
-    return HTMLResponse(html.evaluation_html(EvaluationReport.from_dict(result)))
+    evaluation = EvaluationReport.from_dict(result)
+    png = plots.evaluation_plot_png(result) if result.get("accuracy", {}).get("outputs") else None
+    return HTMLResponse(html.evaluation_html(evaluation, png))
 
 
 @router.get("/v1/reports/{report_id}.png", response_class=Response)
 def read_report_png(report_id: str, services: ServicesDep) -> Response:
-    """The report's plot: latency distribution and throughput (benchmark), or engines side by side."""
+    """The report's plot: latency and throughput (benchmark), engines side by side (comparison), or SNR
+    per output and worst layers (evaluation). The PNG's `plot-limits` text chunk holds its axis limits."""
     from service.reports import plots
 
     record = _report_record(services, report_id)
-    if record.kind == EVALUATION_KIND:
-        raise NotFound(
-            f"Report {report_id} is an evaluation, which has no plot; read GET /v1/reports/{report_id} or "
-            f"/v1/reports/{report_id}.html."
-        )
     result = _finished(record)
     if record.kind == BENCHMARK_KIND:
         png = plots.benchmark_plot_png(BenchmarkReport.from_dict(result))
+    elif record.kind == EVALUATION_KIND:
+        png = plots.evaluation_plot_png(result)
     else:
         png = plots.comparison_plot_png(ComparisonReport.from_dict(result))
     return Response(content=png, media_type="image/png")

@@ -23,6 +23,7 @@ from service.jobs.records import utc_now
 from service.onnx_graph.initializer_inputs import without_initializer_inputs
 from service.store.blobs import BlobStore
 from service.store.db import Database
+from service.store.ids import resolve_id
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +192,9 @@ class EngineCache:
         return self.get(key.digest)
 
     def get(self, engine_id: str) -> EngineRecord:
-        row = self.db.query_one("SELECT * FROM engines WHERE id = ?", (engine_id,))
+        """The engine ``engine_id`` names exactly or by a unique prefix (Conflict when ambiguous)."""
+        full_id = resolve_id(self.db, "engines", engine_id, noun="engine")
+        row = None if full_id is None else self.db.query_one("SELECT * FROM engines WHERE id = ?", (full_id,))
         if row is None:
             raise NotFound(f"No engine with id '{engine_id}'. List engines with GET /v1/engines.")
         return _record(row)
@@ -213,7 +216,7 @@ class EngineCache:
             raise CorruptEngine(
                 f"Engine {engine_id}'s plan file was damaged on disk and has been removed; build it again."
             )
-        self.touch(engine_id)
+        self.touch(record.id)
         return self.plans.path_for(record.plan_sha256)
 
     def read_plan(self, engine_id: str) -> bytes:
@@ -225,7 +228,7 @@ class EngineCache:
             raise CorruptEngine(
                 f"Engine {engine_id}'s plan file is missing or damaged and has been removed; build it again."
             ) from exc
-        self.touch(engine_id)
+        self.touch(record.id)
         return data
 
     def calibration_cache_path(self, engine_id: str) -> Path:

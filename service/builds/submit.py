@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from service.backends.registry import resolve_backend
@@ -39,6 +39,15 @@ def submit_build(
     owner: str | None = None,
 ) -> BuildSubmission:
     model = models.get(request.model_id)
+    # Short ids (a unique prefix) name the same things as full ids, so the engine key takes full ids.
+    request = replace(
+        request,
+        model_id=model.id,
+        calibration_set_id=calibration_sets.get(request.calibration_set_id).id
+        if request.calibration_set_id
+        else None,
+        eval_set_id=calibration_sets.get(request.eval_set_id).id if request.eval_set_id else None,
+    )
     backend = resolve_backend(request.backend)
     target = build_target(backend, runner.queue.worker_targets(), device=request.device)
     if backend.name == "onnxruntime" and request.precision == "fp16":

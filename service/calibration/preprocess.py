@@ -86,16 +86,28 @@ class PreprocessSpec(BaseModel):
         default=None,
         description="Target [height, width]. Omitted: keep the decoded size (every image must match).",
     )
-    resize: Literal["stretch", "letterbox", "shorter_side_center_crop"] = "stretch"
+    resize: Literal["stretch", "letterbox", "shorter_side_center_crop"] = Field(
+        default="stretch",
+        description="How to reach size: stretch (ignore the aspect ratio), letterbox (keep it, pad with "
+        "pad_value, centred), shorter_side_center_crop (cover size / crop_fraction, cut out the centre).",
+    )
     pad_value: int = Field(default=0, ge=0, le=255, description="Letterbox padding, in pixel units.")
     crop_fraction: float = Field(
         default=1.0, gt=0.0, le=1.0, description="shorter_side_center_crop: size / resized size."
     )
-    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
-    channels: Literal[1, 3] = 3
-    channel_order: Literal["RGB", "BGR"] = "RGB"
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
-    dtype: Literal["float32", "float16", "uint8"] = "float32"
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = Field(
+        default="bilinear", description="Resampling filter of the resize (Pillow's)."
+    )
+    channels: Literal[1, 3] = Field(default=3, description="3: RGB/BGR (grey replicated), 1: luma.")
+    channel_order: Literal["RGB", "BGR"] = Field(
+        default="RGB", description="BGR for models trained on OpenCV-decoded images."
+    )
+    layout: Literal["NCHW", "NHWC"] = Field(
+        default="NCHW", description="Sample layout: CHW for NCHW models, HWC for NHWC ones."
+    )
+    dtype: Literal["float32", "float16", "uint8"] = Field(
+        default="float32", description="Output dtype; uint8 keeps raw pixels (no scale, mean or std)."
+    )
     scale: float | None = Field(
         default=None, description="Multiplies pixels before mean/std; default 1/255 for float dtypes."
     )

@@ -27,6 +27,7 @@ from service.jobs.records import utc_now
 from service.onnx_graph.inspect import TensorSpec
 from service.store.blobs import StagedUpload
 from service.store.db import Database
+from service.store.ids import resolve_id
 from service.store.keyed_locks import KeyedLocks
 
 
@@ -159,7 +160,11 @@ class CalibrationCatalog:
             return _record(conn.execute("SELECT * FROM calibration_sets WHERE id = ?", (set_id,)).fetchone())
 
     def _find(self, set_id: str) -> CalibrationSetRecord | None:
-        row = self.db.query_one("SELECT * FROM calibration_sets WHERE id = ?", (set_id,))
+        """The set ``set_id`` names exactly or by a unique prefix (Conflict when ambiguous)."""
+        full_id = resolve_id(self.db, "calibration_sets", set_id, noun="calibration set")
+        if full_id is None:
+            return None
+        row = self.db.query_one("SELECT * FROM calibration_sets WHERE id = ?", (full_id,))
         return _record(row) if row is not None else None
 
     def get(self, set_id: str) -> CalibrationSetRecord:
@@ -172,13 +177,14 @@ class CalibrationCatalog:
         return [_record(r) for r in self.db.query("SELECT * FROM calibration_sets ORDER BY created_at DESC")]
 
     def open(self, set_id: str) -> CalibrationSet:
-        return CalibrationSet.open(self.directory(set_id))
+        return CalibrationSet.open(self.directory(self.get(set_id).id))
 
     def bind(self, set_id: str, model_inputs: Sequence[TensorSpec]) -> dict[str, str]:
         """Map model input names to stored arrays, or raise InvalidCalibrationSet saying what differs."""
         return bind_to_model(self.get(set_id).info, model_inputs)
 
     def delete(self, set_id: str) -> None:
+        set_id = self.get(set_id).id
         with self._placing.hold(set_id):
             self._delete(set_id)
 

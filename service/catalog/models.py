@@ -21,6 +21,7 @@ from service.onnx_graph.loading import model_from_bytes
 from service.reports.tasks import TaskSpec
 from service.store.blobs import BlobStore, StagedUpload
 from service.store.db import Database
+from service.store.ids import resolve_id
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,11 @@ class ModelCatalog:
             return _record(conn.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone())
 
     def _find(self, model_id: str) -> ModelRecord | None:
-        row = self.db.query_one("SELECT * FROM models WHERE id = ?", (model_id,))
+        """The model ``model_id`` names exactly or by a unique prefix (Conflict when ambiguous)."""
+        full_id = resolve_id(self.db, "models", model_id, noun="model")
+        if full_id is None:
+            return None
+        row = self.db.query_one("SELECT * FROM models WHERE id = ?", (full_id,))
         return _record(row) if row is not None else None
 
     def get(self, model_id: str) -> ModelRecord:
@@ -134,8 +139,7 @@ class ModelCatalog:
         return [_record(r) for r in rows]
 
     def read_bytes(self, model_id: str) -> bytes:
-        self.get(model_id)
-        return self.blobs.read_bytes(model_id)
+        return self.blobs.read_bytes(self.get(model_id).id)
 
     def load(self, model_id: str) -> onnx.ModelProto:
         return model_from_bytes(self.read_bytes(model_id), check=False)
@@ -155,7 +159,7 @@ class ModelCatalog:
         return removed
 
     def delete(self, model_id: str) -> None:
-        self.get(model_id)
+        model_id = self.get(model_id).id
         engines = self.db.query(
             "SELECT id FROM engines WHERE model_id = ? OR built_model_id = ? LIMIT 5", (model_id, model_id)
         )

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from service.calibration.preprocess_examples import cli_help
 from service.cli.client_api import DEFAULT_URL
 from service.cli.client_job_commands import register_job_commands
 from service.cli.client_options import (
@@ -31,6 +32,7 @@ from service.cli.client_options import (
     WaitOption,
     client_session,
 )
+from service.cli.client_report_commands import register_report_commands
 from service.cli.client_resources import register_resource_commands
 from service.cli.local import LOCAL_PANEL, local_app
 
@@ -140,7 +142,7 @@ def infer_command(
     ],
     preprocess: Annotated[
         str | None,
-        typer.Option(help="Image PreprocessSpec as JSON or @file.json (default: from the input's shape)."),
+        typer.Option(help=cli_help("image inputs (default: derived from the input's static shape)")),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write the outputs to this .npz.")
@@ -177,55 +179,6 @@ def infer_command(
             out.show(outputs_table(results))
 
 
-@client_app.command("benchmark", rich_help_panel=CLIENT_PANEL)
-def benchmark_command(
-    engine_id: Annotated[str, typer.Argument(help="Engine id.")],
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes, e.g. 1,8.")] = "1",
-    iterations: Annotated[
-        int | None, typer.Option(help="Timed calls per batch size (default 100 unless --duration).")
-    ] = None,
-    duration: Annotated[
-        float | None, typer.Option("--duration", help="Seconds per batch size instead of --iterations.")
-    ] = None,
-    warmup: Annotated[int, typer.Option(help="Untimed calls first.")] = 10,
-    concurrency: Annotated[int, typer.Option(help="Parallel callers.")] = 1,
-    wait: WaitOption = True,
-    on_interrupt: InterruptOption = "ask",
-    url: UrlOption = DEFAULT_URL,
-    api_key: ApiKeyOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Measure latency percentiles and throughput on the server; prints where it was measured."""
-    from service.cli.client_flows import wait_for_job
-    from service.cli.client_jobs import JobRef
-    from service.cli.client_report_views import benchmark_table
-    from service.errors import BadInput
-
-    with client_session(url, api_key, as_json) as (api, out):
-        try:
-            sizes = [int(part) for part in batch_sizes.split(",") if part.strip()]
-        except ValueError as exc:
-            raise BadInput(f"--batch-sizes '{batch_sizes}': give whole numbers separated by commas.") from exc
-        if iterations is not None and duration is not None:
-            raise BadInput("Give --iterations or --duration, not both.")
-        config = {
-            "batch_sizes": sizes,
-            "warmup": warmup,
-            "concurrency": concurrency,
-            "iterations": None if duration is not None else (iterations or 100),
-            "duration_s": duration,
-        }
-        started = api.start_benchmark(engine_id, config)
-        out.note(f"benchmark report {started.id} started")
-        if not wait:
-            hint = f"report {started.id}: follow it with `engine-service reports show {started.id} --wait`"
-            out.result(started.document, hint)
-            return
-        state = wait_for_job(api, out, JobRef("report", started.id), on_interrupt=on_interrupt)
-        report = state.result or {}
-        out.result({"report_id": state.id, **report}, *benchmark_table(report))
-
-
 @client_app.command("quantize", rich_help_panel=CLIENT_PANEL)
 def quantize_command(
     model_id: Annotated[str, typer.Argument(help="FP32 model id.")],
@@ -235,9 +188,20 @@ def quantize_command(
         Method, typer.Option(help="Calibration method; auto keeps the most accurate.")
     ] = "entropy",
     percentile: Annotated[float, typer.Option(help="Percentile for method 'percentile'.")] = 99.99,
-    skip: Annotated[
-        list[str] | None, typer.Option(help="Keep out of INT8: node, op type, 'first', 'last' (repeatable).")
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(help="Keep out of INT8: node name, op type, 'first' or 'last' (repeatable)."),
     ] = None,
+    skip: Annotated[
+        list[str] | None, typer.Option("--skip", hidden=True, help="Deprecated name of --keep.")
+    ] = None,
+    target: Annotated[
+        Literal["tensorrt", "onnxruntime"],
+        typer.Option(
+            help="Whose Q/DQ placement: tensorrt (TensorRT, TensorRT-RTX) or onnxruntime (ONNX Runtime's "
+            "CPU integer kernels; that model is for ONNX Runtime only)."
+        ),
+    ] = "tensorrt",
     sensitivity: Annotated[
         Literal["off", "rank", "auto"],
         typer.Option(help="rank: per-layer SNR ranking; auto: also keep sensitive layers out of INT8."),
@@ -260,13 +224,17 @@ def quantize_command(
     from service.cli.client_report_views import quantization_views
 
     with client_session(url, api_key, as_json) as (api, out):
+        if skip:
+            out.warning("--skip is deprecated: it is called --keep, as on `engine-service build`")
         body = {
             "model_id": model_id,
             "calibration_set_id": calib,
             "eval_set_id": eval_set,
             "method": method,
             "percentile": percentile,
-            "skip": list(skip or ()),
+            # The quantization API still names this field "skip"; builds call it "keep".
+            "skip": [*(keep or ()), *(skip or ())],
+            "target": target,
             "sensitivity": sensitivity,
             "min_snr_db": min_snr_db,
             "min_cosine": min_cosine,
@@ -314,6 +282,7 @@ def fusions_command(
             out.show(*(engine_fusions_table(report) if engine_id else static_fusions_table(report)))
 
 
+register_report_commands(client_app)
 register_resource_commands(client_app)
 register_job_commands(client_app)
 client_app.add_typer(local_app, name="local", rich_help_panel=LOCAL_PANEL)

@@ -23,7 +23,7 @@ import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,8 +309,22 @@ class ApiClient:
 
     # Builds and other jobs -----------------------------------------------------------------------
 
+    def with_full_ids(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``body`` with short model / calibration set ids expanded by the server's lookups.
+
+        Path parameters take short ids on the server itself; ids inside a request body name the
+        engine's cache key, so they are sent in full.
+        """
+        full = dict(body)
+        if isinstance(full.get("model_id"), str):
+            full["model_id"] = self.model(full["model_id"])["id"]
+        for field in ("calibration_set_id", "eval_set_id"):
+            if isinstance(full.get(field), str):
+                full[field] = self.calibration_set(full[field])["id"]
+        return full
+
     def create_build(self, body: Mapping[str, Any]) -> BuildTicket:
-        answer = self.json("POST", "/v1/builds", json=dict(body))
+        answer = self.json("POST", "/v1/builds", json=self.with_full_ids(body))
         return BuildTicket(
             cache="hit" if answer.get("cache") == "hit" else "miss",
             engine_id=str(answer["engine_id"]),
@@ -331,13 +345,14 @@ class ApiClient:
         return JobState.from_document(dict(document), kind=kind, job_id=job_id)
 
     def create_quantization(self, body: Mapping[str, Any]) -> JobState:
-        document = self.json("POST", "/v1/quantizations", json=dict(body))
+        document = self.json("POST", "/v1/quantizations", json=self.with_full_ids(body))
         return JobState.from_document(dict(document), kind="quantization")
 
     # Engines -------------------------------------------------------------------------------------
 
     def list_engines(self, *, model_id: str | None = None) -> list[Document]:
-        return list(self.json("GET", "/v1/engines", params={"model_id": model_id} if model_id else None))
+        params = {"model_id": self.model(model_id)["id"]} if model_id else None
+        return list(self.json("GET", "/v1/engines", params=params))
 
     def engine(self, engine_id: str) -> Document:
         return dict(self.json("GET", f"/v1/engines/{engine_id}"))
@@ -372,6 +387,18 @@ class ApiClient:
 
     def start_benchmark(self, engine_id: str, config: Mapping[str, Any]) -> JobState:
         document = self.json("POST", f"/v1/engines/{engine_id}/benchmark", json=dict(config))
+        return JobState.from_document(dict(document), kind="report")
+
+    def start_evaluation(self, engine_id: str, eval_set_id: str, max_samples: int | None) -> JobState:
+        body = {"eval_set_id": eval_set_id, "max_samples": max_samples}
+        document = self.json("POST", f"/v1/engines/{engine_id}/evaluate", json=body)
+        return JobState.from_document(dict(document), kind="report")
+
+    def start_comparison(
+        self, engine_ids: Sequence[str], config: Mapping[str, Any], eval_set_id: str | None
+    ) -> JobState:
+        body = {"engine_ids": list(engine_ids), **config, "eval_set_id": eval_set_id}
+        document = self.json("POST", "/v1/reports/comparison", json=body)
         return JobState.from_document(dict(document), kind="report")
 
     # Downloads -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from service.cli.client_options import (
 
 builds_app = typer.Typer(help="Follow, list and cancel build jobs.", no_args_is_help=True)
 quantizations_app = typer.Typer(help="Follow, list and cancel quantization jobs.", no_args_is_help=True)
-reports_app = typer.Typer(help="Read benchmark and evaluation reports.", no_args_is_help=True)
+reports_app = typer.Typer(help="Read benchmark, evaluation and comparison reports.", no_args_is_help=True)
 
 
 def register_job_commands(app: typer.Typer) -> None:
@@ -135,7 +135,7 @@ def show_report(
     """A report: the latency table when done, its status while it runs."""
     from service.cli.client_flows import wait_for_job
     from service.cli.client_jobs import JobRef
-    from service.cli.client_report_views import benchmark_table, job_views
+    from service.cli.client_report_views import report_views
 
     with client_session(url, api_key, as_json) as (api, out):
         ref = JobRef("report", report_id)
@@ -144,10 +144,8 @@ def show_report(
         )
         if as_json:
             out.document(state.document)
-        elif state.status == "succeeded" and state.result and "results" in state.result:
-            out.show(*benchmark_table(state.result))
         else:
-            out.show(*job_views(state, "Report"))
+            out.show(*report_views(state))
 
 
 @reports_app.command("download")

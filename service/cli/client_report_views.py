@@ -77,6 +77,16 @@ def benchmark_table(report: Document) -> list[Table]:
         f"{cell(measured.get('backend_version'))}; host {cell(host.get('cpu'))}, "
         f"{cell(host.get('cores'))} cores"
     )
+    conditions = report.get("conditions") or {}
+    load = conditions.get("load_average_start")
+    if conditions:
+        alone = "alone on the host" if conditions.get("exclusive") else "not alone on the host"
+        caption += f"; ran {alone}, load average {cell(load[0] if load else None)}"
+        if conditions.get("warning"):
+            caption += f"; WARNING: {conditions['warning']}"
+    shapes = (report.get("config") or {}).get("shapes") or {}
+    if shapes:
+        caption += "; shapes " + ", ".join(f"{n}={'x'.join(map(str, d))}" for n, d in shapes.items())
     columns = ("batch", "p50 ms", "p90 ms", "p95 ms", "p99 ms", "mean ms", "inferences/s", "calls")
     views = [make_table("Latency", columns, rows, caption)]
     skipped = report.get("skipped") or []
@@ -89,6 +99,80 @@ def benchmark_table(report: Document) -> list[Table]:
             )
         )
     return views
+
+
+def evaluation_views(report: Document) -> list[Table]:
+    """Where the evaluation ran and on what, then the accuracy numbers against the FP32 reference."""
+    engine = report.get("engine") or {}
+    reference = report.get("reference") or {}
+    fields = {
+        "engine": engine.get("engine_id"),
+        "precision": engine.get("precision"),
+        "backend": engine.get("backend"),
+        "measured on": report.get("summary"),
+        "reference": reference.get("description"),
+        "set": report.get("eval_set_id"),
+        "samples": report.get("samples"),
+    }
+    return [details("Evaluation", fields), *accuracy_views(report.get("accuracy") or {}, "Accuracy vs FP32")]
+
+
+def comparison_table(report: Document) -> list[Table]:
+    """One row per engine and batch size: latency, throughput, speedup against FP32, worst accuracy."""
+    rows = []
+    for engine in report.get("engines", []):
+        accuracy = engine.get("accuracy") or {}
+        latency = engine.get("latency_ms") or {}
+        speedup = engine.get("speedup_vs_fp32") or {}
+        measured = latency.items() if latency else [(None, {})]
+        for batch, numbers in measured:
+            rows.append(
+                (
+                    cell(engine.get("engine_id"))[:16],
+                    engine.get("precision"),
+                    engine.get("backend"),
+                    batch,
+                    numbers.get("p50"),
+                    numbers.get("p99"),
+                    numbers.get("inferences_per_s"),
+                    speedup.get(batch) if batch is not None else None,
+                    accuracy.get("min_cosine"),
+                    accuracy.get("min_top1_agreement"),
+                    engine.get("not_run_reason"),
+                )
+            )
+    columns = (
+        "engine",
+        "precision",
+        "backend",
+        "batch",
+        "p50 ms",
+        "p99 ms",
+        "inferences/s",
+        "speedup",
+        "min cosine",
+        "top-1 agreement",
+        "not measured",
+    )
+    views = [make_table("Comparison", columns, rows, cell(report.get("summary")))]
+    notes = report.get("notes") or []
+    if notes:
+        views.append(make_table("Notes", ("note",), [(note,) for note in notes]))
+    return views
+
+
+def report_views(state: JobState) -> list[Table]:
+    """A finished report as its own table (by its kind); a report still running as its job state."""
+    result = state.result or {}
+    if state.status != "succeeded" or not result:
+        return job_views(state, "Report")
+    if result.get("kind") == "evaluation":
+        return evaluation_views(result)
+    if result.get("kind") == "comparison":
+        return comparison_table(result)
+    if "results" in result:
+        return benchmark_table(result)
+    return job_views(state, "Report")
 
 
 def quantization_views(state: JobState) -> list[Table]:

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from service.calibration.preprocess_examples import cli_help
 from service.cli.client_api import DEFAULT_URL
 from service.cli.client_options import (
     CLIENT_PANEL,
@@ -132,7 +133,7 @@ def upload_calibration_set(
         Path, typer.Argument(help=".npz, .npy, or a .zip/.tar of images.", exists=True, dir_okay=False)
     ],
     preprocess: Annotated[
-        str | None, typer.Option(help="PreprocessSpec JSON (or @file.json); needed for image archives.")
+        str | None, typer.Option(help=cli_help("image archives (required for them)"))
     ] = None,
     model_id: Annotated[
         str | None, typer.Option("--model", help="Check the set against this model now.")

@@ -252,10 +252,21 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+FUSION_COLUMNS = ("fused", "epilogue", "separate", "blocked")
+
+
 def fusion_summary_table(summary: Mapping[str, Any]) -> Table:
+    """Patterns per kind and what became of them, in the one vocabulary of both fusion reports.
+
+    A static report has no ``separate`` (it only predicts); a count the report lacks shows as "-".
+    """
     by_kind = summary.get("by_kind") or {}
     rows = [
-        (kind, counts.get("total", counts.get("count")), counts.get("fused", "-"), counts.get("blocked", "-"))
+        (
+            kind,
+            counts.get("total", counts.get("count")),
+            *(counts.get(column, "-") for column in FUSION_COLUMNS),
+        )
         for kind, counts in by_kind.items()
     ]
     caption = None
@@ -264,7 +275,7 @@ def fusion_summary_table(summary: Mapping[str, Any]) -> Table:
             f"INT8 share: {_percent(summary.get('int8_layer_share'))} of compute layers, "
             f"{_percent(summary.get('int8_weighted_layer_share'))} of weighted layers"
         )
-    return make_table("Fusions by kind", ("kind", "patterns", "fused", "blocked"), rows, caption)
+    return make_table("Fusions by kind", ("kind", "patterns", *FUSION_COLUMNS), rows, caption)
 
 
 def _percent(value: Any) -> str:
@@ -273,14 +284,14 @@ def _percent(value: Any) -> str:
 
 def static_fusions_table(report: Document) -> list[Table]:
     rows = [
-        (p.get("kind"), p.get("nodes"), p.get("activation"), p.get("int8_fusable"), p.get("blockers"))
+        (p.get("kind"), p.get("nodes"), p.get("activation"), p.get("expected"), p.get("reason"))
         for p in report.get("patterns", [])
     ]
     explicit = (report.get("summary") or {}).get("explicit_quantization", report.get("explicit_quantization"))
     caption = f"model {report.get('model_id')}; explicit Q/DQ: {cell(explicit)}"
     table = make_table(
         "Fusion patterns (static analysis)",
-        ("kind", "nodes", "activation", "INT8 fusable", "blockers"),
+        ("kind", "nodes", "activation", "expected in INT8", "reason"),
         rows,
         caption,
     )
@@ -295,7 +306,7 @@ def engine_fusions_table(report: Document) -> list[Table]:
             p.get("status"),
             p.get("fused_as"),
             p.get("precision"),
-            p.get("blockers"),
+            p.get("expected"),
             p.get("explanation"),
         )
         for p in report.get("patterns", [])
@@ -305,7 +316,7 @@ def engine_fusions_table(report: Document) -> list[Table]:
     )
     table = make_table(
         "Fusions in the engine",
-        ("kind", "nodes", "status", "fused as", "precision", "blockers", "explanation"),
+        ("kind", "nodes", "status", "fused as", "precision", "expected", "explanation"),
         rows,
         caption,
     )

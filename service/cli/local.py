@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from service.calibration.preprocess_examples import cli_help
 from service.cli.client_options import Backend, JsonOption, Method, Precision, reported_errors
 
 if TYPE_CHECKING:
@@ -110,7 +111,14 @@ def local_build(
         typer.Option("--calib", help="Calibration file: .npz, .npy or an image .zip/.tar.", exists=True),
     ] = None,
     preprocess: Annotated[
-        str | None, typer.Option(help="PreprocessSpec JSON (or @file.json) for images.")
+        str | None,
+        typer.Option(help=cli_help("the image archives of --calib and --eval (.npz / .npy files take none)")),
+    ] = None,
+    calib_preprocess: Annotated[
+        str | None, typer.Option(help="PreprocessSpec for --calib alone (replaces --preprocess for it).")
+    ] = None,
+    eval_preprocess: Annotated[
+        str | None, typer.Option(help="PreprocessSpec for --eval alone (replaces --preprocess for it).")
     ] = None,
     eval_file: Annotated[
         Path | None,
@@ -153,7 +161,11 @@ def local_build(
     out = Output(as_json=as_json)
     root = (data_dir or default_data_dir()).expanduser().resolve()
     with reported_errors(out):
-        spec_text = preprocess_text(preprocess)
+        shared = preprocess_text(preprocess)
+        specs = {
+            "calibration": set_preprocess(calib, preprocess_text(calib_preprocess), shared),
+            "evaluation": set_preprocess(eval_file, preprocess_text(eval_preprocess), shared),
+        }
         shapes = parse_shape_ranges(shape or ())
         calibration = {
             "method": method,
@@ -168,7 +180,7 @@ def local_build(
                 model=model,
                 calib=calib,
                 eval_file=eval_file,
-                preprocess=spec_text,
+                preprocess=specs,
                 build={
                     "precision": precision,
                     "backend": backend,
@@ -196,7 +208,7 @@ def _run_local_build(
     model: Path,
     calib: Path | None,
     eval_file: Path | None,
-    preprocess: str | None,
+    preprocess: dict[str, str | None],
     build: dict[str, Any],
     output: Path | None,
     report: Path | None,
@@ -207,8 +219,8 @@ def _run_local_build(
     model_doc = api.upload_model(model).document
     model_id = str(model_doc["id"])
     out.note(f"model {model_id} from {model}")
-    calib_doc = _upload_set(api, out, calib, preprocess, model_id, "calibration")
-    eval_doc = _upload_set(api, out, eval_file, preprocess, model_id, "evaluation")
+    calib_doc = _upload_set(api, out, calib, preprocess["calibration"], model_id, "calibration")
+    eval_doc = _upload_set(api, out, eval_file, preprocess["evaluation"], model_id, "evaluation")
     body = {
         "model_id": model_id,
         "calibration_set_id": calib_doc["id"] if calib_doc else None,
@@ -243,6 +255,23 @@ def _run_local_build(
         data_dir=data_dir,
         cache=outcome.ticket.cache,
     )
+
+
+ARRAY_SUFFIXES = (".npz", ".npy")
+
+
+def set_preprocess(file: Path | None, own: str | None, shared: str | None) -> str | None:
+    """The spec one set is uploaded with: its own option, else the shared ``--preprocess``.
+
+    The shared spec describes images, so it is not sent with an array file (``.npz`` / ``.npy``): an
+    image calibration archive and an ``.npz`` held-out set work together with one ``--preprocess``.
+    An explicit per-set spec is always sent (the server says so if it does not fit the file).
+    """
+    if file is None:
+        return None
+    if own is not None:
+        return own
+    return None if file.name.lower().endswith(ARRAY_SUFFIXES) else shared
 
 
 def _upload_set(

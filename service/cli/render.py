@@ -124,6 +124,11 @@ class Output:
             self._stderr.write(text + "\n")
             self._stderr.flush()
 
+    def warning(self, text: str) -> None:
+        """A warning on stderr, in every mode (JSON goes to stdout, so it stays parseable)."""
+        self._stderr.write(f"warning: {text}\n")
+        self._stderr.flush()
+
     def error(self, text: str) -> None:
         """An error on stderr, in every mode."""
         self._stderr.write(f"error: {text}\n")

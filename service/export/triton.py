@@ -354,7 +354,7 @@ def export_for_triton(
         model_name = default_model_name(source_name, record)
     inputs, outputs = engine_io(models, record)
     config = triton_config_for(record, inputs, outputs, model_name)
-    model_path = engines.verified_plan_path(engine_id)  # a damaged plan is dropped, never exported
+    model_path = engines.verified_plan_path(record.id)  # a damaged plan is dropped, never exported
     workdir.mkdir(parents=True, exist_ok=True)
     _sweep_stale(workdir)
     fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=".tar.gz", dir=workdir)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from service.errors import NotFound
 from service.store.db import Database
+from service.store.ids import resolve_id
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE_STATUSES: tuple[JobStatus, ...] = ("queued", "running")
@@ -112,7 +113,9 @@ class JobStore:
             return _row_to_record(row), True
 
     def get(self, job_id: str, *, kind: str | None = None) -> JobRecord:
-        row = self.db.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        """The job ``job_id`` names exactly or by a unique prefix (Conflict when ambiguous)."""
+        full_id = resolve_id(self.db, "jobs", job_id, noun="job")
+        row = None if full_id is None else self.db.query_one("SELECT * FROM jobs WHERE id = ?", (full_id,))
         if row is None or (kind is not None and row["kind"] != kind):
             what = f"{kind} job" if kind else "job"
             raise NotFound(f"No {what} with id '{job_id}'.")
@@ -126,6 +129,15 @@ class JobStore:
                 "SELECT * FROM jobs WHERE kind = ? ORDER BY created_at DESC LIMIT ?", (kind, limit)
             )
         return [_row_to_record(r) for r in rows]
+
+    def running_elsewhere(self, job_id: str) -> builtins.list[str]:
+        """The other running jobs as "kind id", less those waiting for the host (phase "waiting for ...")."""
+        rows = self.db.query(
+            "SELECT id, kind FROM jobs WHERE status = 'running' AND id != ? "
+            "AND phase NOT LIKE 'waiting for %' ORDER BY started_at",
+            (job_id,),
+        )
+        return [f"{row['kind']} {row['id']}" for row in rows]
 
     def queued_ids(self) -> builtins.list[str]:
         return [

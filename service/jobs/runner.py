@@ -12,6 +12,10 @@ dead process left running and re-queues the ones that never started. With a remo
 a :class:`JobExecutor` (on this machine through the database, on others through the API server's
 worker routes), and the rows stay the single source of truth either way. Every job carries
 a :class:`JobTarget`: the backend identity a build needs, or any worker for the rest.
+
+Kinds registered ``exclusive`` (latency measurements) run alone on the host: with a
+:class:`~service.jobs.host_gate.HostGate`, an exclusive job waits (status running, phase "waiting for
+the host") until every other job of this host has finished, and no other job starts while it runs.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from service.errors import JobCancelled, LimitExceeded, ServiceError
+from service.jobs.host_gate import HostGate
 from service.jobs.records import JobRecord, JobStatus, JobStore
 
 logger = logging.getLogger(__name__)
@@ -82,6 +88,8 @@ class JobContext:
     _progress: float = 0.0
     _cancel_checked_at: float = field(default=0.0)
     _cancelled: bool = False
+    exclusive: bool = False  # the job holds the host alone (see HostGate)
+    waited_s: float = 0.0  # how long it waited for the host before its handler started
 
     def progress(self, fraction: float, phase: str | None = None) -> None:
         """Record progress in [0, 1]; phase changes are written at once, fractions throttled."""
@@ -195,16 +203,49 @@ class JobExecutor:
     :class:`JobRunner` adds submitting, cancelling and the embedded worker threads on top.
     """
 
-    def __init__(self, rows: JobRows) -> None:
+    def __init__(self, rows: JobRows, *, gate: HostGate | None = None) -> None:
         self.rows = rows
+        self.gate = gate
+        self._exclusive_kinds: set[str] = set()
         self._handlers: dict[str, JobHandler] = {}
         self._stopping = threading.Event()
         self._running: dict[str, JobContext] = {}
         self._lock = threading.Lock()
         self._listeners: list[Callable[[JobRecord], None]] = []
 
-    def register(self, kind: str, handler: JobHandler) -> None:
+    def register(self, kind: str, handler: JobHandler, *, exclusive: bool = False) -> None:
+        """Run ``kind`` jobs with ``handler``; ``exclusive`` ones alone on the host (with a gate)."""
         self._handlers[kind] = handler
+        if exclusive:
+            self._exclusive_kinds.add(kind)
+        else:
+            self._exclusive_kinds.discard(kind)
+
+    def is_exclusive(self, kind: str) -> bool:
+        return kind in self._exclusive_kinds
+
+    def _admitted(self, ctx: JobContext) -> AbstractContextManager[float]:
+        """Hold the host gate for the job (exclusive or shared); nullcontext without a gate."""
+        if self.gate is None:
+            return nullcontext(0.0)
+        ctx.exclusive = ctx.kind in self._exclusive_kinds
+        announced: list[bool] = []
+
+        def waiting(seconds: float) -> None:
+            ctx.check_cancelled()
+            if not announced:  # at once: a waiting job must not look like one competing for the CPUs
+                announced.append(True)
+                what = (
+                    "every other job on this host to finish" if ctx.exclusive else "a latency job to finish"
+                )
+                ctx.phase(f"waiting for {what}")
+                ctx.log(
+                    "latency is measured alone on the host: waiting until no other job runs"
+                    if ctx.exclusive
+                    else "a latency measurement holds the host alone: waiting until it ends"
+                )
+
+        return self.gate.exclusive(waiting) if ctx.exclusive else self.gate.shared(waiting)
 
     def add_listener(self, listener: Callable[[JobRecord], None]) -> None:
         """Called with the final record of every finished job (metrics hook)."""
@@ -256,7 +297,9 @@ class JobExecutor:
             self._running[job_id] = ctx
         started = time.monotonic()
         try:
-            result = handler(ctx)
+            with self._admitted(ctx) as waited:
+                ctx.waited_s = waited
+                result = handler(ctx)
         except JobCancelled:
             if self._stopping.is_set():
                 ctx.log(SHUTDOWN_REASON)
@@ -296,8 +339,9 @@ class JobRunner(JobExecutor):
         max_active_per_owner: int | None = None,
         owner_limit: Callable[[str], int | None] | None = None,
         queue: JobQueue | None = None,
+        gate: HostGate | None = None,
     ) -> None:
-        super().__init__(store)
+        super().__init__(store, gate=gate)
         self.store = store
         self.workers = workers
         self.max_active_per_owner = max_active_per_owner
@@ -360,10 +404,9 @@ class JobRunner(JobExecutor):
         return record, created
 
     def cancel(self, job_id: str, *, kind: str | None = None) -> JobRecord:
-        self.store.get(job_id, kind=kind)
-        record = self.store.request_cancel(job_id)
+        record = self.store.request_cancel(self.store.get(job_id, kind=kind).id)
         if record.status == "cancelled" and record.started_at is None:
-            self.queue.discard(job_id)
+            self.queue.discard(record.id)
         return record
 
     def stop(self, grace_seconds: float = 30.0) -> None:

@@ -275,7 +275,7 @@ def run_worker(
     from service.runtime import open_services
 
     settings = get_settings()
-    configure_logging(settings.log_level, json_lines=settings.log_json)
+    configure_logging(settings.log_level, json_lines=settings.log_json, file=settings.log_file)
     if api_url is not None:
         if not api_url.strip():  # e.g. compose's ${ENGINE_SERVICE_API_URL:-} left unset: never run locally
             logger.error("--api-url is empty: give the API server's URL (ENGINE_SERVICE_API_URL in compose)")

@@ -8,7 +8,8 @@ Contract:
   through :class:`RequestContextFilter`. Outside a request both are ``"-"``.
 - :func:`configure_logging` is called once at app start-up (never at import). It installs one handler
   on the root logger: JSON lines (:class:`JsonFormatter`) or a plain single-line format, at the
-  configured level. Calling it again replaces that handler rather than adding a second one. It also
+  configured level, on stderr or, with ``file``, appended to that file. Calling it again replaces that
+  handler rather than adding a second one. It also
   routes uvicorn's own server messages through the same handler, so every line has one format, and
   turns off uvicorn's access log, which the service's access line (logger ``service.access``) replaces.
 """
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 _request_id: ContextVar[str | None] = ContextVar("engine_service_request_id", default=None)
@@ -123,14 +125,23 @@ def parse_level(level: str) -> int:
     return value
 
 
-def configure_logging(level: str, *, json_lines: bool) -> logging.Handler:
-    """Install the service's log handler on the root logger (idempotent); returns the handler."""
+def configure_logging(level: str, *, json_lines: bool, file: Path | None = None) -> logging.Handler:
+    """Install the service's log handler on the root logger (idempotent); returns the handler.
+
+    The handler writes to the current ``sys.stderr``, or appends to ``file`` when one is given.
+    """
     numeric_level = parse_level(level)
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, _HANDLER_MARK, False):
             root.removeHandler(existing)
-    handler = _StderrHandler()
+            existing.close()
+    handler: logging.Handler
+    if file is None:
+        handler = _StderrHandler()
+    else:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(file, encoding="utf-8")
     setattr(handler, _HANDLER_MARK, True)
     handler.addFilter(RequestContextFilter())
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(PLAIN_FORMAT))

@@ -3,6 +3,22 @@
 Plain frozen dataclasses with their JSON form, kept apart from the matcher in
 :mod:`service.onnx_graph.fusions` so reports and stored build records can use them without the
 matching machinery.
+
+One vocabulary for what becomes of a pattern (:data:`OUTCOMES`), used by the static analysis (what to
+expect of an INT8 build, ``expected``), by the engine report (what the build did, ``status`` in
+:mod:`service.reports.fusion_report`), by the CLI and by the API, each with its reason:
+
+``fused``
+    every node of the pattern runs in one kernel;
+``epilogue``
+    the weighted node runs in its own kernel and the rest of the chain in pointwise kernel(s) right
+    after it (an activation TensorRT does not fuse into INT8 convolutions, such as SiLU or HardSwish,
+    runs this way; TensorRT-RTX runs every INT8 convolution this way);
+``separate``
+    the nodes run in separate layers that are not a pointwise epilogue (engine reports only);
+``blocked``
+    the graph itself prevents the fusion (a tensor read twice, BatchNormalization that cannot be
+    folded, Q/DQ misplaced...): the reason says what to change.
 """
 
 from __future__ import annotations
@@ -10,7 +26,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
+
+Outcome = Literal["fused", "epilogue", "separate", "blocked"]
+OUTCOMES: tuple[Outcome, ...] = ("fused", "epilogue", "separate", "blocked")
 
 
 @dataclass(frozen=True)
@@ -24,10 +43,30 @@ class FusionPattern:
     int8_fusable: bool
     blockers: tuple[str, ...] = ()
     residual_input: str | None = None  # the Add input coming from outside the chain
+    # The blocker that is only about the activation (one of ``blockers``): the convolution still runs in
+    # INT8 and the activation follows it as a pointwise epilogue.
+    activation_blocker: str | None = None
 
     @property
     def anchor(self) -> str:
         return self.nodes[0]
+
+    @property
+    def structural_blockers(self) -> tuple[str, ...]:
+        """The blockers that stop the INT8 fusion itself (everything but the activation's)."""
+        return tuple(b for b in self.blockers if b != self.activation_blocker)
+
+    @property
+    def expected(self) -> Outcome:
+        """What an INT8 build should make of the pattern: fused, epilogue (activation apart) or blocked."""
+        if self.structural_blockers:
+            return "blocked"
+        return "epilogue" if self.blockers else "fused"
+
+    @property
+    def reason(self) -> str:
+        """Why the pattern is not expected to fuse (empty when it is)."""
+        return next(iter(self.structural_blockers), self.activation_blocker or "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -38,6 +77,9 @@ class FusionPattern:
             "int8_fusable": self.int8_fusable,
             "blockers": list(self.blockers),
             "residual_input": self.residual_input,
+            "activation_blocker": self.activation_blocker,
+            "expected": self.expected,
+            "reason": self.reason,
         }
 
     @classmethod
@@ -50,16 +92,19 @@ class FusionPattern:
             int8_fusable=data["int8_fusable"],
             blockers=tuple(data["blockers"]),
             residual_input=data.get("residual_input"),
+            activation_blocker=data.get("activation_blocker"),
         )
 
 
 @dataclass(frozen=True)
 class KindCount:
-    """How many patterns of one kind were found and how many of them are blocked."""
+    """How many patterns of one kind were found, and how many are expected fused, epilogue or blocked."""
 
     kind: str
     count: int
     blocked: int
+    fused: int = 0
+    epilogue: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,9 +130,19 @@ class FusionAnalysis:
     @cached_property
     def summary(self) -> FusionSummary:
         counts = Counter(pattern.kind for pattern in self.patterns)
-        blocked = Counter(pattern.kind for pattern in self.patterns if not pattern.int8_fusable)
-        kinds = tuple(KindCount(kind, counts[kind], blocked[kind]) for kind in sorted(counts))
-        return FusionSummary(total=len(self.patterns), blocked=sum(blocked.values()), kinds=kinds)
+        outcomes = Counter((pattern.kind, pattern.expected) for pattern in self.patterns)
+        kinds = tuple(
+            KindCount(
+                kind,
+                counts[kind],
+                blocked=outcomes[kind, "blocked"],
+                fused=outcomes[kind, "fused"],
+                epilogue=outcomes[kind, "epilogue"],
+            )
+            for kind in sorted(counts)
+        )
+        blocked = sum(entry.blocked for entry in kinds)
+        return FusionSummary(total=len(self.patterns), blocked=blocked, kinds=kinds)
 
     def of_kind(self, kind: str) -> tuple[FusionPattern, ...]:
         return tuple(pattern for pattern in self.patterns if pattern.kind == kind)
@@ -100,7 +155,18 @@ class FusionAnalysis:
                 "explicit_quantization": self.explicit_quantization,
                 "total": summary.total,
                 "blocked": summary.blocked,
-                "by_kind": {e.kind: {"count": e.count, "blocked": e.blocked} for e in summary.kinds},
+                "fused": sum(e.fused for e in summary.kinds),
+                "epilogue": sum(e.epilogue for e in summary.kinds),
+                "by_kind": {
+                    e.kind: {
+                        "count": e.count,
+                        "total": e.count,
+                        "fused": e.fused,
+                        "epilogue": e.epilogue,
+                        "blocked": e.blocked,
+                    }
+                    for e in summary.kinds
+                },
             },
         }
 

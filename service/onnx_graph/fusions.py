@@ -29,6 +29,11 @@ with correct placement", so the Q/DQ rules only apply to graphs that contain Q/D
 - Q/DQ only: a Q/DQ pair inside the chain; a residual Add input that is not DequantizeLinear output;
   an anchor input or weight that is not DequantizeLinear output; a bias through DequantizeLinear.
 
+Each pattern's ``expected`` outcome uses the vocabulary of :mod:`service.onnx_graph.fusion_results`:
+``fused`` without blockers, ``epilogue`` when the activation is the only one (SiLU, HardSwish and the
+other activations TensorRT does not document fusing into INT8 convolutions: the convolution still runs
+in INT8, the activation in a pointwise layer after it), ``blocked`` otherwise, with the reason.
+
 Sources relied on: TensorRT Developer Guide, "Layer Fusion Catalog" (docs.nvidia.com/deeplearning/
 tensorrt/latest/performance/fusion-catalog.html: Convolution and ReLU Activation, Convolution and Clip
 Activation, Convolution and ElementWise sum, Convolution and Scale) and "Explicit Quantization: Q/DQ
@@ -93,6 +98,7 @@ class _Chain:
     residual: str | None = None
     activation: str | None = None
     relu_like: bool = False
+    activation_blocker: str | None = None
 
 
 class _Matcher:
@@ -222,6 +228,7 @@ class _Matcher:
             chain.relu_like = activation.relu_like
             if activation.blocker:
                 chain.blockers.append(activation.blocker)
+                chain.activation_blocker = activation.blocker
             return
 
     def _pattern(self, anchor: onnx.NodeProto, chain: _Chain) -> FusionPattern | None:
@@ -243,4 +250,5 @@ class _Matcher:
             int8_fusable=not blockers,
             blockers=blockers,
             residual_input=chain.residual,
+            activation_blocker=chain.activation_blocker,
         )

@@ -26,6 +26,7 @@ from service.reports.latency import (
     StopCheck,
     measure_latency,
 )
+from service.reports.run_conditions import ConditionsWatch, RunConditions
 from service.reports.synthetic_inputs import UNBOUNDED_TENSORS, TensorBudget
 
 BENCHMARK_KIND = "benchmark"
@@ -131,6 +132,7 @@ class BenchmarkReport:
     measurement: LatencyMeasurement
     host: HostInfo
     measured_at: str
+    conditions: RunConditions | None = None  # None in reports stored before conditions were recorded
 
     @property
     def results(self) -> tuple[BatchResult, ...]:
@@ -156,6 +158,7 @@ class BenchmarkReport:
             "skipped": [{"batch_size": s.batch_size, "reason": s.reason} for s in self.measurement.skipped],
             "stage_timings": {"available": not note, "note": note},
             "measured_at": self.measured_at,
+            "conditions": self.conditions.to_dict() if self.conditions else None,
         }
 
     @classmethod
@@ -171,6 +174,7 @@ class BenchmarkReport:
             measurement=measurement,
             host=HostInfo.from_dict(data["measured_on"]["host"]),
             measured_at=data["measured_at"],
+            conditions=RunConditions.from_dict(data["conditions"]) if data.get("conditions") else None,
         )
 
 
@@ -183,9 +187,16 @@ def benchmark_runner(
     progress: Progress | None = None,
     should_stop: StopCheck | None = None,
     budget: TensorBudget = UNBOUNDED_TENSORS,
+    watch: ConditionsWatch | None = None,
 ) -> BenchmarkReport:
-    """Measure ``runner`` (the loaded ``record``) and wrap the numbers with what was measured where."""
+    """Measure ``runner`` (the loaded ``record``) and wrap the numbers with what was measured where.
+
+    ``watch`` samples the host around the measurement (load average, other running jobs); without
+    one, the report still records the load average and says the run did not hold the host alone.
+    """
     shapes: Mapping[str, ShapeRange] = record.build_config.shape_map()
+    watch = watch or ConditionsWatch()
+    watch.begin()
     measurement = measure_latency(
         runner, config, shapes=shapes, progress=progress, should_stop=should_stop, budget=budget
     )
@@ -195,4 +206,5 @@ def benchmark_runner(
         measurement=measurement,
         host=host_info(),
         measured_at=utc_now(),
+        conditions=watch.end(),
     )

@@ -23,11 +23,18 @@ mentions: TensorRT-RTX names an INT8 Conv in up to three layers' metadata, its i
     two launch as one kernel, and the dump shows the intermediate tensor.)
 ``separate``
     The nodes ran in layers that are neither of the above (ONNX Runtime's unfused Conv, Sum, Relu).
+``blocked``
+    Separate layers, and the static analysis had found why: the graph blocks the fusion (a tensor read
+    twice, BatchNormalization that cannot be folded, misplaced Q/DQ); the explanation starts with that
+    reason.
 ``unverifiable``
     The nodes sit inside an opaque Myelin/ForeignNode layer whose inner kernels the report does not list.
 ``missing``
     No layer names any node of the pattern: the report belongs to another model, or the backend renamed
     the nodes beyond recognition.
+
+``fused``, ``epilogue``, ``separate`` and ``blocked`` are the vocabulary the static analysis uses for
+its ``expected`` outcome (:mod:`service.onnx_graph.fusion_results`), so the two reports compare directly.
 
 ONNX Runtime reports come from :func:`service.backends.layer_report.layer_report_from_optimized_graph`,
 which traces fused nodes back to original names (kept root names, ``_nchwc`` suffixes, outputs); the
@@ -52,7 +59,7 @@ from service.backends.base import EngineLayer, LayerReport
 from service.onnx_graph.fusion_ops import SCALE_OPS
 from service.onnx_graph.fusion_results import FusionAnalysis, FusionPattern
 
-Status = Literal["fused", "epilogue", "separate", "unverifiable", "missing"]
+Status = Literal["fused", "epilogue", "separate", "blocked", "unverifiable", "missing"]
 
 # Layer types, matched case-insensitively as substrings of EngineLayer.type.
 WEIGHTED_TYPE_WORDS = (
@@ -90,6 +97,8 @@ class PatternVerification:
             "int8_fusable": self.pattern.int8_fusable,
             "blockers": list(self.pattern.blockers),
             "status": self.status,
+            "expected": self.pattern.expected,
+            "reason": self.pattern.reason,
             "fused": self.fused,
             "fused_as": self.fused_as,
             "layers": list(self.layers),
@@ -105,6 +114,8 @@ class KindVerification:
     total: int
     fused: int
     epilogue: int
+    separate: int = 0
+    blocked: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,7 +150,14 @@ class VerificationSummary:
             "conv_bn_add_total": self.total("conv_bn_add"),
             "conv_bn_add_fused": self.fused("conv_bn_add"),
             "by_kind": {
-                e.kind: {"total": e.total, "fused": e.fused, "epilogue": e.epilogue} for e in self.kinds
+                e.kind: {
+                    "total": e.total,
+                    "fused": e.fused,
+                    "epilogue": e.epilogue,
+                    "separate": e.separate,
+                    "blocked": e.blocked,
+                }
+                for e in self.kinds
             },
             "int8_layer_share": self.int8_layer_share,
             "int8_weighted_layer_share": self.int8_weighted_layer_share,
@@ -288,8 +306,12 @@ class _Checker:
         text: str,
         inferred: bool = False,
     ) -> PatternVerification:
-        if status != "fused" and not pattern.int8_fusable:
-            text = f"{text} Not expected to fuse in INT8 anyway: {pattern.blockers[0]}".strip()
+        if status == "separate" and pattern.expected == "blocked":
+            # The static analysis knew why: the same word and reason as the model's fusion report.
+            status = "blocked"
+            text = f"Blocked: {pattern.reason} {text}"
+        elif status != "fused" and pattern.reason:
+            text = f"{text} Not expected to fuse in INT8 anyway: {pattern.reason}".strip()
         return PatternVerification(pattern, status, layers, precision, fused_as, text, inferred)
 
     def _epilogue_text(self, pattern: FusionPattern, layer: EngineLayer, epilogue: list[EngineLayer]) -> str:
@@ -343,10 +365,12 @@ def _share(part: int, whole: int) -> float | None:
 def _summary(results: Sequence[PatternVerification], layers: Sequence[EngineLayer]) -> VerificationSummary:
     kinds: dict[str, list[int]] = {}
     for entry in results:
-        counts = kinds.setdefault(entry.pattern.kind, [0, 0, 0])
+        counts = kinds.setdefault(entry.pattern.kind, [0, 0, 0, 0, 0])
         counts[0] += 1
         counts[1] += entry.status == "fused"
         counts[2] += entry.status == "epilogue"
+        counts[3] += entry.status == "separate"
+        counts[4] += entry.status == "blocked"
     roles = [layer_role(layer) for layer in layers]
     compute = [layer for layer, role in zip(layers, roles, strict=True) if role not in ("sync", "reformat")]
     weighted = [layer for layer, role in zip(layers, roles, strict=True) if role == "weighted"]

@@ -102,6 +102,23 @@ def engine_table(engine: MeasuredEngine) -> str:
     return table(("", ""), rows)
 
 
+def conditions_note(report: BenchmarkReport) -> str:
+    """What else the host did during the measurement (load average, other jobs), with any warning."""
+    conditions = report.conditions
+    if conditions is None:
+        return '<p class="note">Host conditions were not recorded for this report.</p>'
+    load = conditions.load_average_start, conditions.load_average_end
+    loads = " -> ".join(f"{value[0]:g}" for value in load if value) or "not available"
+    alone = "alone among the service's jobs" if conditions.exclusive else "alongside other jobs"
+    text = (
+        f"Ran {alone} (waited {conditions.waited_s:.1f} s for the host); 1-minute load average {loads} "
+        f"on {conditions.cores} cores; other running jobs: {_e(', '.join(conditions.other_jobs) or 'none')}."
+    )
+    if conditions.warning:
+        text += f" <strong>Latency may be distorted: {_e(conditions.warning)}.</strong>"
+    return f'<p class="note">{text}</p>'
+
+
 def benchmark_html(report: BenchmarkReport, png: bytes | None) -> str:
     """The benchmark page: banner, engine, latency and throughput per batch size, stages, plot."""
     engine = report.engine
@@ -113,6 +130,7 @@ def benchmark_html(report: BenchmarkReport, png: bytes | None) -> str:
         f"{config.concurrency} thread(s) sharing one runner; measured at {_e(report.measured_at)} on a "
         f"{_e(report.host.cpu)} host ({report.host.cores} cores, Python {_e(report.host.python)}).</p>"
     )
+    body.append(conditions_note(report))
     body.append("<h2>Latency per call (ms) and throughput</h2>")
     headers = ("batch", "calls", "min", "mean", "std", "p50", "p90", "p95", "p99", "max", "inferences/s")
     rows = [
@@ -225,7 +243,7 @@ def comparison_html(report: ComparisonReport, png: bytes | None) -> str:
     return page(f"Engine comparison: model {report.model_id[:12]}", body)
 
 
-def evaluation_html(report: EvaluationReport) -> str:
+def evaluation_html(report: EvaluationReport, png: bytes | None = None) -> str:
     """The evaluation page: engine vs reference, per-output accuracy, worst layers or why none."""
     engine = report.engine
     body = [banner(engine.backend, engine.backend_version, engine.device), engine_table(engine)]
@@ -244,6 +262,7 @@ def evaluation_html(report: EvaluationReport) -> str:
         body.append(f'<p class="note">{layers.compared_tensors} tensors compared. {_e(layers.note)}</p>')
     else:
         body.append(f'<p class="note">{_e(layers.note)}</p>')
+    body.append(image(png, f"SNR per output and worst layers, {engine.measured_on}"))
     return page(
         f"Accuracy evaluation: {engine.precision.upper()} {engine.backend} engine {engine.engine_id[:12]}",
         body,

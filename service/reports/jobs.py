@@ -12,6 +12,7 @@ Start-up: call :func:`register` once after ``open_services`` and before ``servic
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ from service.backends.base import BackendInfo, IOSpec
 from service.builds.cache import EngineCache, EngineRecord
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
-from service.errors import EngineNotRunnableHere
+from service.errors import BadInput, EngineNotRunnableHere
 from service.jobs.records import JobRecord, JobStore
 from service.jobs.runner import JobContext, JobRunner
 from service.reports.benchmark import BENCHMARK_KIND, BenchmarkReport, MeasuredEngine, benchmark_runner
+from service.reports.benchmark_shapes import benchmark_shapes
 from service.reports.comparison import (
     COMPARISON_KIND,
     AccuracySummary,
@@ -41,6 +43,7 @@ from service.reports.evaluation import (
     reference_model_for,
 )
 from service.reports.latency import BenchmarkConfig
+from service.reports.run_conditions import ConditionsWatch
 from service.reports.synthetic_inputs import UNBOUNDED_TENSORS, TensorBudget, check_feed_sizes
 from service.serving.runnable import BackendLookup, default_backend_lookup, require_runnable
 from service.serving.runner_pool import RunnerPool
@@ -73,17 +76,37 @@ class ReportJobs:
     def submit_benchmark(self, engine_id: str, config: BenchmarkConfig, *, owner: str | None) -> JobRecord:
         record = self.engines.get(engine_id)
         require_runnable(record, self.engines, self.backend_for)
+        config = self.with_shapes(record, config)
         self._check_input_sizes(record, config)
-        params = {"engine_id": engine_id, "config": config.to_dict()}
+        params = {"engine_id": record.id, "config": config.to_dict()}
         return self.runner.submit(BENCHMARK_KIND, params, owner=owner)[0]
+
+    def with_shapes(self, record: EngineRecord, config: BenchmarkConfig) -> BenchmarkConfig:
+        """``config`` with a size for every dynamic axis of the engine's inputs, or BadInput naming them."""
+        inputs = self.models.get(record.built_model_id).info.inputs
+        calibration: dict[str, tuple[int, ...]] = {}
+        if record.calibration_set_id is not None:
+            info = self.calibration_sets.get(record.calibration_set_id).info
+            stored = {item.name: item.shape for item in info.inputs}
+            for model_input, array in self.calibration_sets.bind(record.calibration_set_id, inputs).items():
+                calibration[model_input] = stored[array]
+        shapes = benchmark_shapes(
+            inputs,
+            config.shape_map(),
+            build_shapes=record.build_config.shape_map(),
+            calibration_shapes=calibration,
+            engine_id=record.id,
+        )
+        return dataclasses.replace(config, shapes=tuple(sorted(shapes.items())))
 
     def submit_evaluation(
         self, engine_id: str, eval_set_id: str, max_samples: int | None, *, owner: str | None
     ) -> JobRecord:
         record = self.engines.get(engine_id)
         require_runnable(record, self.engines, self.backend_for)
+        eval_set_id = self.calibration_sets.get(eval_set_id).id
         self.calibration_sets.bind(eval_set_id, self.models.get(record.model_id).info.inputs)
-        params = {"engine_id": engine_id, "eval_set_id": eval_set_id, "max_samples": max_samples}
+        params = {"engine_id": record.id, "eval_set_id": eval_set_id, "max_samples": max_samples}
         return self.runner.submit(EVALUATION_KIND, params, owner=owner)[0]
 
     def submit_comparison(
@@ -98,15 +121,26 @@ class ReportJobs:
         for record in records:
             self._check_input_sizes(record, config)
         model_id = check_comparable(records, {r.model_id: self.root_model_id(r.model_id) for r in records})
+        # Checked now (400 naming the dynamic axes), chosen per engine: each may have its own build range.
+        shapes = {r.id: self.with_shapes(r, config).to_dict()["shapes"] for r in records if self._runnable(r)}
         if eval_set_id is not None:
+            eval_set_id = self.calibration_sets.get(eval_set_id).id
             self.calibration_sets.bind(eval_set_id, self.models.get(model_id).info.inputs)
         params = {
-            "engine_ids": list(engine_ids),
+            "engine_ids": [record.id for record in records],
             "model_id": model_id,
             "config": config.to_dict(),
+            "engine_shapes": shapes,
             "eval_set_id": eval_set_id,
         }
         return self.runner.submit(COMPARISON_KIND, params, owner=owner)[0]
+
+    def _runnable(self, record: EngineRecord) -> bool:
+        try:
+            require_runnable(record, self.engines, self.backend_for)
+        except EngineNotRunnableHere:
+            return False
+        return True
 
     def root_model_id(self, model_id: str) -> str:
         """The FP32 model a Q/DQ model was quantized from (following parents), else the model itself."""
@@ -151,7 +185,10 @@ class ReportJobs:
                 entries.append(ComparisonEntry(record, None, reason, self._stored_accuracy(record)))
                 continue
             bench_share = share / 2 if eval_set_id else share
-            benchmark = self._benchmark(ctx, record, config, start, bench_share)
+            engine_config = BenchmarkConfig.from_dict(
+                {**params["config"], "shapes": params.get("engine_shapes", {}).get(record.id, {})}
+            )
+            benchmark = self._benchmark(ctx, record, engine_config, start, bench_share)
             accuracy: AccuracySummary | None
             if eval_set_id is not None:
                 evaluation = self._evaluate(ctx, record, eval_set_id, None, start + bench_share, bench_share)
@@ -169,7 +206,9 @@ class ReportJobs:
         inputs = self.models.get(record.model_id).info.inputs
         specs = [IOSpec(spec.name, spec.dtype, spec.shape) for spec in inputs]
         shapes = record.build_config.shape_map()
-        check_feed_sizes(specs, config.batch_sizes, shapes=shapes, budget=self.budget)
+        check_feed_sizes(
+            specs, config.batch_sizes, shapes=shapes, sizes=config.shape_map(), budget=self.budget
+        )
 
     # Steps ---------------------------------------------------------------------------------------
 
@@ -180,6 +219,9 @@ class ReportJobs:
         self, ctx: JobContext, record: EngineRecord, config: BenchmarkConfig, start: float, share: float
     ) -> BenchmarkReport:
         ctx.phase(f"load {record.id[:12]}", start)
+        watch = ConditionsWatch(
+            lambda: self.jobs.running_elsewhere(ctx.job_id), exclusive=ctx.exclusive, waited_s=ctx.waited_s
+        )
         with self.pool.lease(record.id) as runner:
             ctx.phase(f"benchmark {record.id[:12]}", start)
             report = benchmark_runner(
@@ -190,6 +232,7 @@ class ReportJobs:
                 progress=lambda fraction: ctx.progress(start + share * fraction),
                 should_stop=ctx.should_stop,
                 budget=self.budget,
+                watch=watch,
             )
         for result in report.results:
             latency = result.latency
@@ -200,6 +243,12 @@ class ReportJobs:
             )
         for skipped in report.measurement.skipped:
             ctx.log(f"engine {record.id[:12]}: {skipped.reason}")
+        if not report.results:  # a report never succeeds empty
+            reasons = "; ".join(s.reason for s in report.measurement.skipped) or "nothing was measured"
+            raise BadInput(f"Engine {record.id} measured no batch size: {reasons}.")
+        conditions = report.conditions
+        if conditions is not None and conditions.warning:
+            ctx.log(f"engine {record.id[:12]}: latency may be distorted: {conditions.warning}")
         return report
 
     def _evaluate(
@@ -270,8 +319,9 @@ def register(services: Services) -> ReportJobs:
             all_inputs=services.settings.max_benchmark_input_bytes,
         ),
     )
-    services.runner.register(BENCHMARK_KIND, handlers.benchmark)
+    # Latency is measured alone on the host (HostGate): other jobs would be measured along with the engine.
+    services.runner.register(BENCHMARK_KIND, handlers.benchmark, exclusive=True)
     services.runner.register(EVALUATION_KIND, handlers.evaluation)
-    services.runner.register(COMPARISON_KIND, handlers.comparison)
+    services.runner.register(COMPARISON_KIND, handlers.comparison, exclusive=True)
     services.extras[REPORT_JOBS] = handlers
     return handlers

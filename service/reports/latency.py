@@ -55,6 +55,12 @@ class BenchmarkConfig:
     iterations: int | None = 100
     duration_s: float | None = None
     concurrency: int = 1
+    # Full input shapes for the dynamic non-batch axes (batch axis replaced by each batch size), as
+    # chosen by service.reports.benchmark_shapes; sorted by input name.
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def shape_map(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.shapes)
 
     def __post_init__(self) -> None:
         if not self.batch_sizes:
@@ -86,6 +92,7 @@ class BenchmarkConfig:
             "iterations": self.iterations,
             "duration_s": self.duration_s,
             "concurrency": self.concurrency,
+            "shapes": {name: list(dims) for name, dims in self.shapes},
         }
 
     @classmethod
@@ -96,6 +103,12 @@ class BenchmarkConfig:
             iterations=None if data.get("iterations") is None else int(data["iterations"]),
             duration_s=None if data.get("duration_s") is None else float(data["duration_s"]),
             concurrency=int(data.get("concurrency", 1)),
+            shapes=tuple(
+                sorted(
+                    (str(name), tuple(int(d) for d in dims))
+                    for name, dims in (data.get("shapes") or {}).items()
+                )
+            ),
         )
 
 
@@ -285,7 +298,9 @@ def measure_latency(
     total = len(config.batch_sizes)
     for index, batch_size in enumerate(config.batch_sizes):
         try:
-            feeds = synthetic_feeds(runner.inputs, batch_size, shapes=shapes, seed=index, budget=budget)
+            feeds = synthetic_feeds(
+                runner.inputs, batch_size, shapes=shapes, sizes=config.shape_map(), seed=index, budget=budget
+            )
         except BadInput as exc:
             skipped.append(SkippedBatch(batch_size, f"batch {batch_size} skipped: {exc.message}"))
             continue

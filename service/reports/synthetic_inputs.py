@@ -1,7 +1,9 @@
 """Synthetic benchmark inputs for a runner's input specs, at a requested batch size.
 
-Axis 0 is the batch axis. Other dynamic dims take the engine's optimization-profile ``opt`` value, or
-the build's shape range when the runner reports no profile; when neither gives a size, or the engine
+Axis 0 is the batch axis. Other dynamic dims take the size the benchmark chose for them (``sizes``:
+full shapes per input, see :mod:`service.reports.benchmark_shapes`), else the engine's
+optimization-profile ``opt`` value, or the build's shape range when the runner reports no profile;
+when none gives a size, or the engine
 cannot take the batch size (fixed batch, outside its profile), :func:`synthetic_feeds` raises
 BadInput naming the input and axis, which the benchmark reports as a skipped batch size. Values are
 seeded normal floats, zeros for integer and bool inputs (always valid as indices or masks), uniform
@@ -57,6 +59,7 @@ def check_feed_sizes(
     batch_sizes: Sequence[int],
     *,
     shapes: Mapping[str, ShapeRange] | None = None,
+    sizes: Mapping[str, Sequence[int]] | None = None,
     budget: TensorBudget,
 ) -> None:
     """Refuse (BadInput naming the setting) batch sizes whose synthetic inputs would be over ``budget``.
@@ -67,7 +70,9 @@ def check_feed_sizes(
         total = 0
         for spec in specs:
             try:
-                shape = _concrete_shape(spec, batch_size, (shapes or {}).get(spec.name))
+                shape = _concrete_shape(
+                    spec, batch_size, (shapes or {}).get(spec.name), (sizes or {}).get(spec.name)
+                )
             except BadInput:
                 continue
             nbytes = math.prod(shape) * np.dtype(spec.dtype).itemsize
@@ -81,16 +86,17 @@ def synthetic_feeds(
     batch_size: int,
     *,
     shapes: Mapping[str, ShapeRange] | None = None,
+    sizes: Mapping[str, Sequence[int]] | None = None,
     seed: int = 0,
     budget: TensorBudget = UNBOUNDED_TENSORS,
 ) -> dict[str, np.ndarray]:
     """Seeded inputs of ``batch_size``; BadInput naming the input and axis when the engine cannot take it,
     or naming the setting when the inputs would be over ``budget`` (checked before allocating)."""
-    check_feed_sizes(specs, [batch_size], shapes=shapes, budget=budget)
+    check_feed_sizes(specs, [batch_size], shapes=shapes, sizes=sizes, budget=budget)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in specs:
-        shape = _concrete_shape(spec, batch_size, (shapes or {}).get(spec.name))
+        shape = _concrete_shape(spec, batch_size, (shapes or {}).get(spec.name), (sizes or {}).get(spec.name))
         dtype = np.dtype(spec.dtype)
         if dtype.kind == "f":
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
@@ -101,8 +107,12 @@ def synthetic_feeds(
     return feeds
 
 
-def _concrete_shape(spec: IOSpec, batch_size: int, given: ShapeRange | None) -> tuple[int, ...]:
+def _concrete_shape(
+    spec: IOSpec, batch_size: int, given: ShapeRange | None, size: Sequence[int] | None
+) -> tuple[int, ...]:
     profile = spec.profile or given
+    if size is not None and len(size) != len(spec.shape):
+        size = None  # chosen for the model's rank; an engine of another rank keeps its own sizes
     dims: list[int] = []
     for axis, dim in enumerate(spec.shape):
         fixed = isinstance(dim, int) and dim >= 0
@@ -117,6 +127,8 @@ def _concrete_shape(spec: IOSpec, batch_size: int, given: ShapeRange | None) -> 
             dims.append(batch_size)
         elif fixed:
             dims.append(int(dim))
+        elif size is not None:
+            dims.append(int(size[axis]))
         elif profile is not None:
             dims.append(int(profile.opt[axis]))
         else:

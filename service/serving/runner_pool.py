@@ -107,6 +107,8 @@ class RunnerPool:
     @contextmanager
     def lease(self, engine_id: str) -> Iterator[Runner]:
         """The engine's runner, held warm and open until the block ends."""
+        if engine_id not in self._entries:  # a short id: load (and key) the runner under the full id
+            engine_id = self.engines.get(engine_id).id
         entry = self._acquire(engine_id)
         try:
             yield entry.runner

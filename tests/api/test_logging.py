@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from service.observability.logging import (
     request_scope,
 )
 from tests.auth.probe_routes import probe_server
-from tests.server import settings_for
+from tests.server import running_server, settings_for
 
 KEY = "logging-tests-key-" + "l" * 24
 ACCESS = "service.access"
@@ -38,13 +39,6 @@ def _access_records(caplog: pytest.LogCaptureFixture, request_id: str) -> list[l
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.01)
-
-
-@pytest.fixture
-def plain_logging_after() -> Iterator[None]:
-    """Put the plain formatter back after a test that switched the process to JSON lines."""
-    yield
-    configure_logging("INFO", json_lines=False)
 
 
 @pytest.fixture
@@ -133,7 +127,7 @@ def test_an_unhandled_error_answers_json_500_with_the_request_id_and_logs_it(
 
 
 def test_json_log_lines_parse_and_carry_the_request_fields(
-    tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str], plain_logging_after: None
+    tmp_path_factory: pytest.TempPathFactory, root_handlers_restored: None
 ) -> None:
     settings = settings_for(
         tmp_path_factory.mktemp("json-logs"), auth_enabled=True, bootstrap_api_key=KEY, log_json=True
@@ -143,7 +137,8 @@ def test_json_log_lines_parse_and_carry_the_request_fields(
             client.get("/v1/models", headers={"X-API-Key": KEY, "X-Request-ID": "rid-json"}).status_code
             == 200
         )
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    assert settings.log_file is not None
+    lines = [line for line in settings.log_file.read_text().splitlines() if line.startswith("{")]
     records = [json.loads(line) for line in lines]
     (access,) = [r for r in records if r["logger"] == ACCESS and r["request_id"] == "rid-json"]
     assert access["key_id"] == "bootstrap"
@@ -201,6 +196,34 @@ def test_configuring_twice_leaves_one_service_handler(root_handlers_restored: No
     assert ours == [handler]
     assert root.level == logging.WARNING
     assert logging.getLogger("uvicorn.access").disabled
+
+
+def test_the_service_logs_to_its_log_file_and_not_between_the_test_output(
+    tmp_path_factory: pytest.TempPathFactory, capfd: pytest.CaptureFixture[str], root_handlers_restored: None
+) -> None:
+    settings = settings_for(tmp_path_factory.mktemp("file-logs"))
+    with running_server(settings) as client:
+        assert client.get("/healthz", headers={"X-Request-ID": "rid-file"}).status_code == 200
+        deadline = time.monotonic() + 5
+        assert settings.log_file is not None
+        while "rid-file" not in _read(settings.log_file) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    written = _read(settings.log_file)
+    assert re.search(r"INFO +service\.access \[rid-file\] GET /healthz 200", written), written
+    out, err = capfd.readouterr()
+    assert "service.access" not in out + err and "rid-file" not in out + err
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def test_without_a_log_file_the_service_logs_to_stderr(
+    capsys: pytest.CaptureFixture[str], root_handlers_restored: None
+) -> None:
+    configure_logging("INFO", json_lines=False)
+    logging.getLogger("service.test").info("to stderr")
+    assert "INFO    service.test [-] to stderr" in capsys.readouterr().err
 
 
 def test_an_unknown_log_level_is_refused_with_the_valid_ones() -> None:

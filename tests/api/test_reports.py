@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from service.backends.registry import get_backend
-from service.reports.plots import PNG_SIGNATURE
+from service.reports.plots import LIMITS_KEY, PNG_SIGNATURE
 from tests.api.serving_helpers import build_engine, upload_model, wait_for, wait_for_report
 from tests.model_factory import resnet_block_classifier, two_input_adder
 
@@ -124,8 +126,13 @@ def test_an_int8_evaluation_reports_accuracy_and_the_worst_layers(
     assert {"tensor", "node", "op_type", "cosine", "max_abs_error", "snr_db"} == set(worst[0])
     page = api.get(f"/v1/reports/{report['id']}.html")
     assert page.status_code == 200 and worst[0]["tensor"] in page.text
+    assert "data:image/png;base64," in page.text
     png = api.get(f"/v1/reports/{report['id']}.png")
-    assert png.status_code == 404 and "evaluation, which has no plot" in png.json()["error"]["message"]
+    assert png.status_code == 200 and png.content.startswith(PNG_SIGNATURE)
+    limits = json.loads(Image.open(io.BytesIO(png.content)).text[LIMITS_KEY])  # type: ignore[attr-defined]
+    assert limits["outputs"]["data"][0] == pytest.approx(logits["snr_db"])
+    assert limits["outputs"]["ylim"][1] > logits["snr_db"]
+    assert max(limits["layers"]["xlim"]) > max(d["snr_db"] for d in worst)
 
 
 def test_evaluations_are_refused_up_front_when_they_cannot_run(api: httpx.Client, engines: Engines) -> None:
@@ -175,7 +182,11 @@ def test_a_comparison_puts_the_engines_side_by_side(api: httpx.Client, engines: 
         assert "cannot run on this host" in rows[engines.rtx]["not_run_reason"]
     page = api.get(f"/v1/reports/{report['id']}.html")
     assert page.status_code == 200 and "Engine comparison" in page.text and "speedup vs FP32" in page.text
-    assert api.get(f"/v1/reports/{report['id']}.png").content.startswith(PNG_SIGNATURE)
+    png = api.get(f"/v1/reports/{report['id']}.png").content
+    assert png.startswith(PNG_SIGNATURE)
+    throughput = json.loads(Image.open(io.BytesIO(png)).text[LIMITS_KEY])["throughput"]  # type: ignore[attr-defined]
+    fastest = max(row["latency_ms"]["1"]["inferences_per_s"] for row in report["engines"] if row["measured"])
+    assert throughput["data"][1] == pytest.approx(fastest, rel=1e-3) and throughput["ylim"][1] > fastest
 
 
 def test_comparisons_of_different_models_are_400(api: httpx.Client, engines: Engines) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.conftest import errors_of, invoke, json_of
-from tests.data_factory import photo_zip
+from tests.data_factory import classifier_samples, npz_bytes, photo_zip
 from tests.model_factory import model_bytes, resnet_block_classifier
 
 PREPROCESS = '{"size": [16, 16], "resize": "shorter_side_center_crop"}'
@@ -166,3 +166,50 @@ def test_a_local_int8_tensorrt_rtx_build_from_photos_is_an_int8_engine(tmp_path:
     assert report["engine"]["backend"] == "tensorrt-rtx"
     assert report["engine"]["layer_counts"]["int8"] > 0
     assert any(layer["precision"] == "int8" for layer in report["layers"]["layers"])
+
+
+def _build_args(model: Path, out: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "local", "build", str(model), "--precision", "int8", "--backend", "onnxruntime",
+        "-o", str(out), "--data-dir", str(tmp_path / "data"), "--json", *extra,
+    ]  # fmt: skip
+
+
+def test_an_image_calibration_archive_and_an_npz_eval_set_mix_with_one_preprocess(tmp_path: Path) -> None:
+    model, images, out = _files(tmp_path)
+    held_out = tmp_path / "held-out.npz"
+    held_out.write_bytes(npz_bytes(input=classifier_samples(6, seed=1011)))
+
+    result = invoke(*_build_args(model, out, tmp_path, "--calib", str(images), "--eval", str(held_out),
+                                 "--preprocess", PREPROCESS))  # fmt: skip
+
+    report = json.loads(Path(json_of(result)["report_path"]).read_text())
+    assert report["calibration_set"]["format"] != report["eval_set"]["format"]
+    assert report["calibration_set"]["preprocess"]["resize"] == "shorter_side_center_crop"
+    assert report["eval_set"]["preprocess"] is None and report["eval_set"]["samples"] == 6
+
+
+def test_each_set_takes_its_own_preprocessing(tmp_path: Path) -> None:
+    model, images, out = _files(tmp_path)
+    held_out = tmp_path / "held-out.zip"
+    held_out.write_bytes(photo_zip(4, max_side=40))
+    stretch = '{"size": [16, 16]}'
+
+    result = invoke(*_build_args(model, out, tmp_path, "--calib", str(images), "--eval", str(held_out),
+                                 "--calib-preprocess", PREPROCESS, "--eval-preprocess", stretch))  # fmt: skip
+
+    report = json.loads(Path(json_of(result)["report_path"]).read_text())
+    assert report["calibration_set"]["preprocess"]["resize"] == "shorter_side_center_crop"
+    assert report["eval_set"]["preprocess"]["resize"] == "stretch"
+
+
+def test_a_per_set_preprocess_on_an_array_file_is_refused_with_the_server_reason(tmp_path: Path) -> None:
+    model, images, out = _files(tmp_path)
+    held_out = tmp_path / "held-out.npz"
+    held_out.write_bytes(npz_bytes(input=classifier_samples(4, seed=1012)))
+
+    result = invoke(*_build_args(model, out, tmp_path, "--calib", str(images), "--preprocess", PREPROCESS,
+                                 "--eval", str(held_out), "--eval-preprocess", PREPROCESS))  # fmt: skip
+
+    assert result.exit_code == 1
+    assert any("only applies to image archives" in line for line in errors_of(result))

@@ -272,6 +272,12 @@ def test_silu_and_hard_swish_are_recognized_as_gated_activations() -> None:
     # x is read twice by the activation itself: that is not a multi-consumer blocker.
     assert all(not any("consumers" in b for b in p.blockers) for p in analysis.patterns)
     assert all("not one TensorRT documents" in p.blockers[0] for p in analysis.patterns)
+    # Not "blocked": the INT8 convolution runs, the activation follows as a pointwise epilogue.
+    assert [p.expected for p in analysis.patterns] == ["epilogue", "epilogue"]
+    assert analysis.summary.blocked == 0
+    assert analysis.to_dict()["summary"]["by_kind"]["conv_act"] == {
+        "count": 2, "total": 2, "fused": 0, "epilogue": 2, "blocked": 0
+    }  # fmt: skip
 
 
 def test_matmul_with_constant_bias_add_and_relu_is_a_gemm_relu() -> None:
@@ -460,6 +466,9 @@ BLOCKER_CASES = [
 ]
 
 
+ACTIVATION_ONLY = (_leaky_relu, _clip_with_input_bound)
+
+
 @pytest.mark.parametrize(
     ("kind", "build", "blocker"), BLOCKER_CASES, ids=[case[1].__name__[1:] for case in BLOCKER_CASES]
 )
@@ -471,7 +480,11 @@ def test_each_blocker_is_reported_with_a_readable_reason(
     assert pattern.kind == kind
     assert not pattern.int8_fusable
     assert any(re.search(blocker, text) for text in pattern.blockers), pattern.blockers
-    assert analysis.summary.blocked_count(kind) == 1
+    # Only the activation in the way: the convolution still runs in INT8, the activation after it.
+    outcome = "epilogue" if build in ACTIVATION_ONLY else "blocked"
+    assert pattern.expected == outcome and re.search(blocker, pattern.reason), pattern.reason
+    assert analysis.summary.blocked_count(kind) == (outcome == "blocked")
+    assert analysis.to_dict()["summary"]["by_kind"][kind][outcome] == 1
 
 
 def test_summary_counts_patterns_and_blocked_ones_per_kind_and_in_total() -> None:
@@ -488,8 +501,13 @@ def test_to_dict_is_json_ready_and_round_trips(zoo_model_path: Callable[[str], P
         "explicit_quantization": True,
         "total": 1,
         "blocked": 1,
-        "by_kind": {"conv_bn_relu": {"count": 1, "blocked": 1}},
+        "fused": 0,
+        "epilogue": 0,
+        "by_kind": {"conv_bn_relu": {"count": 1, "total": 1, "fused": 0, "epilogue": 0, "blocked": 1}},
     }
+    assert (
+        data["patterns"][0]["expected"] == "blocked" and "sit between Conv" in data["patterns"][0]["reason"]
+    )
     assert data["patterns"][0]["nodes"] == ["conv", "bn", "relu"]
     assert FusionAnalysis.from_dict(data) == analysis
     resnet = analyze_fusions(onnx.load(str(zoo_model_path("resnet50"))))

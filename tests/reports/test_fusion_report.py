@@ -173,7 +173,9 @@ def test_int8_plan_reports_correlation_plus_kgen_epilogue_not_fusion(block_analy
     assert "TensorRT-RTX builds every INT8 convolution this way" in stem.explanation
     summary = result.summary.to_dict()
     assert summary["conv_bn_relu_total"] == 2 and summary["conv_bn_relu_fused"] == 0
-    assert summary["by_kind"]["conv_bn_add"] == {"total": 1, "fused": 0, "epilogue": 1}
+    assert summary["by_kind"]["conv_bn_add"] == {
+        "total": 1, "fused": 0, "epilogue": 1, "separate": 0, "blocked": 0
+    }  # fmt: skip
     assert summary["int8_weighted_layer_share"] == 1.0
     # 13 compute layers (the shape call excluded), of which the 4 correlation and 2 gemm layers are INT8.
     assert summary["int8_layer_share"] == pytest.approx(6 / 13)
@@ -362,9 +364,74 @@ def test_tensorrt_rtx_fp32_build_fuses_all_33_conv_bn_relu_and_16_conv_bn_add(
     summary = result.summary.to_dict()
     assert (summary["conv_bn_relu_total"], summary["conv_bn_relu_fused"]) == (33, 33)
     assert (summary["conv_bn_add_total"], summary["conv_bn_add_fused"]) == (16, 16)
-    assert summary["by_kind"]["conv_bn"] == {"total": 4, "fused": 4, "epilogue": 0}
+    assert summary["by_kind"]["conv_bn"] == {
+        "total": 4,
+        "fused": 4,
+        "epilogue": 0,
+        "separate": 0,
+        "blocked": 0,
+    }
     # Every pattern is one runtime_fusion layer named after all its nodes: nothing inferred.
     assert {(e.fused_as, e.precision, e.inferred) for e in result.patterns} == {
         ("runtime_fusion", "fp32", False)
     }
     assert summary["int8_layer_share"] == 0.0
+
+
+def _silu_and_hardswish_analysis() -> FusionAnalysis:
+    from tests.onnx_graph.test_fusions import Net
+
+    net = Net()
+    c1 = net.conv("x", "conv1")
+    silu = net.node("Mul", [c1, net.node("Sigmoid", [c1], "sigmoid")], "silu_mul")
+    c2 = net.conv(silu, "conv2")
+    hswish = net.node("Mul", [net.node("HardSigmoid", [c2], "hsig", alpha=1 / 6, beta=0.5), c2], "hswish_mul")
+    return analyze_fusions(net.model(hswish))
+
+
+def test_silu_and_hardswish_read_the_same_in_the_static_and_the_engine_report() -> None:
+    analysis = _silu_and_hardswish_analysis()
+    # Static: not blocked; the INT8 convolution runs, the activation as its pointwise epilogue.
+    assert [(p.activation, p.expected) for p in analysis.patterns] == [
+        ("SiLU", "epilogue"),
+        ("HardSwish", "epilogue"),
+    ]
+    assert analysis.summary.blocked == 0
+    # A TensorRT-RTX INT8 plan: correlation + kgen per convolution, as its Layers: dump shows.
+    int8 = (
+        _layer("conv1_myl0_1", "correlation", "int8", ("conv1",), ("int8",)),
+        _layer("__myl_MulSigMul_myl0_2", "kgen", "fp32", ("conv1", "sigmoid", "silu_mul")),
+        _layer("conv2_myl0_3", "correlation", "int8", ("conv2",), ("int8",)),
+        _layer("__myl_HsigMul_myl0_4", "kgen", "fp32", ("conv2", "hsig", "hswish_mul")),
+    )
+    engine = verify_fusions(analysis, LayerReport(int8, "builder_log"), backend="tensorrt-rtx")
+    assert [(p.status, p.pattern.expected) for p in engine.patterns] == [("epilogue", "epilogue")] * 2
+    by_kind = engine.to_dict()["summary"]["by_kind"]["conv_act"]
+    assert by_kind == {"total": 2, "fused": 0, "epilogue": 2, "separate": 0, "blocked": 0}
+    assert "activation SiLU" in engine.patterns[0].explanation
+    # The same model in FP32: one runtime_fusion layer each, fused.
+    fp32 = (
+        _layer("__myl_CorrSigMul_myl0_1", "runtime_fusion", "fp32", ("conv1", "sigmoid", "silu_mul")),
+        _layer("__myl_CorrHsigMul_myl0_2", "runtime_fusion", "fp32", ("conv2", "hsig", "hswish_mul")),
+    )
+    fused = verify_fusions(analysis, LayerReport(fp32, "builder_log"), backend="tensorrt-rtx")
+    assert {p.status for p in fused.patterns} == {"fused"}
+
+
+def test_a_pattern_the_graph_blocks_is_reported_blocked_with_the_static_reason() -> None:
+    from tests.onnx_graph.test_fusions import _bn_output_is_graph_output
+
+    analysis = analyze_fusions(_bn_output_is_graph_output())
+    (pattern,) = [p for p in analysis.patterns if p.anchor == "conv"]
+    assert pattern.expected == "blocked" and "consumers" in pattern.reason
+    layers = (
+        _layer("conv", "CaskConvolution", "int8", ("conv", "bn"), ("int8",)),
+        _layer("relu", "Activation", "int8", ("relu",), ("int8",)),
+    )
+    result = verify_fusions(analysis, LayerReport(layers, "engine_inspector"), backend="tensorrt")
+    (entry,) = [e for e in result.patterns if e.pattern.anchor == "conv"]
+    assert entry.status == "blocked"
+    assert entry.explanation.startswith(f"Blocked: {pattern.reason}")
+    data = entry.to_dict()
+    assert (data["status"], data["expected"], data["reason"]) == ("blocked", "blocked", pattern.reason)
+    assert result.to_dict()["summary"]["by_kind"][pattern.kind]["blocked"] == 1
