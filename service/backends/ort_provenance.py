@@ -47,6 +47,11 @@ _TO_FLOAT_OPS = frozenset({"MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
 _INT32_OPS = frozenset({"ConvInteger", "MatMulInteger"})
 _INT64_OPS = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})
 
+# An activation ends an ORT fusion group: what reads it belongs to the next layer (or is a removed no-op).
+_GROUP_ENDS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu"})
+_NO_OPS = frozenset({"Identity", "Dropout"})
+_WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+_INPUT_SIDE_FUSIONS = frozenset({"Pad", "DequantizeLinear", "QuantizeLinear", "Identity", "Cast", "Dropout"})
 _PREFIXES = ("fused ", "InsertedPrecisionFreeCast_")
 _SUFFIX = re.compile(r"(/duplicated|_nchwc|_token_\d+)$")
 
@@ -74,12 +79,36 @@ def origins(optimized: onnx.GraphProto, original: onnx.GraphProto) -> list[tuple
     claimed = set().union(*claims) if claims else set()
     survivors = [_survivor(node, own, index) for node, own in zip(optimized.node, claims, strict=True)]
     present = _present_tensors(optimized, survivors)
+    # Backward cones first: a fused node is named after (and writes) its *last* original node, so what
+    # it absorbed lies upstream of its claim. Only then may the rest reach forward (removed no-ops).
+    # In that order a chain of fused nodes whose intermediate tensors ORT renamed (NCHWc convs on
+    # AVX2, where no ReorderOutput separates them) is split at each claim instead of being swallowed
+    # by the first node's forward reach.
+    backward = [
+        set() if survivor is not None else index.absorbed(own, present, claimed, forward=False)
+        for own, survivor in zip(claims, survivors, strict=True)
+    ]
+    taken = claimed.union(*backward) if backward else claimed
     result: list[tuple[str, ...]] = []
-    for own, survivor in zip(claims, survivors, strict=True):
+    for own, survivor, upstream in zip(claims, survivors, backward, strict=True):
         # A node that is an original node kept as it was (at most rewired or renamed) absorbed nothing.
-        absorbed = set() if survivor is not None else index.absorbed(own, present, claimed)
+        absorbed = (
+            set() if survivor is not None else upstream | index.absorbed(own | upstream, present, taken)
+        )
         result.append(tuple(name for name in index.order if name in own or name in absorbed))
     return result
+
+
+def _fusable_upstream(node: onnx.NodeProto, slot: int, producer: onnx.NodeProto) -> bool:
+    """Whether ``producer`` can have been fused into ``node`` through input ``slot``.
+
+    A weighted layer's data input comes from another layer: ORT fuses only a Pad or the Q/DQ around
+    it into the layer itself, never the Relu or Add that computed it, even when ORT renamed the tensor
+    between them (NCHWc chains).
+    """
+    if node.op_type in _WEIGHTED_OPS and slot == 0:
+        return producer.op_type in _INPUT_SIDE_FUSIONS
+    return True
 
 
 def _survivor(node: onnx.NodeProto, own: set[str], index: _OriginalIndex) -> onnx.NodeProto | None:
@@ -121,23 +150,32 @@ class _OriginalIndex:
                 return producer.name
         return None
 
-    def absorbed(self, own: set[str], present: set[str], claimed: set[str]) -> set[str]:
+    def absorbed(
+        self, own: set[str], present: set[str], claimed: set[str], *, forward: bool = True
+    ) -> set[str]:
+        """Unclaimed original nodes joined to ``own`` through tensors that vanished (upstream only
+        unless ``forward``)."""
         cone: set[str] = set()
         frontier = [name for name in own if name in self.by_name]
         while frontier:
             node = self.by_name[frontier.pop()]
             neighbours: list[onnx.NodeProto] = []
-            for tensor in node.input:
+            for slot, tensor in enumerate(node.input):
                 if (
                     tensor
                     and tensor not in present
                     and tensor not in self.sources
                     and tensor in self.producer
+                    and _fusable_upstream(node, slot, self.producer[tensor])
                 ):
                     neighbours.append(self.producer[tensor])
-            for tensor in node.output:
+            for tensor in node.output if forward else ():
                 if tensor and tensor not in present:
-                    neighbours.extend(self.consumers.get(tensor, ()))
+                    neighbours.extend(
+                        consumer
+                        for consumer in self.consumers.get(tensor, ())
+                        if node.op_type not in _GROUP_ENDS or consumer.op_type in _NO_OPS
+                    )
             for neighbour in neighbours:
                 name = neighbour.name
                 if name and name not in claimed and name not in cone:
