@@ -251,6 +251,24 @@ def test_optimized_fp32_graph_traces_fused_nchwc_convs_back_to_conv_bn_relu(tmp_
     assert all(node in report.mapped_nodes() for node in RESNET_BLOCK_NODES)
 
 
+def test_an_avx2_nchwc_chain_without_reorders_maps_to_the_same_groups() -> None:
+    """ORT on AVX2 (NCHWc blocks of 8 = this model's channels) chains the convolutions with no
+    ReorderOutput between them and renames every tensor between them; the groups must not bleed into
+    each other. The optimized graph was saved by ONNX Runtime under qemu's Haswell (AVX2) model."""
+    original = model_factory.resnet_block_classifier()
+    optimized = onnx.load(str(DATA / "resnet_block_optimized_avx2.onnx"))
+    assert not any(n.op_type == "ReorderOutput" for n in optimized.graph.node[:4])  # the AVX2 shape
+    report = layer_report_from_optimized_graph(optimized, original)
+    fused = {layer.onnx_nodes for layer in report.layers if layer.type in ("Conv", "FusedConv")}
+    assert fused == {
+        ("stem_conv", "stem_bn", "stem_relu"),
+        ("block_conv1", "block_bn1", "block_relu1"),
+        ("block_conv2", "block_bn2", "block_add", "block_relu2"),
+        ("head_conv", "head_relu6"),
+    }
+    assert report.unmapped_nodes == ()
+
+
 def test_optimized_qdq_graph_reports_int8_kernels_and_the_dequantize_nodes_they_absorbed(
     tmp_path: Path,
 ) -> None:
