@@ -104,11 +104,12 @@ def _fusable_upstream(node: onnx.NodeProto, slot: int, producer: onnx.NodeProto)
 
     A weighted layer's data input comes from another layer: ORT fuses only a Pad or the Q/DQ around
     it into the layer itself, never the Relu or Add that computed it, even when ORT renamed the tensor
-    between them (NCHWc chains).
+    between them (NCHWc chains); and no node absorbs an activation it reads, which ends another group.
     """
     if node.op_type in _WEIGHTED_OPS and slot == 0:
         return producer.op_type in _INPUT_SIDE_FUSIONS
-    return True
+    # An activation ends its own group: a residual Add reads the previous block's Relu, never fuses it.
+    return producer.op_type not in _GROUP_ENDS or node.op_type in _NO_OPS
 
 
 def _survivor(node: onnx.NodeProto, own: set[str], index: _OriginalIndex) -> onnx.NodeProto | None:

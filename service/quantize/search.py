@@ -10,7 +10,8 @@ meets every target:
    the task metric on held-out samples; the best is kept.
 2. ``per_tensor``: each activation tensor takes the method whose threshold causes the least error in
    the output of the layer that reads it (``probe.py``); judged like a method.
-3. ``keep``: the layers with the largest own INT8 error (from the same probe) stay in float, 1, 2, 4,
+3. ``keep``: the most sensitive layers stay in float (ranked by quantizing each alone and judging
+   the outputs, for as many layers as a time budget allows, picked by the probe's local error), 1, 2, 4,
    ... of them, then bisected down to the fewest that meet the target, but never so many that less
    than ``min_int8_share`` of the convolutions run in INT8 (keeping everything in float meets any
    target and is not an INT8 engine). When even that does not meet the target, the best candidate
@@ -22,6 +23,8 @@ Every evaluation reuses the FP32 reference outputs computed once (``evaluation.p
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +42,7 @@ from service.quantize.ort_prepare import onnxruntime_prepared
 from service.quantize.placement import QDQ_MIN_OPSET, PlacementTarget, placement_summary
 from service.quantize.probe import LayerProbe, ProbeEncoding, probe_layer_errors
 from service.quantize.qdq import QdqResult, qdq_model_from_scales
+from service.quantize.sensitivity import rank_layer_sensitivity
 from service.quantize.skip import SkipSpec
 from service.reports.accuracy import AccuracyReport
 from service.reports.reference import ReferenceEvaluator
@@ -46,6 +50,9 @@ from service.reports.tasks import DEFAULT_TARGETS, AccuracyTarget, TaskSpec
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 CONCRETE_METHODS: tuple[str, ...] = ("entropy", "max", "percentile", "mse")
+# Seconds of held-out evaluations the layer ranking may spend (each layer quantized alone costs one).
+RANKING_BUDGET_S = 30.0
+MIN_RANKED_LAYERS = 8
 DEFAULT_MIN_INT8_SHARE = 0.7
 
 
@@ -238,6 +245,7 @@ class _Search:
         should_stop: Callable[[], bool] | None,
     ) -> None:
         self.model, self.plan, self.should_stop = model, plan, should_stop
+        self.holdout = holdout
         self.reference = ReferenceEvaluator(model, holdout, task=plan.task)
         self.targets = plan.targets or DEFAULT_TARGETS[self.reference.task.kind]
         summary = placement_summary(model, plan.skip, target=plan.target)
@@ -252,6 +260,7 @@ class _Search:
         index = GraphIndex(self.prepared.graph)
         self.convolutions = sum(1 for n in index.graph.node if n.op_type in ("Conv", "ConvTranspose"))
         self.steps: list[SearchStep] = []
+        self.eval_seconds: list[float] = []
 
     def evaluate(
         self, label: str, description: str, amax: Mapping[str, float], kept: tuple[str, ...]
@@ -262,7 +271,9 @@ class _Search:
         qdq = qdq_model_from_scales(
             self.model, amax, skip=skip, target=self.plan.target, ort_weight_max=self.plan.ort_weight_max
         )
+        started = time.perf_counter()
         report = self.reference.evaluate(qdq.model, simulate=self.plan.target != "onnxruntime")
+        self.eval_seconds.append(time.perf_counter() - started)
         candidate = _Candidate(label, dict(amax), qdq, report, kept)
         self.steps.append(
             SearchStep(
@@ -286,10 +297,12 @@ class _Search:
         return current
 
     def _key(self, candidate: _Candidate) -> tuple[bool, float, float, float]:
-        """Met first, then the smallest relative margin, then more INT8, then the worst SNR."""
+        """Met first, then the smallest relative margin over the targets; between candidates that
+        meet it, more INT8 (then SNR); between candidates that do not, more accuracy (then INT8)."""
         margins = [(_value(candidate.report, t) - t.min) / max(abs(t.min), 1e-6) for t in self.targets]
-        share = self.int8_share(candidate.qdq)
-        return self.met(candidate), round(min(margins), 9), share, candidate.report.worst_snr_db()
+        share, snr = self.int8_share(candidate.qdq), candidate.report.worst_snr_db()
+        met = self.met(candidate)
+        return (met, round(min(margins), 9), share, snr) if met else (met, round(min(margins), 9), snr, share)
 
     def int8_share(self, qdq: QdqResult) -> float:
         """Share of the model's convolutions (or weighted layers, without any) that run in INT8."""
@@ -330,9 +343,8 @@ class _Search:
         say: Callable[[str], None],
         tick: Callable[[], None],
     ) -> _Candidate:
-        """Keep the layers with the largest own error in float: doubling, then bisecting (module doc)."""
-        ranked = sorted(probes.values(), key=lambda p: -_chosen_error(p, base.amax))
-        order = [p.node for p in ranked]
+        """Keep the most sensitive layers in float: doubling, then bisecting (module doc)."""
+        order = self._sensitivity_order(base, probes, say)
         convs = {layer.node for layer in self.quantized if layer.op_type in ("Conv", "ConvTranspose")}
         limit = self._keep_limit(order, convs)
         if limit == 0:
@@ -362,6 +374,35 @@ class _Search:
             else:
                 low = middle
         return passing
+
+    def _sensitivity_order(
+        self, base: _Candidate, probes: Mapping[str, LayerProbe], say: Callable[[str], None]
+    ) -> list[str]:
+        """Layers most sensitive first: each quantized alone and judged at the outputs, which sees how
+        much an early layer's error grows on its way (the probe's local error does not); as many as
+        :data:`RANKING_BUDGET_S` of evaluations allow, chosen by the probe's local error, the rest after
+        them in that order."""
+        local = [p.node for p in sorted(probes.values(), key=lambda p: -_chosen_error(p, base.amax))]
+        per_evaluation = statistics.median(self.eval_seconds) if self.eval_seconds else 1.0
+        budget = max(MIN_RANKED_LAYERS, int(RANKING_BUDGET_S / max(per_evaluation, 1e-3)))
+        ranking = rank_layer_sensitivity(
+            self.model,
+            base.amax,
+            self.holdout,
+            skip=self.plan.skip,
+            target=self.plan.target,
+            ort_weight_max=self.plan.ort_weight_max,
+            max_layers=budget,
+            prefer=local,
+            reference=self.reference,
+            should_stop=self.should_stop,
+        )
+        say(
+            f"ranked {len(ranking)} layer(s) by their effect on the outputs; most sensitive: "
+            + ", ".join(f"{r.node} ({r.snr_db:.1f} dB)" for r in ranking[:3])
+        )
+        ranked = [r.node for r in ranking]
+        return ranked + [node for node in local if node not in set(ranked)]
 
     def _keep(self, base: _Candidate, kept: list[str], count: int) -> _Candidate:
         return self.evaluate(

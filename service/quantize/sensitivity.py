@@ -27,7 +27,6 @@ evaluation runs it once.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -41,12 +40,7 @@ from service.quantize._graph import GraphIndex, canonical_model
 from service.quantize.placement import QDQ_MIN_OPSET, PlacementTarget, placement_summary, plan_qdq
 from service.quantize.qdq import QdqResult, qdq_model_from_scales, quantize_weight
 from service.quantize.skip import SkipSpec
-from service.reports.accuracy import (
-    AccuracyAccumulator,
-    cpu_session_options,
-    onnxruntime_session,
-    run_session,
-)
+from service.reports.reference import ReferenceEvaluator
 
 DEFAULT_MAX_LAYERS = 64
 
@@ -106,19 +100,27 @@ def rank_layer_sensitivity(
     target: PlacementTarget = "tensorrt",
     ort_weight_max: int | None = None,
     max_layers: int | None = DEFAULT_MAX_LAYERS,
+    prefer: Sequence[str] = (),
+    reference: ReferenceEvaluator | None = None,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
 ) -> tuple[LayerSensitivity, ...]:
-    """Layers ordered most sensitive first (lowest SNR when quantized alone; see the module docstring)."""
+    """Layers ordered most sensitive first (lowest SNR when quantized alone; see the module docstring).
+
+    ``prefer`` orders the layers to evaluate when ``max_layers`` leaves out some (the first and last
+    layers are always evaluated); ``reference`` reuses FP32 outputs already computed on the same
+    held-out batches. TensorRT-placement variants are judged with Q/DQ simulated in float.
+    """
     if max_layers is not None and max_layers < 1:
         raise BadInput(f"max_layers must be at least 1; got {max_layers}")
     prepared = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     base = skip or SkipSpec()
     layers = placement_summary(prepared, base, target=target).quantized
     quantized_nodes = tuple(layer.node for layer in layers)
-    candidates = _layers_to_evaluate(prepared, quantized_nodes, max_layers)
+    candidates = _layers_to_evaluate(prepared, quantized_nodes, max_layers, prefer)
     op_types = {layer.node: layer.op_type for layer in layers}
-    evaluator = _Evaluator(prepared, eval_batches)
+    evaluator = reference or ReferenceEvaluator(prepared, eval_batches)
+    simulate = target != "onnxruntime"
     total = len(candidates) + 1
     _report(progress, 1, total)
 
@@ -130,7 +132,7 @@ def rank_layer_sensitivity(
         variant = qdq_model_from_scales(
             prepared, activation_amax, skip=_merged(base, keep), target=target, ort_weight_max=ort_weight_max
         )
-        snr, cosine = evaluator.score(variant.model)
+        snr, cosine = _score(evaluator, variant.model, simulate)
         results.append(LayerSensitivity(node=node, op_type=op_types[node], snr_db=snr, cosine=cosine))
         _report(progress, done, total)
 
@@ -173,7 +175,8 @@ def select_layers_to_keep(
             "rank the same model with the same skip list"
         )
     limit = len(order) if max_kept is None else max(0, min(max_kept, len(order)))
-    evaluator = _Evaluator(prepared, eval_batches)
+    evaluator = ReferenceEvaluator(prepared, eval_batches)
+    simulate = target != "onnxruntime"
 
     def meets(snr: float, cosine: float) -> bool:
         return (min_snr_db is None or snr >= min_snr_db) and (min_cosine is None or cosine >= min_cosine)
@@ -189,7 +192,7 @@ def select_layers_to_keep(
             target=target,
             ort_weight_max=ort_weight_max,
         )
-        snr, cosine = evaluator.score(result.model)
+        snr, cosine = _score(evaluator, result.model, simulate)
         evaluations += 1
         _report(progress, len(kept) + 1, limit + 1)
         if meets(snr, cosine) or len(kept) >= limit:
@@ -204,47 +207,22 @@ def select_layers_to_keep(
         kept.append(order[len(kept)])
 
 
-class _Evaluator:
-    """Scores candidate models against FP32 outputs computed once."""
-
-    def __init__(self, reference: onnx.ModelProto, eval_batches: Batches) -> None:
-        self._batches = eval_batches
-        self._options = cpu_session_options()
-        session = onnxruntime_session(reference, self._options)
-        self._names = [o.name for o in session.get_outputs()]
-        self._fingerprints: list[str] = []
-        self._reference: list[dict[str, np.ndarray]] = []
-        for feeds in eval_batches():
-            self._fingerprints.append(_fingerprint(feeds))
-            self._reference.append(run_session(session, self._names, feeds))
-        if not self._reference:
-            raise BadInput("eval_batches yielded no batches; sensitivity needs held-out inputs")
-
-    def score(self, candidate: onnx.ModelProto) -> tuple[float, float]:
-        """(SNR dB, cosine) of the candidate's worst output over the held-out batches."""
-        session = onnxruntime_session(candidate, self._options)
-        accumulator = AccuracyAccumulator()
-        count = 0
-        for i, feeds in enumerate(self._batches()):
-            if i >= len(self._reference) or _fingerprint(feeds) != self._fingerprints[i]:
-                raise BadInput(
-                    "eval_batches must yield the same batches on every call (their FP32 outputs are cached); "
-                    f"batch {i} differs from the first pass"
-                )
-            accumulator.update(self._reference[i], run_session(session, self._names, feeds))
-            count += 1
-        if count != len(self._reference):
-            raise BadInput(f"eval_batches yielded {count} batches, the first pass {len(self._reference)}")
-        report = accumulator.finish()
-        worst = min(report.outputs, key=lambda o: (o.snr_db, o.cosine))
-        return worst.snr_db, min(o.cosine for o in report.outputs)
+def _score(reference: ReferenceEvaluator, candidate: onnx.ModelProto, simulate: bool) -> tuple[float, float]:
+    """(SNR dB, cosine) of the candidate's worst output over the held-out batches."""
+    report = reference.evaluate(candidate, simulate=simulate)
+    worst = min(report.outputs, key=lambda o: (o.snr_db, o.cosine))
+    return worst.snr_db, min(o.cosine for o in report.outputs)
 
 
 def _layers_to_evaluate(
-    model: onnx.ModelProto, quantized: tuple[str, ...], max_layers: int | None
+    model: onnx.ModelProto, quantized: tuple[str, ...], max_layers: int | None, prefer: Sequence[str] = ()
 ) -> list[str]:
     if max_layers is None or len(quantized) <= max_layers:
         return list(quantized)
+    if prefer:
+        wanted = dict.fromkeys([quantized[0], quantized[-1], *(n for n in prefer if n in set(quantized))])
+        chosen_preferred = set(list(wanted)[:max_layers])
+        return [n for n in quantized if n in chosen_preferred]
     index = GraphIndex(model.graph)
     # The TensorRT plan quantizes every layer the ONNX Runtime plan does; its weights are the proxy.
     plan_layers = {layer.node: layer for layer in plan_qdq(model).weights}
@@ -265,15 +243,6 @@ def _merged(base: SkipSpec, extra: frozenset[str]) -> SkipSpec:
     return SkipSpec(
         node_names=base.node_names | extra, op_types=base.op_types, first=base.first, last=base.last
     )
-
-
-def _fingerprint(feeds: Mapping[str, np.ndarray]) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(feeds):
-        array = np.asarray(feeds[name])
-        digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 def _report(progress: Progress | None, done: int, total: int) -> None:

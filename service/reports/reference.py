@@ -45,7 +45,9 @@ class ReferenceEvaluator:
             self._fingerprints.append(batch_fingerprint(feeds))
             self._outputs.append(run_session(session, self.names, feeds))
         if not self._outputs:
-            raise BadInput("no held-out batches to judge accuracy on; give eval_set_id or more samples")
+            raise BadInput(
+                "the held-out data yielded no batches to judge accuracy on; give eval_set_id or more samples"
+            )
         if task is None:
             self.task, reason = guess_task(self._outputs[0])
             self.task_reason = f"guessed: {reason}"
@@ -65,7 +67,8 @@ class ReferenceEvaluator:
         for i, feeds in enumerate(self._batches()):
             if i >= len(self._outputs) or batch_fingerprint(feeds) != self._fingerprints[i]:
                 raise BadInput(
-                    f"the held-out batches changed between passes (batch {i}); they must replay the same"
+                    "the held-out batches must yield the same batches on every call (their FP32 "
+                    f"outputs are cached); batch {i} differs from the first pass"
                 )
             accumulator.update(self._outputs[i], run_session(session, self.names, feeds))
             count += 1
