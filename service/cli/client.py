@@ -22,14 +22,17 @@ from service.cli.client_api import DEFAULT_URL
 from service.cli.client_job_commands import register_job_commands
 from service.cli.client_options import (
     CLIENT_PANEL,
+    AccuracyTargetOption,
     ApiKeyOption,
     Backend,
     InterruptOption,
     JsonOption,
-    Method,
+    MethodOption,
     Precision,
+    TaskOption,
     UrlOption,
     WaitOption,
+    accuracy_fields,
     client_session,
 )
 from service.cli.client_report_commands import register_report_commands
@@ -57,14 +60,14 @@ def build_command(
             "or the compute capability (see GET /v1/build-targets)."
         ),
     ] = None,
-    method: Annotated[
-        Method, typer.Option(help="Calibration method; auto keeps the most accurate.")
-    ] = "entropy",
+    method: MethodOption = "auto",
+    task: TaskOption = None,
+    accuracy_target: AccuracyTargetOption = None,
     percentile: Annotated[float, typer.Option(help="Percentile for method 'percentile'.")] = 99.99,
     max_samples: Annotated[int | None, typer.Option(help="Calibrate on at most this many samples.")] = None,
     holdout_fraction: Annotated[
         float, typer.Option(help="Share of samples held out for the accuracy check.")
-    ] = 0.1,
+    ] = 0.2,
     keep: Annotated[
         list[str] | None,
         typer.Option(help="Keep out of INT8: node name, op type, 'first' or 'last' (repeatable)."),
@@ -101,6 +104,7 @@ def build_command(
             },
             "keep": list(keep or ()),
             "shapes": parse_shape_ranges(shape or ()),
+            **accuracy_fields(task, accuracy_target),
         }
         if device is not None:
             body["device"] = device
@@ -184,9 +188,9 @@ def quantize_command(
     model_id: Annotated[str, typer.Argument(help="FP32 model id.")],
     calib: Annotated[str, typer.Option("--calib", help="Calibration set id.")],
     eval_set: Annotated[str | None, typer.Option("--eval", help="Held-out set id.")] = None,
-    method: Annotated[
-        Method, typer.Option(help="Calibration method; auto keeps the most accurate.")
-    ] = "entropy",
+    method: MethodOption = "auto",
+    task: TaskOption = None,
+    accuracy_target: AccuracyTargetOption = None,
     percentile: Annotated[float, typer.Option(help="Percentile for method 'percentile'.")] = 99.99,
     keep: Annotated[
         list[str] | None,
@@ -210,7 +214,7 @@ def quantize_command(
     min_cosine: Annotated[float | None, typer.Option(help="Accuracy bound for --sensitivity auto.")] = None,
     holdout_fraction: Annotated[
         float, typer.Option(help="Share of samples held out for accuracy checks.")
-    ] = 0.1,
+    ] = 0.2,
     max_samples: Annotated[int | None, typer.Option(help="Calibrate on at most this many samples.")] = None,
     wait: WaitOption = True,
     on_interrupt: InterruptOption = "ask",
@@ -240,6 +244,7 @@ def quantize_command(
             "min_cosine": min_cosine,
             "holdout_fraction": holdout_fraction,
             "max_samples": max_samples,
+            **accuracy_fields(task, accuracy_target),
         }
         started = api.create_quantization(body)
         out.note(f"quantization {started.id} queued")

@@ -55,7 +55,21 @@ def wait_for_job(api: ApiClient, out: Output, ref: JobRef, *, on_interrupt: Inte
     """Follow ``ref`` with progress to its end; its final state when it succeeded, else JobUnsuccessful."""
     with out.progress(f"{ref.kind} {ref.id[:12]}") as progress:
         state = follow_job(api, ref, progress, on_interrupt=on_interrupt, confirm_cancel=_confirm)
-    return require_success(state, ref)
+    done = require_success(state, ref)
+    report_shortfalls(out, done)
+    return done
+
+
+def report_shortfalls(out: Output, state: JobState) -> None:
+    """An INT8 result below its accuracy target, or slower than FP32, is said on stderr in every mode."""
+    if state.document.get("target_met") is False:
+        out.warning(f"{ref_name(state)} is BELOW its accuracy target: this INT8 result is worse than FP32.")
+    for text in state.document.get("warnings") or []:
+        out.warning(str(text))
+
+
+def ref_name(state: JobState) -> str:
+    return f"{state.kind} {state.id[:12]}"
 
 
 def parse_shape_ranges(values: Sequence[str]) -> dict[str, dict[str, list[int]]]:

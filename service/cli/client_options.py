@@ -59,6 +59,47 @@ WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the j
 Precision = Literal["int8", "fp16", "fp32"]
 Backend = Literal["auto", "tensorrt", "tensorrt-rtx", "onnxruntime"]
 Method = Literal["entropy", "max", "percentile", "mse", "auto"]
+TaskKind = Literal["classification", "detection", "segmentation", "generic"]
+MethodOption = Annotated[
+    Method,
+    typer.Option(
+        help="Calibration method; auto (default) searches method, per-tensor thresholds and layers kept "
+        "in float until the accuracy target holds."
+    ),
+]
+TaskOption = Annotated[
+    TaskKind | None,
+    typer.Option("--task", help="The task whose metric judges INT8 (default: the model's, else guessed)."),
+]
+AccuracyTargetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--accuracy-target",
+        help="METRIC=MIN the INT8 result must meet on held-out samples, e.g. top1_agreement=0.99 or "
+        "detection_recall=0.95 (repeatable; default: the task's).",
+    ),
+]
+
+
+def accuracy_fields(task: str | None, targets: list[str] | None) -> dict[str, object]:
+    """The ``task`` / ``accuracy_target`` request fields from the command line's options."""
+    from service.errors import BadInput
+
+    fields: dict[str, object] = {}
+    if task is not None:
+        fields["task"] = {"kind": task}
+    parsed = []
+    for item in targets or ():
+        metric, sep, value = item.partition("=")
+        try:
+            parsed.append({"metric": metric.strip(), "min": float(value)})
+        except ValueError:
+            sep = ""
+        if not sep or not metric.strip():
+            raise BadInput(f"--accuracy-target '{item}': write METRIC=MIN, e.g. top1_agreement=0.99.")
+    if parsed:
+        fields["accuracy_target"] = parsed
+    return fields
 
 
 @contextmanager

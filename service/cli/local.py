@@ -26,7 +26,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from service.calibration.preprocess_examples import cli_help
-from service.cli.client_options import Backend, JsonOption, Method, Precision, reported_errors
+from service.cli.client_options import (
+    AccuracyTargetOption,
+    Backend,
+    JsonOption,
+    MethodOption,
+    Precision,
+    TaskOption,
+    accuracy_fields,
+    reported_errors,
+)
 
 if TYPE_CHECKING:
     from service.cli.client_api import ApiClient, Document
@@ -125,12 +134,12 @@ def local_build(
         typer.Option("--eval", help="Held-out file for the accuracy check (same formats).", exists=True),
     ] = None,
     backend: Annotated[Backend, typer.Option(help="Backend; auto picks the best one available.")] = "auto",
-    method: Annotated[
-        Method, typer.Option(help="Calibration method; auto keeps the most accurate.")
-    ] = "entropy",
+    method: MethodOption = "auto",
+    task: TaskOption = None,
+    accuracy_target: AccuracyTargetOption = None,
     percentile: Annotated[float, typer.Option(help="Percentile for method 'percentile'.")] = 99.99,
     max_samples: Annotated[int | None, typer.Option(help="Calibrate on at most this many samples.")] = None,
-    holdout_fraction: Annotated[float, typer.Option(help="Share of samples held out for accuracy.")] = 0.1,
+    holdout_fraction: Annotated[float, typer.Option(help="Share of samples held out for accuracy.")] = 0.2,
     keep: Annotated[
         list[str] | None, typer.Option(help="Keep out of INT8: node, op type, first, last.")
     ] = None,
@@ -187,6 +196,7 @@ def local_build(
                     "calibration": calibration,
                     "keep": list(keep or ()),
                     "shapes": shapes,
+                    **accuracy_fields(task, accuracy_target),
                 },
                 output=output,
                 report=report,

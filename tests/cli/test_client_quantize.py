@@ -56,3 +56,26 @@ def test_quantize_auto_sensitivity_without_a_bound_is_refused_with_the_reason(
     (error,) = errors_of(result)
     assert result.exit_code == 1
     assert "min_snr_db" in error
+
+
+def test_quantize_takes_a_task_and_an_accuracy_target_and_says_loudly_when_it_is_missed(
+    cli: Cli, classifier_id: str, calib_id: str
+) -> None:
+    met = cli("quantize", classifier_id, "--calib", calib_id, "--task", "classification",
+              "--accuracy-target", "top1_agreement=0.1", "--json")  # fmt: skip
+    job = json_of(met)
+    assert job["target_met"] is True and job["result"]["task"]["kind"] == "classification"
+    assert job["result"]["accuracy_targets"] == [{"metric": "top1_agreement", "min": 0.1}]
+    assert "BELOW its accuracy target" not in met.stderr
+
+    missed = cli("quantize", classifier_id, "--calib", calib_id, "--accuracy-target", "snr_db=200", "--json")
+    assert missed.exit_code == 0, missed.output
+    assert json_of(missed)["target_met"] is False
+    assert "BELOW its accuracy target" in missed.stderr and "misses the accuracy target" in missed.stderr
+
+
+def test_a_malformed_accuracy_target_is_refused_before_anything_runs(
+    cli: Cli, classifier_id: str, calib_id: str
+) -> None:
+    result = cli("quantize", classifier_id, "--calib", calib_id, "--accuracy-target", "top1")
+    assert result.exit_code != 0 and any("METRIC=MIN" in line for line in errors_of(result))
