@@ -10,7 +10,8 @@ so that its wall time and peak RSS (``wait4`` rusage) are its own:
 * ``ours``: ``quantize_model`` with defaults only (method ``auto``: the accuracy search, the task
   guessed from the outputs, the task's default target), ONNX Runtime placement, this CPU's class.
 * ``ort``: ``quantize_static`` (QDQ format, per-channel symmetric INT8 weights, uint8 activations,
-  MinMax calibration, every op type), ONNX Runtime's documented defaults.
+  MinMax calibration, every op type), ONNX Runtime's documented defaults, on the model upgraded to
+  opset 13 (its per-channel output is invalid below that).
 
 Both INT8 models are then judged the same way against FP32 on the held-out inputs: the task metric,
 the whole-output cosine, the worst channel cosine, and their CPU latency (median of 20 runs, batch 1)
@@ -103,9 +104,13 @@ def run_side(side: str, which: str, count: int, out: Path) -> dict[str, Any]:
             def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self._batches, None)
 
+        from service.quantize._graph import with_opset_at_least
+
         with tempfile.TemporaryDirectory() as scratch:
             source = Path(scratch) / "fp32.onnx"
-            onnx.save(model, str(source))
+            # Per-channel DequantizeLinear needs opset 13; quantize_static writes it into older models
+            # anyway (an invalid graph), so it gets the model upgraded as the service upgrades it.
+            onnx.save(with_opset_at_least(model, 13), str(source))
             quantize_static(
                 str(source),
                 str(out),
@@ -136,6 +141,17 @@ def measure_child(side: str, which: str, count: int, out: Path) -> dict[str, Any
     result = json.loads(payload.decode().strip().splitlines()[-1])
     return {**result, "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "peak_rss_mib": round(usage.ru_maxrss / 1024, 0)}  # fmt: skip
+
+
+def judged_in_child(which: str, count: int, model_path: Path) -> dict[str, Any]:
+    """:func:`judge` in its own process, so this one stays small: a child forked from a large parent
+    starts with the parent's pages resident, which would inflate the next side's peak RSS."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.accuracy", "--child", "judge", "--models", which,
+         "--inputs", str(count), "--out", str(model_path)],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    return dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
 
 
 def judge(which: str, count: int, model_path: Path) -> dict[str, Any]:
@@ -191,6 +207,9 @@ def markdown(results: dict[str, Any]) -> str:
     ]  # fmt: skip
     for which, sides in results["models"].items():
         for side, row in sides.items():
+            if "failed" in row:
+                lines.append(f"| {which} | {side} | FAILED: {row['failed']} | | | | | | | |")
+                continue
             metrics = ", ".join(
                 f"{k} {v:.3f}" for k, v in row["task_metrics"].items() if isinstance(v, float)
             )
@@ -202,8 +221,9 @@ def markdown(results: dict[str, Any]) -> str:
             )
     lines += ["", "## Search path (ours)", ""]
     for which, sides in results["models"].items():
-        lines.append(f"**{which}** (int8 share of convolutions {sides['ours'].get('int8_share')}):")
-        for step in sides["ours"].get("path", []):
+        ours = sides.get("ours", {})
+        lines.append(f"**{which}** (int8 share of convolutions {ours.get('int8_share')}):")
+        for step in ours.get("path", []):
             figures = ", ".join(f"{k} {v:.4f}" for k, v in step["metrics"].items() if isinstance(v, float))
             lines.append(
                 f"- {step['step']}: {figures}; INT8 share {step['int8_share']:.2f}; met {step['target_met']}"
@@ -216,9 +236,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--inputs", type=int, default=64)
-    parser.add_argument("--child", choices=("ours", "ort"))
+    parser.add_argument("--child", choices=("ours", "ort", "judge"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.child == "judge":
+        print(json.dumps(judge(args.models, args.inputs, args.out)))
+        return
     if args.child:
         print(json.dumps(run_side(args.child, args.models, args.inputs, args.out)))
         return
@@ -236,8 +259,12 @@ def main() -> None:
             results["models"][which] = {}
             for side in ("ours", "ort"):
                 out = Path(scratch) / f"{which}-{side}.onnx"
-                row = measure_child(side, which, count, out)
-                row.update(judge(which, count, out))
+                try:
+                    row = measure_child(side, which, count, out)
+                    row.update(judged_in_child(which, count, out))
+                except Exception as exc:  # a side that fails is a result too; record it and go on
+                    results["models"][which][side] = {"failed": f"{type(exc).__name__}: {exc}"[:400]}
+                    continue
                 results["models"][which][side] = row
                 print(
                     which, side, json.dumps({k: row[k] for k in ("task_metrics", "wall_s", "peak_rss_mib")})
