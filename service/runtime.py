@@ -12,7 +12,7 @@ from typing import Any
 
 from service.auth.keys import KeyRing, KeyStore
 from service.builds.cache import EngineCache
-from service.builds.pipeline import BuildPipeline, ort_weight_max
+from service.builds.pipeline import BuildPipeline
 from service.builds.storage import LocalBuildStorage
 from service.builds.submit import BUILD_JOB
 from service.calibration.preprocess import PreprocessLimits
@@ -154,10 +154,7 @@ def open_services(settings: Settings) -> Services:
             interval_s=settings.remote_lease_sweep_s,
             on_failed=runner.notify_finished,
         )
-    runner.register(
-        QUANTIZATION_JOB,
-        QuantizationJob(models, calibration_sets, engines.artifacts, ort_weight_max=ort_weight_max()).handle,
-    )
+    runner.register(QUANTIZATION_JOB, QuantizationJob(models, calibration_sets, engines.artifacts).handle)
     # Warm runners for inference and the benchmark/evaluation/comparison job kinds. Imported here:
     # the reports layer reads Services, so a module-level import would be circular.
     from service.reports.jobs import register as register_reports

@@ -213,7 +213,6 @@ class BuildPipeline:
             percentile=options.percentile,
             skip=key.config.keep,
             target=target,
-            ort_weight_max=ort_weight_max() if target == "onnxruntime" else None,
             task=TaskSpec.model_validate(options.task) if options.task else None,
             accuracy_targets=tuple(AccuracyTarget.model_validate(t) for t in options.accuracy_targets),
         )
@@ -288,14 +287,6 @@ class BuildPipeline:
             "quantization": prepared.quantization.summary() if prepared.quantization else None,
             "build_log_tail": built.build_log.splitlines()[-60:],
         }
-
-
-def ort_weight_max() -> int:
-    """The weight range of ONNX Runtime INT8 engines built here (7 bits where U8S8 pairs saturate)."""
-    from service.backends.onnxruntime import OnnxRuntimeBackend
-
-    backend = get_backend("onnxruntime")
-    return backend.cpu_isa.int8_weight_max if isinstance(backend, OnnxRuntimeBackend) else 127
 
 
 def placement_target(backend_name: str) -> PlacementTarget:

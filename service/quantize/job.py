@@ -23,7 +23,6 @@ class QuantizationJob:
     models: ModelCatalog
     calibration_sets: CalibrationCatalog
     artifacts: BlobStore
-    ort_weight_max: int | None = None  # None: this host's class (backends/cpu_isa.py)
 
     def handle(self, ctx: JobContext) -> dict[str, Any]:
         params = ctx.params
@@ -61,7 +60,6 @@ class QuantizationJob:
             min_snr_db=params.get("min_snr_db"),
             min_cosine=params.get("min_cosine"),
             target=target,
-            ort_weight_max=self.ort_weight_max,
             task=TaskSpec.model_validate(task) if task else None,
             accuracy_targets=targets_of(
                 [AccuracyTarget.model_validate(t) for t in params.get("accuracy_targets") or []]
