@@ -61,6 +61,7 @@ class TaskAccumulator:
     def __init__(self, task: TaskSpec, *, guessed: bool, reason: str) -> None:
         self.task, self.guessed, self.reason = task, guessed, reason
         self._rows = self._top1 = self._topk = 0
+        self._topk_trivial = False  # k >= classes: every row "agrees", so the figure says nothing
         self._ref_dets = self._cand_dets = self._matched = self._cand_matched = 0
         self._intersection = self._union = 0
         self._threshold: float | None = None
@@ -101,7 +102,9 @@ class TaskAccumulator:
         if kind == "classification":
             metrics = {
                 "top1_agreement": self._top1 / self._rows if self._rows else None,
-                f"top{self.task.top_k}_agreement": self._topk / self._rows if self._rows else None,
+                f"top{self.task.top_k}_agreement": self._topk / self._rows
+                if self._rows and not self._topk_trivial
+                else None,
             }
             if self.task.top_k != 5:
                 metrics["top5_agreement"] = None
@@ -139,6 +142,7 @@ class TaskAccumulator:
         cand_rows = cand.reshape(-1, cand.shape[-1])
         best = np.argmax(np.nan_to_num(ref_rows, nan=-np.inf), axis=-1)
         cand_scores = np.nan_to_num(cand_rows, nan=-np.inf)
+        self._topk_trivial = self._topk_trivial or self.task.top_k >= cand_rows.shape[-1]
         k = min(self.task.top_k, cand_rows.shape[-1])
         top_k = np.argpartition(-cand_scores, k - 1, axis=-1)[:, :k]
         self._rows += int(best.size)
