@@ -21,6 +21,10 @@ class ServiceError(Exception):
         self.message = message
         self.details = details or {}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries besides the JSON body (e.g. Retry-After)."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details:
@@ -102,10 +106,19 @@ class Unauthorized(ServiceError):
 
 
 class LimitExceeded(ServiceError):
-    """A per-key quota (concurrent jobs) is exhausted (HTTP 429)."""
+    """A quota (queued or running jobs of one owner) is exhausted (HTTP 429, with Retry-After)."""
 
     code = "limit_exceeded"
     status = 429
+
+    def __init__(
+        self, message: str, *, retry_after_s: int = 10, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, details=details)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class BackendUnavailable(ServiceError):

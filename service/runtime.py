@@ -28,6 +28,8 @@ from service.observability.metrics import ServiceMetrics
 from service.quantize.job import QUANTIZATION_JOB, QuantizationJob
 from service.store.blobs import BlobStore
 from service.store.db import Database
+from service.store.file_modes import make_private, private_umask
+from service.store.owners import Ownership
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,11 @@ class Services:
     # Fails jobs of remote workers that stopped reporting (only when remote workers are enabled).
     lease_sweeper: LeaseSweeper | None = None
 
+    @property
+    def owners(self) -> Ownership:
+        """Who owns which model, set, engine and job (service.store.owners)."""
+        return Ownership(self.db)
+
     def start(self) -> None:
         """Start the background work of a serving process: the job runner and the lease sweeper."""
         self.runner.start()
@@ -77,8 +84,16 @@ def open_services(settings: Settings) -> Services:
     registered (the app's lifespan does).
     """
     settings.worker_token_value()  # a token too short to be safe stops start-up, before anything opens
+    if settings.private_data:
+        private_umask()  # before anything is created: the directories below, the database, every blob
     settings.ensure_dirs()
     db = Database(settings.database_path)
+    if settings.private_data:
+        tightened = make_private(
+            (settings.engines_dir, settings.calibration_dir, settings.models_dir), settings.database_path
+        )
+        if tightened:
+            logger.warning("made %d existing data file(s) and folder(s) private (0600/0700)", tightened)
     model_blobs = BlobStore(settings.models_dir, suffix=".onnx")
     jobs = JobStore(db)
     # Seed the bootstrap key and read the keys file only when auth is on; a bad one stops start-up.
@@ -100,8 +115,18 @@ def open_services(settings: Settings) -> Services:
     runner = JobRunner(
         jobs,
         workers=settings.job_workers,
-        max_active_per_owner=settings.max_concurrent_jobs_per_key if settings.auth_enabled else None,
+        # One rule in both modes: queued or running jobs per owner (each key, or the local owner).
+        max_active_per_owner=(
+            settings.max_concurrent_jobs_per_key
+            if settings.auth_enabled
+            else settings.max_queued_jobs_per_owner
+        ),
         owner_limit=keys.job_limit,  # a key's own concurrent-job limit
+        limit_setting=(
+            "ENGINE_SERVICE_MAX_CONCURRENT_JOBS_PER_KEY"
+            if settings.auth_enabled
+            else "ENGINE_SERVICE_MAX_QUEUED_JOBS_PER_OWNER"
+        ),
         queue=queue,
         # Latency jobs run alone among the jobs of every process sharing this engines directory.
         gate=HostGate(settings.engines_dir / HOST_GATE_DIR),

@@ -7,21 +7,27 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
-from service.api.deps import ServicesDep
+from service.api.deps import PrincipalDep, ServicesDep
+from service.api.tenancy import delete_owned, owned_engine, owned_model, visible
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
 
 @router.get("")
-def list_engines(services: ServicesDep, model_id: str | None = None) -> list[dict[str, Any]]:
-    """Cached engines, newest first (filter by `model_id`)."""
-    return [record.to_dict() for record in services.engines.list(model_id=model_id)]
+def list_engines(
+    services: ServicesDep, principal: PrincipalDep, model_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Your cached engines, newest first (filter by `model_id`)."""
+    if model_id is not None:
+        model_id = owned_model(services, principal, model_id).id
+    records = visible(services, principal, "engine", services.engines.list(model_id=model_id), lambda r: r.id)
+    return [record.to_dict() for record in records]
 
 
 @router.get("/{engine_id}")
-def read_engine(engine_id: str, services: ServicesDep) -> dict[str, Any]:
+def read_engine(engine_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Backend, version, device, precision, build config, size, layer counts, fusions and accuracy."""
-    record = services.engines.get(engine_id)
+    record = owned_engine(services, principal, engine_id)
     body = record.to_dict()
     body["preparation"] = record.report.get("preparation", [])
     body["kept_layers"] = record.report.get("kept_layers", [])
@@ -30,16 +36,16 @@ def read_engine(engine_id: str, services: ServicesDep) -> dict[str, Any]:
 
 
 @router.get("/{engine_id}/layers")
-def read_engine_layers(engine_id: str, services: ServicesDep) -> dict[str, Any]:
+def read_engine_layers(engine_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Every engine layer with its type, precision, tensor types and the ONNX nodes fused into it."""
-    record = services.engines.get(engine_id)
+    record = owned_engine(services, principal, engine_id)
     return {"engine_id": record.id, **record.report.get("layers", {})}
 
 
 @router.get("/{engine_id}/fusions")
-def read_engine_fusions(engine_id: str, services: ServicesDep) -> dict[str, Any]:
+def read_engine_fusions(engine_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Static fusion patterns checked against the built engine's layers."""
-    record = services.engines.get(engine_id)
+    record = owned_engine(services, principal, engine_id)
     return {
         "engine_id": record.id,
         "backend": record.backend,
@@ -49,9 +55,9 @@ def read_engine_fusions(engine_id: str, services: ServicesDep) -> dict[str, Any]
 
 
 @router.get("/{engine_id}/plan", response_class=FileResponse)
-def read_engine_plan(engine_id: str, services: ServicesDep) -> FileResponse:
+def read_engine_plan(engine_id: str, services: ServicesDep, principal: PrincipalDep) -> FileResponse:
     """Download the engine bytes (verified against their sha256 first)."""
-    record = services.engines.get(engine_id)
+    record = owned_engine(services, principal, engine_id)
     path = services.engines.verified_plan_path(record.id)
     return FileResponse(
         path,
@@ -62,9 +68,11 @@ def read_engine_plan(engine_id: str, services: ServicesDep) -> FileResponse:
 
 
 @router.get("/{engine_id}/calibration-cache", response_class=FileResponse)
-def read_engine_calibration_cache(engine_id: str, services: ServicesDep) -> FileResponse:
+def read_engine_calibration_cache(
+    engine_id: str, services: ServicesDep, principal: PrincipalDep
+) -> FileResponse:
     """Download the TensorRT calibration cache the service computed for this engine."""
-    engine_id = services.engines.get(engine_id).id
+    engine_id = owned_engine(services, principal, engine_id).id
     path = services.engines.calibration_cache_path(engine_id)
     return FileResponse(
         path,
@@ -75,9 +83,9 @@ def read_engine_calibration_cache(engine_id: str, services: ServicesDep) -> File
 
 
 @router.get("/{engine_id}/model.onnx", response_class=FileResponse)
-def read_engine_model(engine_id: str, services: ServicesDep) -> FileResponse:
+def read_engine_model(engine_id: str, services: ServicesDep, principal: PrincipalDep) -> FileResponse:
     """Download the exact ONNX that was handed to the builder."""
-    record = services.engines.get(engine_id)
+    record = owned_engine(services, principal, engine_id)
     return FileResponse(
         services.model_blobs.path_for(record.built_model_id),
         media_type="application/octet-stream",
@@ -87,7 +95,8 @@ def read_engine_model(engine_id: str, services: ServicesDep) -> FileResponse:
 
 
 @router.delete("/{engine_id}", status_code=204)
-def delete_engine(engine_id: str, services: ServicesDep) -> Response:
-    """Remove an engine from the cache."""
-    services.engines.delete(engine_id)
+def delete_engine(engine_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
+    """Remove your engine (from the cache once no other key holds it)."""
+    record = owned_engine(services, principal, engine_id)
+    delete_owned(services, principal, "engine", record.id, services.engines.delete)
     return Response(status_code=204)

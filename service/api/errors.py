@@ -37,6 +37,7 @@ _ERROR_STATUSES = {
     "409": "The request contradicts the current state.",
     "413": "The upload or archive exceeds a configured bound.",
     "422": "The request does not match the schema.",
+    "429": "Too many queued or running jobs for this key; Retry-After says when to try again.",
     "503": "The requested backend cannot be used on this host.",
 }
 
@@ -81,7 +82,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(status_code=exc.status, content={"error": exc.to_dict()})
+        return JSONResponse(status_code=exc.status, content={"error": exc.to_dict()}, headers=exc.headers())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:

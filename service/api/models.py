@@ -10,7 +10,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.auth import effective_upload_limit
-from service.api.deps import ServicesDep
+from service.api.deps import PrincipalDep, ServicesDep
+from service.api.tenancy import delete_owned, grant, owned_model, visible
 from service.api.uploads import receive_upload, upload_body_schema
 from service.reports.tasks import TaskSpec
 
@@ -89,7 +90,7 @@ class FusionReportPublic(BaseModel):
     responses={200: {"model": ModelPublic, "description": "The same bytes were uploaded before."}},
     openapi_extra=upload_body_schema({"name": {"type": "string"}}),
 )
-async def create_model(request: Request, services: ServicesDep) -> JSONResponse:
+async def create_model(request: Request, services: ServicesDep, principal: PrincipalDep) -> JSONResponse:
     """Upload an ONNX model (multipart `file`, or a raw body with `?name=`)."""
     upload = await receive_upload(
         request,
@@ -97,32 +98,40 @@ async def create_model(request: Request, services: ServicesDep) -> JSONResponse:
         effective_upload_limit(request, services.settings),  # [auth] per-key
     )
     name = upload.fields.get("name") or upload.filename or request.query_params.get("name") or "model.onnx"
-    record, created = await run_in_threadpool(services.models.register_staged, upload.staged, name)
-    return JSONResponse(status_code=201 if created else 200, content=record.to_dict())
+    record, _ = await run_in_threadpool(services.models.register_staged, upload.staged, name)
+    # Bytes another key uploaded first are stored once; this key gets its own link (201 when new to it,
+    # so the answer says nothing about other keys' uploads).
+    linked = await run_in_threadpool(grant, services, principal, "model", record.id)
+    return JSONResponse(status_code=201 if linked else 200, content=record.to_dict())
 
 
 @router.get("", response_model=list[ModelPublic])
-def list_models(services: ServicesDep, source: str | None = None) -> list[dict[str, Any]]:
-    """List models, newest first (filter by `source`: upload, quantization, build)."""
-    return [record.to_dict() for record in services.models.list(source=source)]
+def list_models(
+    services: ServicesDep, principal: PrincipalDep, source: str | None = None
+) -> list[dict[str, Any]]:
+    """List your models, newest first (filter by `source`: upload, quantization, build)."""
+    records = visible(services, principal, "model", services.models.list(source=source), lambda r: r.id)
+    return [record.to_dict() for record in records]
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
-def read_model(model_id: str, services: ServicesDep) -> dict[str, Any]:
+def read_model(model_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """One model's record."""
-    return services.models.get(model_id).to_dict()
+    return owned_model(services, principal, model_id).to_dict()
 
 
 @router.patch("/{model_id}", response_model=ModelPublic)
-def update_model(model_id: str, body: ModelUpdate, services: ServicesDep) -> dict[str, Any]:
+def update_model(
+    model_id: str, body: ModelUpdate, services: ServicesDep, principal: PrincipalDep
+) -> dict[str, Any]:
     """Name the model's task (classification, detection, segmentation, generic) and its metric options."""
-    return services.models.set_task(model_id, body.task).to_dict()
+    return services.models.set_task(owned_model(services, principal, model_id).id, body.task).to_dict()
 
 
 @router.get("/{model_id}/onnx", response_class=FileResponse)
-def read_model_onnx(model_id: str, services: ServicesDep) -> FileResponse:
+def read_model_onnx(model_id: str, services: ServicesDep, principal: PrincipalDep) -> FileResponse:
     """Download the exact bytes of the model."""
-    record = services.models.get(model_id)
+    record = owned_model(services, principal, model_id)
     filename = record.name if record.name.endswith(".onnx") else f"{record.name}.onnx"
     return FileResponse(
         services.model_blobs.path_for(record.id),
@@ -133,11 +142,11 @@ def read_model_onnx(model_id: str, services: ServicesDep) -> FileResponse:
 
 
 @router.get("/{model_id}/fusions", response_model=FusionReportPublic)
-def read_model_fusions(model_id: str, services: ServicesDep) -> dict[str, Any]:
+def read_model_fusions(model_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Static fusion analysis: Conv-BN-ReLU, Conv-BN-Add and friends, with what blocks INT8 fusion."""
     from service.onnx_graph.fusions import analyze_fusions
 
-    record = services.models.get(model_id)
+    record = owned_model(services, principal, model_id)
     analysis = analyze_fusions(services.models.load(record.id))
     return {
         "model_id": record.id,
@@ -147,7 +156,8 @@ def read_model_fusions(model_id: str, services: ServicesDep) -> dict[str, Any]:
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, services: ServicesDep) -> Response:
-    """Delete a model that no engine or active job uses."""
-    services.models.delete(model_id)
+def delete_model(model_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
+    """Delete your model (its bytes go once no other key holds it and no engine or active job uses it)."""
+    record = owned_model(services, principal, model_id)
+    delete_owned(services, principal, "model", record.id, services.models.delete)
     return Response(status_code=204)

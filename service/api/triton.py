@@ -8,7 +8,8 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from service.api.deps import ServicesDep
+from service.api.deps import PrincipalDep, ServicesDep
+from service.api.tenancy import owned_engine
 from service.export.triton import export_for_triton
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
@@ -20,6 +21,7 @@ EXPORTS_DIR = ".exports"  # under the engines root: the same volume, so large ar
 def read_engine_triton_repository(
     engine_id: str,
     services: ServicesDep,
+    principal: PrincipalDep,
     name: Annotated[
         str | None,
         Query(
@@ -31,7 +33,7 @@ def read_engine_triton_repository(
     export = export_for_triton(
         services.engines,
         services.models,
-        engine_id,
+        owned_engine(services, principal, engine_id).id,
         name=name,
         workdir=services.settings.engines_dir / EXPORTS_DIR,
     )

@@ -109,6 +109,9 @@ def create_key(
     max_concurrent_jobs: int | None = typer.Option(
         None, min=1, help="This key's queued+running job limit; replaces the server-wide one."
     ),
+    admin: bool = typer.Option(
+        False, "--admin", help="An admin key sees and manages every key's models, sets, engines and jobs."
+    ),
 ) -> None:
     """Create a key and print it once on stdout (only its hash is stored: keep it now)."""
     from service.errors import ServiceError
@@ -116,13 +119,16 @@ def create_key(
     store = _key_store()
     try:
         issued = store.create(
-            name, max_upload_bytes=max_upload_bytes, max_concurrent_jobs=max_concurrent_jobs
+            name, max_upload_bytes=max_upload_bytes, max_concurrent_jobs=max_concurrent_jobs, admin=admin
         )
     except ServiceError as exc:
         raise _fail(exc) from exc
     finally:
         store.db.close()
-    typer.echo(f"created API key {issued.key.id} ({issued.key.name}); it is shown only this once:", err=True)
+    role = "admin " if issued.key.admin else ""
+    typer.echo(
+        f"created {role}API key {issued.key.id} ({issued.key.name}); it is shown only this once:", err=True
+    )
     typer.echo(issued.token)
 
 
@@ -143,7 +149,7 @@ def list_keys(as_json: bool = typer.Option(False, "--json", help="A JSON array i
     for key in keys:
         upload = "-" if key.max_upload_bytes is None else str(key.max_upload_bytes)
         jobs = "-" if key.max_concurrent_jobs is None else str(key.max_concurrent_jobs)
-        state = "revoked" if key.revoked else "active"
+        state = "revoked" if key.revoked else ("admin" if key.admin else "active")
         created = key.created_at or "-"
         typer.echo(f"{key.id:<22} {key.name[:24]:<24} {upload:>14} {jobs:>9} {state:<8} {created}")
 

@@ -1,0 +1,81 @@
+"""Tenancy at the HTTP edge: resolve a client's id among the caller's own resources, and delete or
+cancel what is shared without taking it from its other owners (see service.store.owners)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+from service.builds.cache import EngineRecord
+from service.catalog.calibration_sets import CalibrationSetRecord
+from service.catalog.models import ModelRecord
+from service.jobs.records import JobRecord
+from service.runtime import Services
+from service.store.owners import Principal, ResourceKind
+
+T = TypeVar("T")
+
+
+def owned_model(services: Services, principal: Principal, model_id: str) -> ModelRecord:
+    """The caller's model named by ``model_id`` (full or a unique prefix); 404 for anyone else's."""
+    missing = f"No model with id '{model_id}'. List models with GET /v1/models."
+    return services.models.get(services.owners.resolve("model", model_id, principal, missing=missing))
+
+
+def owned_set(services: Services, principal: Principal, set_id: str) -> CalibrationSetRecord:
+    missing = f"No calibration set with id '{set_id}'. List them with GET /v1/calibration-sets."
+    full_id = services.owners.resolve("calibration_set", set_id, principal, missing=missing)
+    return services.calibration_sets.get(full_id)
+
+
+def owned_engine(services: Services, principal: Principal, engine_id: str) -> EngineRecord:
+    missing = f"No engine with id '{engine_id}'. List engines with GET /v1/engines."
+    return services.engines.get(services.owners.resolve("engine", engine_id, principal, missing=missing))
+
+
+def owned_job(services: Services, principal: Principal, job_id: str, *, kind: str | None = None) -> JobRecord:
+    what = f"{kind} job" if kind else "job"
+    full_id = services.owners.resolve("job", job_id, principal, missing=f"No {what} with id '{job_id}'.")
+    return services.jobs.get(full_id, kind=kind)
+
+
+def visible(
+    services: Services,
+    principal: Principal,
+    kind: ResourceKind,
+    records: Iterable[T],
+    key: Callable[[T], str],
+) -> list[T]:
+    """The records the principal sees, in their order."""
+    ids = services.owners.visible_ids(kind, principal)
+    return [record for record in records if ids is None or key(record) in ids]
+
+
+def delete_owned(
+    services: Services,
+    principal: Principal,
+    kind: ResourceKind,
+    resource_id: str,
+    delete: Callable[[str], None],
+) -> None:
+    """Delete the caller's copy of a resource: only its link while another key still holds it, else the
+    resource itself (``delete``, which may refuse with Conflict and then leaves the link too)."""
+    if services.owners.others_hold(kind, resource_id, principal):
+        services.owners.release(kind, resource_id, principal)
+        return
+    delete(resource_id)
+    services.owners.forget(kind, resource_id)
+
+
+def cancel_owned(services: Services, principal: Principal, record: JobRecord) -> JobRecord:
+    """Cancel a job, unless other keys share it (one build asked for by several): then the caller only
+    lets go of it, and it runs on for them."""
+    if services.owners.others_hold("job", record.id, principal):
+        services.owners.release("job", record.id, principal)
+        return record
+    return services.runner.cancel(record.id, kind=record.kind)
+
+
+def grant(services: Services, principal: Principal, kind: ResourceKind, resource_id: str) -> bool:
+    """Link the caller to a resource it made, uploaded or was given from the cache; True when new."""
+    return services.owners.grant(kind, resource_id, principal.owner)

@@ -1,0 +1,108 @@
+"""Data files are private: 0600 files and 0700 folders, for what the server writes and what it finds.
+
+A real server (uvicorn in a thread) on a real data directory: a model, a calibration set and an engine
+are stored through HTTP, then every path under the data roots is checked with ``lstat``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import httpx
+
+from service.store.file_modes import make_private
+from tests.data_factory import classifier_samples, npz_bytes
+from tests.model_factory import model_bytes, resnet_block_classifier
+from tests.server import running_server, settings_for
+
+DATA_ROOTS = ("models", "calibration_data", "engines")
+
+
+def _loose_modes(root: Path) -> dict[str, str]:
+    """Every data path whose mode lets another user in, with that mode."""
+    loose: dict[str, str] = {}
+    paths = [root / name for name in DATA_ROOTS]
+    paths += [p for name in DATA_ROOTS for p in (root / name).rglob("*")]
+    paths += [p for p in root.glob("engine_service.db*")]
+    for path in paths:
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            continue
+        wanted = 0o700 if stat.S_ISDIR(info.st_mode) else 0o600
+        if stat.S_IMODE(info.st_mode) != wanted:
+            loose[str(path.relative_to(root))] = oct(stat.S_IMODE(info.st_mode))
+    return loose
+
+
+def _wait(client: httpx.Client, path: str) -> dict[str, object]:
+    import time
+
+    deadline = time.monotonic() + 180
+    while True:
+        body: dict[str, object] = client.get(path).json()
+        if body["status"] not in ("queued", "running") or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+def test_everything_the_server_stores_is_private(tmp_path: Path) -> None:
+    previous = os.umask(0o022)  # the usual umask: the server must not depend on the caller's
+    try:
+        with running_server(settings_for(tmp_path)) as client:
+            model = client.post(
+                "/v1/models", files={"file": ("c.onnx", model_bytes(resnet_block_classifier()))}
+            )
+            model_id = model.json()["id"]
+            data = npz_bytes(input=classifier_samples(8))
+            calibration = client.post(
+                "/v1/calibration-sets", files={"file": ("c.npz", data)}, data={"model_id": model_id}
+            )
+            assert calibration.status_code == 201, calibration.text
+            build = client.post(
+                "/v1/builds", json={"model_id": model_id, "precision": "fp32", "backend": "onnxruntime"}
+            )
+            assert _wait(client, f"/v1/builds/{build.json()['id']}")["status"] == "succeeded"
+            stored = [p for name in DATA_ROOTS for p in (tmp_path / name).rglob("*") if p.is_file()]
+            assert len(stored) >= 4  # model, set arrays and info, plan: there is something to check
+            assert (tmp_path / "engine_service.db").is_file()
+            assert _loose_modes(tmp_path) == {}
+    finally:
+        os.umask(previous)
+
+
+def test_files_left_readable_by_an_older_version_are_made_private_at_start(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        old_dir = tmp_path / "calibration_data" / ("a" * 64)
+        old_dir.mkdir(parents=True, mode=0o755)
+        (old_dir / "input.npy").write_bytes(b"old")
+        (old_dir / "input.npy").chmod(0o644)
+        (tmp_path / "models").mkdir(mode=0o755)
+        (tmp_path / "models" / "stray.txt").write_text("x")
+        (tmp_path / "models" / "stray.txt").chmod(0o666)
+        outside = tmp_path / "outside.txt"
+        outside.write_text("not service data")
+        outside.chmod(0o644)
+        (tmp_path / "models" / "link").symlink_to(outside)
+        with running_server(settings_for(tmp_path)) as client:
+            assert client.get("/healthz").status_code == 200
+            assert _loose_modes(tmp_path) == {}
+        assert stat.S_IMODE(outside.stat().st_mode) == 0o644  # a link out of the root is not followed
+    finally:
+        os.umask(previous)
+
+
+def test_make_private_reports_what_it_changed_and_is_idempotent(tmp_path: Path) -> None:
+    root = tmp_path / "engines"
+    (root / "plans").mkdir(parents=True)
+    (root / "plans" / "p.plan").write_bytes(b"x")
+    (root / "plans" / "p.plan").chmod(0o644)
+    (root / "plans").chmod(0o755)
+    root.chmod(0o755)
+    database = tmp_path / "engine_service.db"
+    database.write_bytes(b"")
+    database.chmod(0o644)
+    assert make_private([root], database) == 4
+    assert make_private([root], database) == 0
