@@ -75,7 +75,7 @@ def test_the_repeated_request_is_a_cache_hit(
         },
     )
     assert response.status_code == 200
-    assert response.json() == {"cache": "hit", "engine_id": rtx_int8_engine["engine_id"]}
+    assert response.json() == {"cache": "hit", "engine_id": rtx_int8_engine["engine_id"], "precision": "int8"}
 
 
 def test_layers_endpoint_lists_onnx_nodes_per_engine_layer(
