@@ -44,7 +44,10 @@ class CalibrationIn(BaseModel):
 class BuildCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_id: str
-    precision: Literal["int8", "fp16", "fp32"]
+    precision: Literal["int8", "fp16", "fp32", "auto"] = Field(
+        description="'auto': the fastest engine that meets the accuracy target: INT8 when it keeps the "
+        "target and (where measurable here) runs faster than FP32, else FP16 (TensorRT family) or FP32."
+    )
     backend: Literal["auto", "tensorrt", "tensorrt-rtx", "onnxruntime"] = "auto"
     calibration_set_id: str | None = None
     eval_set_id: str | None = None
@@ -95,7 +98,11 @@ class BuildPublic(JobPublic):
 
 class BuildAccepted(BaseModel):
     cache: Literal["hit", "miss"]
-    engine_id: str
+    engine_id: str | None = Field(description="None for a precision 'auto' job: known when it has chosen.")
+    precision: str | None = Field(default=None, description="The engine's precision (cache hits).")
+    precision_choice: dict[str, Any] | None = Field(
+        default=None, description="Precision 'auto' answered from the cache: what was chosen and why."
+    )
     id: str | None = None
     status: str | None = None
     joined_existing: bool | None = None
@@ -111,7 +118,14 @@ async def create_build(body: BuildCreate, services: ServicesDep, principal: Prin
     """Request an engine: 200 with `cache: hit` when it exists, else 202 with the build job."""
     submission = await run_in_threadpool(_submit_owned, body, services, principal)
     if submission.engine is not None:
-        return JSONResponse(status_code=200, content={"cache": "hit", "engine_id": submission.engine.id})
+        hit: dict[str, Any] = {
+            "cache": "hit",
+            "engine_id": submission.engine.id,
+            "precision": submission.engine.precision,
+        }
+        if submission.precision_choice is not None:
+            hit["precision_choice"] = submission.precision_choice.to_dict()
+        return JSONResponse(status_code=200, content=hit)
     job = submission.job
     assert job is not None
     content = {
