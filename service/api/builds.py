@@ -17,6 +17,7 @@ from service.builds.keys import CalibrationOptions
 from service.builds.requests import BuildRequest
 from service.builds.submit import BUILD_JOB, BuildSubmission, submit_build
 from service.reports.tasks import AccuracyTarget, TaskSpec, targets_of
+from service.store.owners import ResourceKind, result_resources
 
 router = APIRouter(prefix="/v1/builds", tags=["builds"])
 
@@ -160,10 +161,16 @@ def _submit_owned(body: BuildCreate, services: ServicesDep, principal: Principal
         runner=services.runner,
         owner=principal.owner,
     )
+    named: list[tuple[ResourceKind, str]] = []
     if submission.engine is not None:
-        grant(services, principal, "engine", submission.engine.id)
-    elif submission.job is not None:
-        grant(services, principal, "engine", str(submission.job.params["engine_id"]))
+        named.append(("engine", submission.engine.id))
+        if submission.precision_choice is not None:
+            named += result_resources({"precision_choice": submission.precision_choice.to_dict()})
+    elif submission.job is not None and isinstance(submission.job.params.get("engine_id"), str):
+        # Known up front for a concrete precision; a precision "auto" job's engine is linked when it ends.
+        named.append(("engine", submission.job.params["engine_id"]))
+    for kind, resource_id in named:
+        grant(services, principal, kind, resource_id)
     return submission
 
 

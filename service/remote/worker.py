@@ -28,6 +28,7 @@ from service.jobs.runner import JobContext, JobExecutor, JobTarget
 from service.remote.client import WorkerApi
 from service.remote.rows import RemoteJobRows
 from service.remote.storage import RemoteBuildStorage, WorkerCache
+from service.store.file_modes import make_private, private_umask
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,9 @@ def run_remote_worker(
     except ServiceError as exc:
         logger.error("%s", exc.message)
         return 2
+    if settings.private_data:  # the cache holds other people's models and calibration data
+        private_umask()
+        make_private([settings.worker_cache_dir])
     executor = remote_executor(api, WorkerCache(settings.worker_cache_dir, settings.worker_cache_bytes))
     try:
         worker = JobWorker(executor, queue, targets, generic=False, name=name, grace_seconds=grace_seconds)

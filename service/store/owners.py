@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from service.errors import Conflict, NotFound
 from service.store.db import Database
@@ -59,7 +59,22 @@ class Principal:
 LOCAL_PRINCIPAL = Principal(owner=LOCAL_OWNER, admin=True)
 
 
-def grant_job_results(conn: sqlite3.Connection, job_id: str, result: dict[str, object]) -> None:
+def result_resources(result: Mapping[str, Any]) -> list[tuple[ResourceKind, str]]:
+    """The resources a job result names: its engine, its Q/DQ model, and for a precision "auto" build
+    also the INT8 engine whose evidence decided (it was built for the caller too)."""
+    found: list[tuple[ResourceKind, str]] = []
+    for field, kind in RESULT_RESOURCES.items():
+        resource_id = result.get(field)
+        if isinstance(resource_id, str):
+            found.append((kind, resource_id))
+    choice = result.get("precision_choice")
+    int8 = choice.get("int8") if isinstance(choice, Mapping) else None
+    if isinstance(int8, Mapping) and isinstance(int8.get("engine_id"), str):
+        found.append(("engine", int8["engine_id"]))
+    return found
+
+
+def grant_job_results(conn: sqlite3.Connection, job_id: str, result: Mapping[str, Any]) -> None:
     """Link what a succeeded job made to every owner of the job (inside the caller's transaction)."""
     owners = [
         row[0]
@@ -67,11 +82,9 @@ def grant_job_results(conn: sqlite3.Connection, job_id: str, result: dict[str, o
             "SELECT owner FROM ownership WHERE kind = 'job' AND resource_id = ?", (job_id,)
         )
     ]
-    for field, kind in RESULT_RESOURCES.items():
-        resource_id = result.get(field)
-        if isinstance(resource_id, str):
-            for owner in owners:
-                conn.execute(_GRANT, (kind, resource_id, owner, _now()))
+    for kind, resource_id in result_resources(result):
+        for owner in owners:
+            conn.execute(_GRANT, (kind, resource_id, owner, _now()))
 
 
 class Ownership:

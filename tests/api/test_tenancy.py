@@ -250,7 +250,10 @@ def test_a_cache_hit_shares_the_engine_and_each_key_deletes_only_its_own_link(
         "/v1/builds",
         json={"model_id": alice_engine["model_id"], "precision": "fp32", "backend": "onnxruntime"},
     )
-    assert hit.status_code == 200 and hit.json() == {"cache": "hit", "engine_id": alice_engine["engine_id"]}
+    assert hit.status_code == 200 and (hit.json()["cache"], hit.json()["engine_id"]) == (
+        "hit",
+        alice_engine["engine_id"],
+    )
     engine_id = alice_engine["engine_id"]
     assert engine_id in bob.ids("/v1/engines")
     assert alice_engine["build_id"] not in bob.ids("/v1/builds")  # the engine is shared, alice's job is not
@@ -331,3 +334,31 @@ def test_a_small_model_of_one_key_never_appears_in_anothers_lists(tenants: Tenan
     assert created.status_code == 201
     assert created.json()["id"] not in tenants.alice.ids("/v1/models")
     assert created.json()["id"] in tenants.admin.ids("/v1/models")
+
+
+def test_a_precision_auto_build_gives_each_asking_key_the_engines_it_judged(
+    tenants: Tenants, alice_engine: dict[str, str]
+) -> None:
+    alice, bob = tenants.alice, tenants.bob
+    body = {
+        "model_id": alice_engine["model_id"],
+        "calibration_set_id": alice_engine["set_id"],
+        "precision": "auto",
+        "backend": "onnxruntime",
+    }
+    accepted = alice.post("/v1/builds", json=body)
+    assert accepted.status_code == 202 and accepted.json()["engine_id"] is None, accepted.text
+    job = _wait(alice, f"/v1/builds/{accepted.json()['id']}")
+    assert job["status"] == "succeeded", job
+    judged = {job["engine_id"], job["result"]["precision_choice"]["int8"]["engine_id"]}
+    assert judged <= alice.ids("/v1/engines")
+    assert not judged & bob.ids("/v1/engines")
+
+    # Bob with the same bytes: the cached decision answers, and both engines become his too.
+    assert (
+        bob.upload_set(npz_bytes(input=classifier_samples(8, seed=3))).json()["id"]
+        == body["calibration_set_id"]
+    )
+    hit = bob.post("/v1/builds", json=body)
+    assert hit.status_code == 200 and hit.json()["engine_id"] == job["engine_id"], hit.text
+    assert judged <= bob.ids("/v1/engines")

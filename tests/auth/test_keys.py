@@ -299,6 +299,20 @@ def test_cli_prints_a_new_key_once_and_never_lists_it(cli_env: dict[str, str], t
         db.close()
 
 
+def test_cli_creates_admin_keys_and_lists_their_role(cli_env: dict[str, str]) -> None:
+    runner = CliRunner()
+    created = runner.invoke(cli_app, ["keys", "create", "--name", "ops", "--admin"], env=cli_env)
+    assert created.exit_code == 0, created.output
+    assert "created admin API key" in created.stderr
+    plain = runner.invoke(cli_app, ["keys", "create", "--name", "ci"], env=cli_env)
+    assert plain.exit_code == 0, plain.output
+    listed = json.loads(runner.invoke(cli_app, ["keys", "list", "--json"], env=cli_env).stdout)
+    assert {key["name"]: key["admin"] for key in listed} == {"ops": True, "ci": False}
+    table = runner.invoke(cli_app, ["keys", "list"], env=cli_env).stdout
+    rows = {line.split()[1]: line.split()[-2] for line in table.splitlines()[1:]}
+    assert rows == {"ops": "admin", "ci": "active"}
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
