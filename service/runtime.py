@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from service.auth.keys import KeyRing, KeyStore
@@ -171,6 +172,8 @@ def open_services(settings: Settings) -> Services:
         metrics=metrics,
     )
     metrics.set_cache_bytes_source(engines.total_bytes)
+    # An engine that leaves the cache (delete, eviction, damage) leaves every key's list with it.
+    engines.add_drop_listener(partial(Ownership(db).forget, "engine"))
     runner.register(BUILD_JOB, BuildPipeline(LocalBuildStorage(models, calibration_sets, engines)).handle)
     if settings.worker_token is not None:  # remote workers may hold jobs: bound how long a lost one does
         services.lease_sweeper = LeaseSweeper(

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from service.api.deps import PrincipalDep, ServicesDep
-from service.api.tenancy import delete_owned, owned_engine, owned_model, visible
+from service.api.tenancy import delete_owned, forget_ownerless_models, owned_engine, owned_model, visible
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
@@ -99,4 +99,6 @@ def delete_engine(engine_id: str, services: ServicesDep, principal: PrincipalDep
     """Remove your engine (from the cache once no other key holds it)."""
     record = owned_engine(services, principal, engine_id)
     delete_owned(services, principal, "engine", record.id, services.engines.delete)
+    if not services.owners.owners("engine", record.id):  # gone for everyone: so may be a model kept for it
+        forget_ownerless_models(services, (record.model_id, record.built_model_id))
     return Response(status_code=204)

@@ -9,6 +9,7 @@ from typing import TypeVar
 from service.builds.cache import EngineRecord
 from service.catalog.calibration_sets import CalibrationSetRecord
 from service.catalog.models import ModelRecord
+from service.errors import Conflict, NotFound
 from service.jobs.records import JobRecord
 from service.runtime import Services
 from service.store.owners import Principal, ResourceKind
@@ -59,12 +60,54 @@ def delete_owned(
     delete: Callable[[str], None],
 ) -> None:
     """Delete the caller's copy of a resource: only its link while another key still holds it, else the
-    resource itself (``delete``, which may refuse with Conflict and then leaves the link too)."""
-    if services.owners.others_hold(kind, resource_id, principal):
-        services.owners.release(kind, resource_id, principal)
+    resource itself (``delete``, which may refuse with Conflict and then leaves the link too).
+
+    A model or set that only other keys' engines or jobs still use leaves the caller's view and stays
+    stored for them; one the caller's own engines or jobs use is a 409 naming those (and only those).
+    """
+    owners = services.owners
+    if owners.others_hold(kind, resource_id, principal):
+        owners.release(kind, resource_id, principal)
         return
+    if not principal.admin:
+        users = owners.users(kind, resource_id)
+        own = [
+            (user_kind, user_id) for user_kind, user_id in users if owners.sees(user_kind, user_id, principal)
+        ]
+        if own:
+            raise Conflict(_in_use_message(kind, resource_id, own))
+        if users:
+            owners.release(kind, resource_id, principal)
+            return
     delete(resource_id)
-    services.owners.forget(kind, resource_id)
+    owners.forget(kind, resource_id)
+
+
+def _in_use_message(kind: ResourceKind, resource_id: str, users: list[tuple[ResourceKind, str]]) -> str:
+    engines = [user_id for user_kind, user_id in users if user_kind == "engine"]
+    jobs = [user_id for user_kind, user_id in users if user_kind == "job"]
+    parts = []
+    if engines:
+        parts.append(
+            f"your engines {', '.join(engines[:5])} (delete them first with DELETE /v1/engines/{{id}})"
+        )
+    if jobs:
+        parts.append(f"your active jobs {', '.join(jobs[:5])} (cancel them or wait)")
+    noun = "Model" if kind == "model" else "Calibration set"
+    return f"{noun} {resource_id} is used by {' and '.join(parts)}."
+
+
+def forget_ownerless_models(services: Services, model_ids: Iterable[str]) -> None:
+    """Delete models nobody holds any more and nothing uses (left stored for another key's engine that
+    is now gone); a model another engine or an active job still uses stays."""
+    owners = services.owners
+    for model_id in dict.fromkeys(model_ids):
+        if owners.owners("model", model_id) or owners.users("model", model_id):
+            continue
+        try:
+            services.models.delete(model_id)
+        except (NotFound, Conflict):  # deleted meanwhile, or taken into use meanwhile
+            continue
 
 
 def cancel_owned(services: Services, principal: Principal, record: JobRecord) -> JobRecord:

@@ -140,6 +140,25 @@ class Ownership:
         )
         return row is not None
 
+    def users(self, kind: ResourceKind, resource_id: str) -> list[tuple[ResourceKind, str]]:
+        """What keeps a model or set stored besides its owners: engines built from a model, and active
+        jobs that name either (the same rule the catalogs' delete enforces)."""
+        found: list[tuple[ResourceKind, str]] = []
+        if kind == "model":
+            rows = self.db.query(
+                "SELECT id FROM engines WHERE model_id = ? OR built_model_id = ? ORDER BY id",
+                (resource_id, resource_id),
+            )
+            found += [("engine", str(row["id"])) for row in rows]
+        if kind in ("model", "calibration_set"):
+            rows = self.db.query(
+                "SELECT id FROM jobs WHERE status IN ('queued', 'running') AND params_json LIKE ? "
+                "ORDER BY id",
+                (f'%"{resource_id}"%',),
+            )
+            found += [("job", str(row["id"])) for row in rows]
+        return found
+
     def forget(self, kind: ResourceKind, resource_id: str) -> None:
         """Remove every link to a resource that is gone."""
         self.db.execute("DELETE FROM ownership WHERE kind = ? AND resource_id = ?", (kind, resource_id))

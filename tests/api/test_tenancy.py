@@ -101,6 +101,11 @@ def _assert_hidden(tenant: Tenant, method: str, path: str, **kwargs: Any) -> Non
     assert response.json()["error"]["code"] == "not_found"
 
 
+def _model_blob(tenants: Tenants, model_id: str) -> Path:
+    """Where the model store keeps a model's bytes (content-addressed, sharded by its first two digits)."""
+    return tenants.root / "models" / model_id[:2] / f"{model_id}.onnx"
+
+
 def _classifier(seed: int) -> bytes:
     return model_bytes(resnet_block_classifier(seed=seed))
 
@@ -142,17 +147,17 @@ def test_identical_uploads_are_stored_once_and_deleting_one_keys_copy_keeps_the_
     assert bob.upload_model(data).status_code == 200  # bob already has it
     model_id = first.json()["id"]
     assert second.json()["id"] == model_id
-    blob = tenants.root / "models" / f"{model_id}.onnx"
+    blob = _model_blob(tenants, model_id)
     stored = [p for p in (tenants.root / "models").rglob(f"{model_id}*") if p.is_file()]
-    assert len(stored) == 1, stored
+    assert stored == [blob]  # one copy for both keys
 
     assert alice.delete(f"/v1/models/{model_id}").status_code == 204
     _assert_hidden(alice, "GET", f"/v1/models/{model_id}")
     assert bob.get(f"/v1/models/{model_id}/onnx").content == data
-    assert stored[0].exists()
+    assert blob.exists()
 
     assert bob.delete(f"/v1/models/{model_id}").status_code == 204
-    assert not stored[0].exists() and not blob.exists()
+    assert not blob.exists()
     _assert_hidden(admin, "GET", f"/v1/models/{model_id}")  # gone for everyone once the last link went
 
 
@@ -362,3 +367,47 @@ def test_a_precision_auto_build_gives_each_asking_key_the_engines_it_judged(
     hit = bob.post("/v1/builds", json=body)
     assert hit.status_code == 200 and hit.json()["engine_id"] == job["engine_id"], hit.text
     assert judged <= bob.ids("/v1/engines")
+
+
+def _fp32_engine(tenant: Tenant, model_id: str) -> httpx.Response:
+    return tenant.post(
+        "/v1/builds", json={"model_id": model_id, "precision": "fp32", "backend": "onnxruntime"}
+    )
+
+
+def test_a_model_only_another_keys_engine_uses_leaves_the_view_and_goes_with_that_engine(
+    tenants: Tenants,
+) -> None:
+    alice, bob, admin = tenants.alice, tenants.bob, tenants.admin
+    data = _classifier(106)
+    model_id = alice.upload_model(data).json()["id"]
+    built = _fp32_engine(alice, model_id)
+    engine_id = _wait(alice, f"/v1/builds/{built.json()['id']}")["engine_id"]
+    assert bob.upload_model(data).json()["id"] == model_id
+    assert _fp32_engine(bob, model_id).status_code == 200  # a cache hit: bob holds the engine too
+    blob = _model_blob(tenants, model_id)
+
+    assert bob.delete(f"/v1/models/{model_id}").status_code == 204  # alice still holds it
+    assert alice.delete(f"/v1/engines/{engine_id}").status_code == 204  # bob still holds it
+    # Alice's model is now used only by bob's engine: it leaves her view and stays stored for it.
+    assert alice.delete(f"/v1/models/{model_id}").status_code == 204
+    _assert_hidden(alice, "GET", f"/v1/models/{model_id}")
+    assert blob.exists()
+    assert bob.get(f"/v1/engines/{engine_id}/model.onnx").status_code == 200
+
+    assert bob.delete(f"/v1/engines/{engine_id}").status_code == 204  # the last holder of the engine
+    _assert_hidden(admin, "GET", f"/v1/engines/{engine_id}")
+    _assert_hidden(admin, "GET", f"/v1/models/{model_id}")  # nothing holds or uses it: gone
+    assert not blob.exists()
+
+
+def test_deleting_a_model_your_own_engine_uses_is_409_naming_only_yours(tenants: Tenants) -> None:
+    alice = tenants.alice
+    model_id = alice.upload_model(_classifier(107)).json()["id"]
+    built = _fp32_engine(alice, model_id)
+    engine_id = _wait(alice, f"/v1/builds/{built.json()['id']}")["engine_id"]
+    refused = alice.delete(f"/v1/models/{model_id}")
+    assert refused.status_code == 409, refused.text
+    message = refused.json()["error"]["message"]
+    assert f"your engines {engine_id}" in message and "DELETE /v1/engines/{id}" in message
+    assert alice.get(f"/v1/models/{model_id}").status_code == 200  # refused: nothing changed
