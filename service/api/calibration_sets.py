@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from service.api.auth import effective_upload_limit
 from service.api.deps import PrincipalDep, ServicesDep
-from service.api.tenancy import delete_owned, grant, owned_model, owned_set, visible
+from service.api.tenancy import delete_owned, grant, own_name, own_names, owned_model, owned_set, visible
 from service.api.uploads import receive_upload, upload_body_schema
 from service.calibration.preprocess import PreprocessSpec
 from service.calibration.preprocess_examples import PREPROCESS_EXAMPLES
@@ -75,8 +75,9 @@ async def create_calibration_set(
         catalog.register_staged, upload.staged, name, preprocess=preprocess, model_inputs=model_inputs
     )
     # Stored once however many keys upload it; 201 when the set is new to this key.
-    linked = await run_in_threadpool(grant, services, principal, "calibration_set", record.id)
-    return JSONResponse(status_code=201 if linked else 200, content=record.to_dict())
+    linked = await run_in_threadpool(grant, services, principal, "calibration_set", record.id, name=name)
+    body = await run_in_threadpool(own_name, services, principal, "calibration_set", record.to_dict())
+    return JSONResponse(status_code=201 if linked else 200, content=body)
 
 
 @router.get("")
@@ -85,13 +86,13 @@ def list_calibration_sets(services: ServicesDep, principal: PrincipalDep) -> lis
     records = visible(
         services, principal, "calibration_set", services.calibration_sets.list(), lambda r: r.id
     )
-    return [record.to_dict() for record in records]
+    return own_names(services, principal, "calibration_set", (record.to_dict() for record in records))
 
 
 @router.get("/{set_id}")
 def read_calibration_set(set_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """One calibration set: format, samples, per-input shape, dtype and stats."""
-    return owned_set(services, principal, set_id).to_dict()
+    return own_name(services, principal, "calibration_set", owned_set(services, principal, set_id).to_dict())
 
 
 @router.get("/{set_id}/validate")

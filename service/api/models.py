@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.auth import effective_upload_limit
 from service.api.deps import PrincipalDep, ServicesDep
-from service.api.tenancy import delete_owned, grant, owned_model, visible
+from service.api.tenancy import delete_owned, grant, own_name, own_names, owned_model, visible
 from service.api.uploads import receive_upload, upload_body_schema
 from service.reports.tasks import TaskSpec
 
@@ -101,8 +101,9 @@ async def create_model(request: Request, services: ServicesDep, principal: Princ
     record, _ = await run_in_threadpool(services.models.register_staged, upload.staged, name)
     # Bytes another key uploaded first are stored once; this key gets its own link (201 when new to it,
     # so the answer says nothing about other keys' uploads).
-    linked = await run_in_threadpool(grant, services, principal, "model", record.id)
-    return JSONResponse(status_code=201 if linked else 200, content=record.to_dict())
+    linked = await run_in_threadpool(grant, services, principal, "model", record.id, name=name)
+    body = await run_in_threadpool(own_name, services, principal, "model", record.to_dict())
+    return JSONResponse(status_code=201 if linked else 200, content=body)
 
 
 @router.get("", response_model=list[ModelPublic])
@@ -111,13 +112,13 @@ def list_models(
 ) -> list[dict[str, Any]]:
     """List your models, newest first (filter by `source`: upload, quantization, build)."""
     records = visible(services, principal, "model", services.models.list(source=source), lambda r: r.id)
-    return [record.to_dict() for record in records]
+    return own_names(services, principal, "model", (record.to_dict() for record in records))
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
 def read_model(model_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """One model's record."""
-    return owned_model(services, principal, model_id).to_dict()
+    return own_name(services, principal, "model", owned_model(services, principal, model_id).to_dict())
 
 
 @router.patch("/{model_id}", response_model=ModelPublic)
@@ -125,14 +126,16 @@ def update_model(
     model_id: str, body: ModelUpdate, services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     """Name the model's task (classification, detection, segmentation, generic) and its metric options."""
-    return services.models.set_task(owned_model(services, principal, model_id).id, body.task).to_dict()
+    record = services.models.set_task(owned_model(services, principal, model_id).id, body.task)
+    return own_name(services, principal, "model", record.to_dict())
 
 
 @router.get("/{model_id}/onnx", response_class=FileResponse)
 def read_model_onnx(model_id: str, services: ServicesDep, principal: PrincipalDep) -> FileResponse:
     """Download the exact bytes of the model."""
     record = owned_model(services, principal, model_id)
-    filename = record.name if record.name.endswith(".onnx") else f"{record.name}.onnx"
+    name = services.owners.name_for("model", record.id, principal) or record.name
+    filename = name if name.endswith(".onnx") else f"{name}.onnx"
     return FileResponse(
         services.model_blobs.path_for(record.id),
         media_type="application/octet-stream",

@@ -4,7 +4,7 @@ cancel what is shared without taking it from its other owners (see service.store
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from service.builds.cache import EngineRecord
 from service.catalog.calibration_sets import CalibrationSetRecord
@@ -119,6 +119,24 @@ def cancel_owned(services: Services, principal: Principal, record: JobRecord) ->
     return services.runner.cancel(record.id, kind=record.kind)
 
 
-def grant(services: Services, principal: Principal, kind: ResourceKind, resource_id: str) -> bool:
-    """Link the caller to a resource it made, uploaded or was given from the cache; True when new."""
-    return services.owners.grant(kind, resource_id, principal.owner)
+def grant(
+    services: Services, principal: Principal, kind: ResourceKind, resource_id: str, *, name: str | None = None
+) -> bool:
+    """Link the caller to a resource it made, uploaded (under ``name``) or was given from the cache;
+    True when the link is new."""
+    return services.owners.grant(kind, resource_id, principal.owner, name=name)
+
+
+def own_name(
+    services: Services, principal: Principal, kind: ResourceKind, body: dict[str, Any]
+) -> dict[str, Any]:
+    """A record's public body with the caller's own name for it (the name it uploaded it under)."""
+    name = services.owners.name_for(kind, str(body["id"]), principal)
+    return body if name is None else {**body, "name": name}
+
+
+def own_names(
+    services: Services, principal: Principal, kind: ResourceKind, bodies: Iterable[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    names = services.owners.names(kind, principal)
+    return [{**body, "name": names[body["id"]]} if body["id"] in names else body for body in bodies]

@@ -10,7 +10,7 @@ from starlette.background import BackgroundTask
 
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.tenancy import owned_engine
-from service.export.triton import export_for_triton
+from service.export.triton import default_model_name, export_for_triton
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
@@ -30,10 +30,16 @@ def read_engine_triton_repository(
     ] = None,
 ) -> FileResponse:
     """Download a Triton model repository (.tar.gz): `<name>/config.pbtxt` and the engine as version 1."""
+    record = owned_engine(services, principal, engine_id)
+    if name is None:  # the default names the model as this key calls it, never as another key does
+        source_name = services.owners.name_for("model", record.model_id, principal)
+        if source_name is None and services.owners.sees("model", record.model_id, principal):
+            source_name = services.models.get(record.model_id).name
+        name = default_model_name(source_name, record)
     export = export_for_triton(
         services.engines,
         services.models,
-        owned_engine(services, principal, engine_id).id,
+        record.id,
         name=name,
         workdir=services.settings.engines_dir / EXPORTS_DIR,
     )

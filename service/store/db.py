@@ -105,27 +105,31 @@ MIGRATIONS: tuple[str, ...] = (
         kind TEXT NOT NULL,               -- model | calibration_set | engine | job
         resource_id TEXT NOT NULL,
         owner TEXT NOT NULL,              -- API key id, or 'local' with auth off
+        name TEXT,                        -- the owner's own name for it (NULL: the record's name)
         created_at TEXT NOT NULL,
         PRIMARY KEY (kind, resource_id, owner)
     );
     CREATE INDEX ownership_by_owner ON ownership(owner, kind);
     ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
-    INSERT OR IGNORE INTO ownership SELECT 'model', id, 'local', created_at FROM models;
-    INSERT OR IGNORE INTO ownership SELECT 'calibration_set', id, 'local', created_at FROM calibration_sets;
-    INSERT OR IGNORE INTO ownership SELECT 'engine', id, 'local', created_at FROM engines;
-    INSERT OR IGNORE INTO ownership SELECT 'job', id, COALESCE(owner, 'local'), created_at FROM jobs;
+    INSERT OR IGNORE INTO ownership SELECT 'model', id, 'local', NULL, created_at FROM models;
     INSERT OR IGNORE INTO ownership
-        SELECT 'engine', json_extract(params_json, '$.engine_id'), owner, created_at FROM jobs
+        SELECT 'calibration_set', id, 'local', NULL, created_at FROM calibration_sets;
+    INSERT OR IGNORE INTO ownership SELECT 'engine', id, 'local', NULL, created_at FROM engines;
+    INSERT OR IGNORE INTO ownership SELECT 'job', id, COALESCE(owner, 'local'), NULL, created_at FROM jobs;
+    INSERT OR IGNORE INTO ownership
+        SELECT 'engine', json_extract(params_json, '$.engine_id'), owner, NULL, created_at FROM jobs
         WHERE owner IS NOT NULL AND json_extract(params_json, '$.engine_id') IN (SELECT id FROM engines);
     INSERT OR IGNORE INTO ownership
-        SELECT 'model', json_extract(params_json, '$.model_id'), owner, created_at FROM jobs
+        SELECT 'model', json_extract(params_json, '$.model_id'), owner, NULL, created_at FROM jobs
         WHERE owner IS NOT NULL AND json_extract(params_json, '$.model_id') IN (SELECT id FROM models);
     INSERT OR IGNORE INTO ownership
-        SELECT 'calibration_set', json_extract(params_json, '$.calibration_set_id'), owner, created_at
+        SELECT 'calibration_set', json_extract(params_json, '$.calibration_set_id'), owner, NULL,
+            created_at
         FROM jobs WHERE owner IS NOT NULL
         AND json_extract(params_json, '$.calibration_set_id') IN (SELECT id FROM calibration_sets);
     INSERT OR IGNORE INTO ownership
-        SELECT 'calibration_set', json_extract(params_json, '$.eval_set_id'), owner, created_at
+        SELECT 'calibration_set', json_extract(params_json, '$.eval_set_id'), owner, NULL,
+            created_at
         FROM jobs WHERE owner IS NOT NULL
         AND json_extract(params_json, '$.eval_set_id') IN (SELECT id FROM calibration_sets);
     """,

@@ -12,6 +12,8 @@ Contract:
   full id: it looks among the principal's own resources only, so an id or a prefix that belongs to
   another key answers exactly like one that does not exist (NotFound), and an ambiguous prefix lists
   only the principal's own ids.
+- Each link carries the owner's own name for the resource (the name it uploaded it under), so one key
+  never sees the file name another key chose for the same bytes.
 - Reports are job rows (kind ``job``); results a job produces (its engine, its Q/DQ model) are linked to
   every owner of the job when it succeeds (:func:`grant_job_results`, called by the job store).
 """
@@ -38,7 +40,7 @@ _TABLES: dict[str, str] = {
 }
 # Job result fields that name a resource the job made, and the kind of that resource.
 RESULT_RESOURCES: dict[str, ResourceKind] = {"engine_id": "engine", "qdq_model_id": "model"}
-_GRANT = "INSERT OR IGNORE INTO ownership (kind, resource_id, owner, created_at) VALUES (?, ?, ?, ?)"
+_GRANT = "INSERT OR IGNORE INTO ownership (kind, resource_id, owner, name, created_at) VALUES (?, ?, ?, ?, ?)"
 _MIN_PREFIX = 8
 _SHOWN_MATCHES = 5
 _HEX = re.compile(r"[0-9a-f]+")
@@ -84,7 +86,7 @@ def grant_job_results(conn: sqlite3.Connection, job_id: str, result: Mapping[str
     ]
     for kind, resource_id in result_resources(result):
         for owner in owners:
-            conn.execute(_GRANT, (kind, resource_id, owner, _now()))
+            conn.execute(_GRANT, (kind, resource_id, owner, None, _now()))
 
 
 class Ownership:
@@ -93,10 +95,31 @@ class Ownership:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def grant(self, kind: ResourceKind, resource_id: str, owner: str) -> bool:
-        """Link ``owner`` to a resource; True when the link is new (the owner did not have it before)."""
-        changed = self.db.execute(_GRANT, (kind, resource_id, owner, _now()))
+    def grant(self, kind: ResourceKind, resource_id: str, owner: str, *, name: str | None = None) -> bool:
+        """Link ``owner`` to a resource under its own ``name`` (None: the record's); True when the link is
+        new (the owner did not have it before). An existing link keeps its name."""
+        changed = self.db.execute(_GRANT, (kind, resource_id, owner, name, _now()))
         return changed == 1
+
+    def names(self, kind: ResourceKind, principal: Principal) -> dict[str, str]:
+        """The principal's own names for its resources (an admin sees the records' names: empty)."""
+        if principal.admin:
+            return {}
+        rows = self.db.query(
+            "SELECT resource_id, name FROM ownership WHERE kind = ? AND owner = ? AND name IS NOT NULL",
+            (kind, principal.owner),
+        )
+        return {str(row["resource_id"]): str(row["name"]) for row in rows}
+
+    def name_for(self, kind: ResourceKind, resource_id: str, principal: Principal) -> str | None:
+        """The principal's own name for one resource, or None (use the record's)."""
+        if principal.admin:
+            return None
+        row = self.db.query_one(
+            "SELECT name FROM ownership WHERE kind = ? AND resource_id = ? AND owner = ?",
+            (kind, resource_id, principal.owner),
+        )
+        return str(row["name"]) if row is not None and row["name"] is not None else None
 
     def owners(self, kind: ResourceKind, resource_id: str) -> list[str]:
         rows = self.db.query(

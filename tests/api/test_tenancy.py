@@ -411,3 +411,30 @@ def test_deleting_a_model_your_own_engine_uses_is_409_naming_only_yours(tenants:
     message = refused.json()["error"]["message"]
     assert f"your engines {engine_id}" in message and "DELETE /v1/engines/{id}" in message
     assert alice.get(f"/v1/models/{model_id}").status_code == 200  # refused: nothing changed
+
+
+def test_each_key_sees_its_own_name_for_shared_content_and_never_anothers(tenants: Tenants) -> None:
+    alice, bob = tenants.alice, tenants.bob
+    data = _classifier(108)
+    model_id = alice.upload_model(data, "alice-secret-project.onnx").json()["id"]
+    uploaded = bob.upload_model(data, "bob.onnx")
+    assert uploaded.json()["name"] == "bob.onnx"
+    assert bob.get(f"/v1/models/{model_id}").json()["name"] == "bob.onnx"
+    assert {m["id"]: m["name"] for m in bob.get("/v1/models").json()}[model_id] == "bob.onnx"
+    download = bob.get(f"/v1/models/{model_id}/onnx")
+    assert 'filename="bob.onnx"' in download.headers["content-disposition"]
+    assert alice.get(f"/v1/models/{model_id}").json()["name"] == "alice-secret-project.onnx"
+
+    built = _fp32_engine(alice, model_id)
+    engine_id = _wait(alice, f"/v1/builds/{built.json()['id']}")["engine_id"]
+    assert _fp32_engine(bob, model_id).status_code == 200
+    triton = bob.get(f"/v1/engines/{engine_id}/triton")
+    assert triton.status_code == 200, triton.text
+    assert triton.headers["x-triton-model-name"].startswith("bob")
+    assert "secret" not in triton.headers["content-disposition"]
+
+    samples = npz_bytes(input=classifier_samples(4, seed=11))
+    set_id = alice.post("/v1/calibration-sets", files={"file": ("alice-calib.npz", samples)}).json()["id"]
+    assert bob.post("/v1/calibration-sets", files={"file": ("b.npz", samples)}).json()["name"] == "b.npz"
+    assert bob.get(f"/v1/calibration-sets/{set_id}").json()["name"] == "b.npz"
+    assert {s["id"]: s["name"] for s in bob.get("/v1/calibration-sets").json()}[set_id] == "b.npz"
