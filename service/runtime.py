@@ -29,7 +29,7 @@ from service.observability.metrics import ServiceMetrics
 from service.quantize.job import QUANTIZATION_JOB, QuantizationJob
 from service.store.blobs import BlobStore
 from service.store.db import Database
-from service.store.file_modes import make_private, private_umask
+from service.store.file_modes import make_private
 from service.store.owners import Ownership
 
 logger = logging.getLogger(__name__)
@@ -85,10 +85,11 @@ def open_services(settings: Settings) -> Services:
     registered (the app's lifespan does).
     """
     settings.worker_token_value()  # a token too short to be safe stops start-up, before anything opens
-    if settings.private_data:
-        private_umask()  # before anything is created: the directories below, the database, every blob
     settings.ensure_dirs()
     db = Database(settings.database_path)
+    # The server and worker processes also set umask 077 where they start (service.cli.main); here,
+    # also for in-process users such as `engine-service local`, the roots become 0700 (nothing under
+    # them is reachable by another user) and the database 0600 (its WAL and SHM files take its mode).
     if settings.private_data:
         tightened = make_private(
             (settings.engines_dir, settings.calibration_dir, settings.models_dir), settings.database_path

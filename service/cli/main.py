@@ -30,6 +30,10 @@ def serve(
     from service.config import get_settings
 
     settings = get_settings()
+    if settings.private_data:  # this process writes the service's data: every file 0600, folder 0700
+        from service.store.file_modes import private_umask
+
+        private_umask()
     uvicorn.run(
         create_app(settings),
         host=host or settings.host,

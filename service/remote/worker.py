@@ -28,7 +28,7 @@ from service.jobs.runner import JobContext, JobExecutor, JobTarget
 from service.remote.client import WorkerApi
 from service.remote.rows import RemoteJobRows
 from service.remote.storage import RemoteBuildStorage, WorkerCache
-from service.store.file_modes import make_private, private_umask
+from service.store.file_modes import make_private
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ def run_remote_worker(
         logger.error("%s", exc.message)
         return 2
     if settings.private_data:  # the cache holds other people's models and calibration data
-        private_umask()
-        make_private([settings.worker_cache_dir])
+        make_private([settings.worker_cache_dir])  # what an older worker left; run_worker set the umask
     executor = remote_executor(api, WorkerCache(settings.worker_cache_dir, settings.worker_cache_bytes))
     try:
         worker = JobWorker(executor, queue, targets, generic=False, name=name, grace_seconds=grace_seconds)

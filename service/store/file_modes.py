@@ -2,10 +2,12 @@
 
 Contract:
 
-- :func:`private_umask` sets the process umask to ``077``, so every file and directory the service
+- :func:`private_umask` sets the process umask to ``077``, so every file and directory the process
   creates from then on (blobs, calibration arrays, plans, the SQLite file and its WAL) is 0600 / 0700
-  whatever mode the creating call asked for. The umask is per process, which is the point: threads and
-  libraries (numpy, SQLite) that create files need no changes.
+  whatever mode the creating call asked for: threads and libraries (numpy, SQLite) need no changes.
+  Being process-wide, it is set only where a service process starts (``serve``, ``worker``), never by
+  code that also runs inside someone else's process (``engine-service local`` writes the user's own
+  output files, which keep the user's umask).
 - :func:`make_private` tightens what already exists under the data roots (files to 0600, directories to
   0700), for data written by an older version or under another umask. Symbolic links are left alone
   (chmod would follow them out of the root).

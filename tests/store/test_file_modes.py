@@ -1,21 +1,26 @@
 """Data files are private: 0600 files and 0700 folders, for what the server writes and what it finds.
 
-A real server (uvicorn in a thread) on a real data directory: a model, a calibration set and an engine
-are stored through HTTP, then every path under the data roots is checked with ``lstat``.
+A real ``serve`` process on a real data directory: a model, a calibration set and an engine are stored
+through HTTP, then every path under the data roots is checked with ``lstat``. The process umask is set
+where a service process starts, so the in-process (``engine-service local``) path is checked apart: it
+leaves its caller's umask alone and makes the roots and the database private.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import httpx
 
+from service.runtime import open_services
 from service.store.file_modes import make_private
 from tests.data_factory import classifier_samples, npz_bytes
 from tests.model_factory import model_bytes, resnet_block_classifier
-from tests.server import running_server, settings_for
+from tests.restart.server_process import DataDir, running
+from tests.server import settings_for
 
 DATA_ROOTS = ("models", "calibration_data", "engines")
 
@@ -25,7 +30,7 @@ def _loose_modes(root: Path) -> dict[str, str]:
     loose: dict[str, str] = {}
     paths = [root / name for name in DATA_ROOTS]
     paths += [p for name in DATA_ROOTS for p in (root / name).rglob("*")]
-    paths += [p for p in root.glob("engine_service.db*")]
+    paths += list(root.glob("engine_service.db*"))
     for path in paths:
         info = path.lstat()
         if stat.S_ISLNK(info.st_mode):
@@ -37,8 +42,6 @@ def _loose_modes(root: Path) -> dict[str, str]:
 
 
 def _wait(client: httpx.Client, path: str) -> dict[str, object]:
-    import time
-
     deadline = time.monotonic() + 180
     while True:
         body: dict[str, object] = client.get(path).json()
@@ -48,48 +51,64 @@ def _wait(client: httpx.Client, path: str) -> dict[str, object]:
 
 
 def test_everything_the_server_stores_is_private(tmp_path: Path) -> None:
-    previous = os.umask(0o022)  # the usual umask: the server must not depend on the caller's
+    data = DataDir(tmp_path / "data")
+    previous = os.umask(0o022)  # the usual umask, inherited by the server: it must not depend on it
     try:
-        with running_server(settings_for(tmp_path)) as client:
+        with running(data, "server.log") as server:
+            client = server.client
             model = client.post(
                 "/v1/models", files={"file": ("c.onnx", model_bytes(resnet_block_classifier()))}
             )
             model_id = model.json()["id"]
-            data = npz_bytes(input=classifier_samples(8))
+            samples = npz_bytes(input=classifier_samples(8))
             calibration = client.post(
-                "/v1/calibration-sets", files={"file": ("c.npz", data)}, data={"model_id": model_id}
+                "/v1/calibration-sets", files={"file": ("c.npz", samples)}, data={"model_id": model_id}
             )
             assert calibration.status_code == 201, calibration.text
             build = client.post(
                 "/v1/builds", json={"model_id": model_id, "precision": "fp32", "backend": "onnxruntime"}
             )
             assert _wait(client, f"/v1/builds/{build.json()['id']}")["status"] == "succeeded"
-            stored = [p for name in DATA_ROOTS for p in (tmp_path / name).rglob("*") if p.is_file()]
+            stored = [p for name in DATA_ROOTS for p in (data.root / name).rglob("*") if p.is_file()]
             assert len(stored) >= 4  # model, set arrays and info, plan: there is something to check
-            assert (tmp_path / "engine_service.db").is_file()
-            assert _loose_modes(tmp_path) == {}
+            assert data.database.is_file()
+            assert _loose_modes(data.root) == {}
     finally:
         os.umask(previous)
 
 
 def test_files_left_readable_by_an_older_version_are_made_private_at_start(tmp_path: Path) -> None:
+    data = DataDir(tmp_path / "data")
+    old_dir = data.calibration / ("a" * 64)
+    old_dir.mkdir(parents=True, mode=0o755)
+    (old_dir / "input.npy").write_bytes(b"old")
+    (old_dir / "input.npy").chmod(0o644)
+    data.models.mkdir(mode=0o755)
+    (data.models / "stray.txt").write_text("x")
+    (data.models / "stray.txt").chmod(0o666)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not service data")
+    outside.chmod(0o644)
+    (data.models / "link").symlink_to(outside)
+    with running(data, "server.log") as server:
+        assert server.client.get("/healthz").status_code == 200
+        assert _loose_modes(data.root) == {}
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o644  # a link out of the root is not followed
+
+
+def test_in_process_services_keep_the_callers_umask_and_make_roots_and_database_private(
+    tmp_path: Path,
+) -> None:
     previous = os.umask(0o022)
     try:
-        old_dir = tmp_path / "calibration_data" / ("a" * 64)
-        old_dir.mkdir(parents=True, mode=0o755)
-        (old_dir / "input.npy").write_bytes(b"old")
-        (old_dir / "input.npy").chmod(0o644)
-        (tmp_path / "models").mkdir(mode=0o755)
-        (tmp_path / "models" / "stray.txt").write_text("x")
-        (tmp_path / "models" / "stray.txt").chmod(0o666)
-        outside = tmp_path / "outside.txt"
-        outside.write_text("not service data")
-        outside.chmod(0o644)
-        (tmp_path / "models" / "link").symlink_to(outside)
-        with running_server(settings_for(tmp_path)) as client:
-            assert client.get("/healthz").status_code == 200
-            assert _loose_modes(tmp_path) == {}
-        assert stat.S_IMODE(outside.stat().st_mode) == 0o644  # a link out of the root is not followed
+        services = open_services(settings_for(tmp_path))
+        try:
+            assert os.umask(0o022) == 0o022  # unchanged: `engine-service local` output keeps its mode
+            for name in DATA_ROOTS:
+                assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o700, name
+            assert stat.S_IMODE((tmp_path / "engine_service.db").stat().st_mode) == 0o600
+        finally:
+            services.close(grace_seconds=1)
     finally:
         os.umask(previous)
 
