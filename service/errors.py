@@ -21,8 +21,9 @@ class ServiceError(Exception):
         self.message = message
         self.details = details or {}
 
+    @property
     def headers(self) -> dict[str, str]:
-        """HTTP headers the answer carries besides the JSON body (e.g. Retry-After)."""
+        """HTTP headers the answer carries besides the JSON body (none by default)."""
         return {}
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +118,7 @@ class LimitExceeded(ServiceError):
         super().__init__(message, details=details)
         self.retry_after_s = retry_after_s
 
+    @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
 

@@ -82,7 +82,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(status_code=exc.status, content={"error": exc.to_dict()}, headers=exc.headers())
+        return JSONResponse(status_code=exc.status, content={"error": exc.to_dict()}, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
