@@ -173,6 +173,28 @@ def revoke_key(key_id: str = typer.Argument(..., help="The key id from `engine-s
     typer.echo(f"revoked API key {key.id} ({key.name})")
 
 
+@keys_app.command("adopt-local")
+def adopt_local(
+    key_id: str = typer.Argument(..., help="The key id from `engine-service keys list`."),
+) -> None:
+    """Give a key everything the local owner holds: the data from before auth was on (or before
+    schema 4), which otherwise only admin keys see. The local owner keeps its links too."""
+    from service.errors import ServiceError
+    from service.store.owners import LOCAL_OWNER, Ownership
+
+    store = _key_store()
+    try:
+        key = store.get(key_id)
+        shared = Ownership(store.db).share_all(LOCAL_OWNER, key.id)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    finally:
+        store.db.close()
+    typer.echo(
+        f"API key {key.id} ({key.name}) now holds {shared} more model(s), set(s), engine(s) and job(s)"
+    )
+
+
 # [client] build|infer|benchmark|models|... talk to a server; `local build` runs without one.
 app.add_typer(client_app)
 

@@ -182,6 +182,17 @@ class Ownership:
             found += [("job", str(row["id"])) for row in rows]
         return found
 
+    def share_all(self, from_owner: str, to_owner: str) -> int:
+        """Give ``to_owner`` a link to everything ``from_owner`` holds (e.g. the local owner's data from
+        before auth was on, to the key of the person it belongs to); returns how many links are new."""
+        with self.db.transaction() as conn:
+            changed = conn.execute(
+                "INSERT OR IGNORE INTO ownership (kind, resource_id, owner, name, created_at) "
+                "SELECT kind, resource_id, ?, name, created_at FROM ownership WHERE owner = ?",
+                (to_owner, from_owner),
+            ).rowcount
+        return int(changed)
+
     def forget(self, kind: ResourceKind, resource_id: str) -> None:
         """Remove every link to a resource that is gone."""
         self.db.execute("DELETE FROM ownership WHERE kind = ? AND resource_id = ?", (kind, resource_id))
