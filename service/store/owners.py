@@ -236,10 +236,16 @@ class Ownership:
     def _prefixed(self, kind: str, table: str, prefix: str, principal: Principal) -> list[str]:
         # Ids are hex, and every hex digit sorts below "g": the range is exactly the ids with this prefix.
         params: Sequence[object] = (prefix, prefix + "g")
-        sql = f"SELECT id FROM {table} WHERE id >= ? AND id < ?"
-        if not principal.admin:
-            sql += " AND id IN (SELECT resource_id FROM ownership WHERE kind = ? AND owner = ?)"
-            params = (*params, kind, principal.owner)
+        if principal.admin:
+            sql = f"SELECT id FROM {table} WHERE id >= ? AND id < ?"
+        else:
+            # A range scan of the link table's primary key (kind, resource_id, ...), not of the
+            # resource table: with many keys, the caller's few links are found without a subquery.
+            sql = (
+                f"SELECT t.id AS id FROM ownership o JOIN {table} t ON t.id = o.resource_id "
+                "WHERE o.kind = ? AND o.resource_id >= ? AND o.resource_id < ? AND o.owner = ?"
+            )
+            params = (kind, *params, principal.owner)
         rows = self.db.query(sql + " ORDER BY id LIMIT ?", (*params, _SHOWN_MATCHES + 1))
         return [str(row["id"]) for row in rows]
 
