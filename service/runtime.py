@@ -124,14 +124,17 @@ def open_services(settings: Settings) -> Services:
         ),
     )
     engines = EngineCache(db, settings.engines_dir, budget_bytes=settings.engine_cache_bytes)
-    # With a shared queue, other processes may be storing an engine right now: only sweep orphan
-    # plans old enough that no live build can still be about to insert their row.
+    # With a shared queue, other processes may be storing something right now: only reconcile
+    # files old enough that no live request can still be about to insert their row. Files without
+    # a row are registered again or quarantined, never deleted (see service/store/quarantine.py).
     orphan_age = 3600.0 if settings.queue_backend == "redis" else 0.0
-    reconciled = engines.reconcile(min_orphan_age_s=orphan_age)
-    if any(reconciled.values()):
-        logger.warning("engine cache reconciled with the files on disk: %s", reconciled)
-    calibration_sets.reconcile()
-    models.reconcile(min_orphan_age_s=orphan_age)
+    for what, reconciled in (
+        ("engine cache", engines.reconcile(min_orphan_age_s=orphan_age)),
+        ("calibration sets", calibration_sets.reconcile(min_orphan_age_s=orphan_age)),
+        ("models", models.reconcile(min_orphan_age_s=orphan_age)),
+    ):
+        if any(reconciled.values()):
+            logger.warning("%s reconciled with the files on disk: %s", what, reconciled)
     services = Services(
         settings=settings,
         db=db,

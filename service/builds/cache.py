@@ -1,8 +1,8 @@
 """The engine cache: engines stored by key, verified on every read, evicted least-recently-used.
 
 An engine is stored in two steps in this order: the plan bytes (atomic blob write), then the row.
-A crash between them leaves a file without a row, which :meth:`EngineCache.reconcile` removes at
-start-up; a row never points at a half-written file. Reads hash the file and compare with the
+A crash between them leaves a file without a row, which :meth:`EngineCache.reconcile` quarantines
+at start-up; a row never points at a half-written file. Reads hash the file and compare with the
 recorded digest, so a damaged or truncated plan is dropped from the cache rather than served.
 """
 
@@ -24,6 +24,7 @@ from service.onnx_graph.initializer_inputs import without_initializer_inputs
 from service.store.blobs import BlobStore
 from service.store.db import Database
 from service.store.ids import resolve_id
+from service.store.quarantine import quarantine
 
 logger = logging.getLogger(__name__)
 
@@ -279,10 +280,12 @@ class EngineCache:
             self.plans.delete(record.plan_sha256)
 
     def reconcile(self, *, min_orphan_age_s: float = 0.0) -> dict[str, int]:
-        """Make the index and the files agree: drop rows without a file and files without a row.
+        """Make the index and the files agree: drop rows without a file, quarantine files without a row.
 
-        ``min_orphan_age_s`` spares plan files younger than that (a build in another process writes
-        the file before its row).
+        A plan without a row cannot be served again (its key, backend and report were in the row),
+        but it may be an engine a client was told is stored whose row a power loss took, so it is
+        moved to ``plans/.quarantine/`` rather than deleted. ``min_orphan_age_s`` spares plan files
+        younger than that (a build in another process writes the file before its row).
         """
         dropped_rows = 0
         for record in self.list():
@@ -290,10 +293,11 @@ class EngineCache:
                 self._drop(record)
                 dropped_rows += 1
         referenced = {r["plan_sha256"] for r in self.db.query("SELECT plan_sha256 FROM engines")}
-        orphan_files = 0
+        quarantined_files = 0
         cutoff = time.time() - min_orphan_age_s
         for digest in list(self.plans.digests()):
-            if digest not in referenced and self.plans.path_for(digest).stat().st_mtime <= cutoff:
-                self.plans.delete(digest)
-                orphan_files += 1
-        return {"dropped_rows": dropped_rows, "orphan_files": orphan_files}
+            path = self.plans.path_for(digest)
+            if digest not in referenced and path.stat().st_mtime <= cutoff:
+                quarantine(path, self.plans.root, reason="engine plan without a row")
+                quarantined_files += 1
+        return {"dropped_rows": dropped_rows, "quarantined_files": quarantined_files}

@@ -7,14 +7,16 @@ parsed and passed the checker, and a failed registration removes its staged file
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import onnx
 
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, InvalidModel, NotFound, ServiceError
 from service.jobs.records import utc_now
 from service.onnx_graph.inspect import ModelInfo, model_info
 from service.onnx_graph.loading import model_from_bytes
@@ -22,6 +24,9 @@ from service.reports.tasks import TaskSpec
 from service.store.blobs import BlobStore, StagedUpload
 from service.store.db import Database
 from service.store.ids import resolve_id
+from service.store.quarantine import quarantine
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class ModelRecord:
     name: str
     size_bytes: int
     info: ModelInfo
-    source: str  # upload | quantization | build
+    source: str  # upload | quantization | build | recovered (re-registered from its file at start-up)
     parent_id: str | None
     created_at: str
     task: TaskSpec | None = None  # named by the user; None: guessed from the outputs when judged
@@ -144,19 +149,35 @@ class ModelCatalog:
     def load(self, model_id: str) -> onnx.ModelProto:
         return model_from_bytes(self.read_bytes(model_id), check=False)
 
-    def reconcile(self, *, min_orphan_age_s: float = 0.0) -> int:
-        """Remove model files without a row (a crash between the blob commit and the insert).
+    def reconcile(self, *, min_orphan_age_s: float = 0.0) -> dict[str, int]:
+        """Give every model file without a row its row back, or quarantine it; never delete it.
 
-        Files younger than ``min_orphan_age_s`` are spared: another process may be about to insert.
+        A file without a row is either a crash between the blob commit and the insert, or a model a
+        client was told is stored whose row a power loss took: its bytes say what it is, so it is
+        registered again (source ``recovered``). A file that no longer parses is moved to
+        ``.quarantine/``. Files younger than ``min_orphan_age_s`` are spared: another process may be
+        about to insert their row itself.
         """
         known = {row["id"] for row in self.db.query("SELECT id FROM models")}
         cutoff = time.time() - min_orphan_age_s
-        removed = 0
+        counts = {"recovered": 0, "quarantined": 0}
         for digest in list(self.blobs.digests()):
-            if digest not in known and self.blobs.path_for(digest).stat().st_mtime <= cutoff:
-                self.blobs.delete(digest)
-                removed += 1
-        return removed
+            path = self.blobs.path_for(digest)
+            if digest in known or path.stat().st_mtime > cutoff:
+                continue
+            try:
+                data = path.read_bytes()
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise InvalidModel("the file does not match its sha256 name")
+                info = model_info(model_from_bytes(data))
+            except ServiceError as exc:
+                quarantine(path, self.blobs.root, reason=f"model file without a row: {exc}")
+                counts["quarantined"] += 1
+                continue
+            self._insert(digest, f"recovered-{digest[:12]}.onnx", len(data), info, "recovered", None)
+            logger.warning("model %s had a file but no row; registered it again as recovered", digest)
+            counts["recovered"] += 1
+        return counts
 
     def delete(self, model_id: str) -> None:
         model_id = self.get(model_id).id

@@ -11,6 +11,7 @@ from service.backends.base import BackendInfo, ShapeRange
 from service.builds.cache import CorruptEngine, EngineCache, NewEngine
 from service.builds.keys import BuildConfig, CalibrationOptions, EngineKey
 from service.store.db import Database
+from service.store.quarantine import quarantined
 
 RTX = BackendInfo(
     name="tensorrt-rtx", version="1.7.1.116", device="ahead-of-time (no GPU)", compute_capability="sm_89"
@@ -110,14 +111,17 @@ def test_least_recently_used_engines_are_evicted_to_fit_the_budget(cache: Engine
     assert cache.total_bytes() == 8000
 
 
-def test_reconcile_drops_rows_without_files_and_files_without_rows(cache: EngineCache) -> None:
+def test_reconcile_drops_rows_without_files_and_quarantines_files_without_rows(cache: EngineCache) -> None:
     kept = cache.store(_new(_key(model="4" * 64), b"kept"))
     lost = cache.store(_new(_key(model="5" * 64), b"lost"))
     cache.plans.path_for(lost.plan_sha256).unlink()
     orphan = cache.plans.put_bytes(b"orphan from a crash between file and row")
-    assert cache.reconcile() == {"dropped_rows": 1, "orphan_files": 1}
+    assert cache.reconcile() == {"dropped_rows": 1, "quarantined_files": 1}
     assert [r.id for r in cache.list()] == [kept.id]
     assert not cache.plans.exists(orphan.sha256)
+    assert [p.read_bytes() for p in quarantined(cache.plans.root)] == [
+        b"orphan from a crash between file and row"
+    ]
 
 
 def test_listeners_hear_every_engine_that_leaves_the_cache(cache: EngineCache) -> None:
