@@ -123,7 +123,10 @@ def open_services(settings: Settings) -> Services:
             sample_bytes=settings.max_preprocessed_sample_bytes, set_bytes=settings.max_preprocessed_bytes
         ),
     )
-    engines = EngineCache(db, settings.engines_dir, budget_bytes=settings.engine_cache_bytes)
+    # An engine leaving the cache takes the model derived for its build along (when no other uses it).
+    engines = EngineCache(
+        db, settings.engines_dir, budget_bytes=settings.engine_cache_bytes, derived_models=models
+    )
     # With a shared queue, other processes may be storing something right now: only reconcile
     # files old enough that no live request can still be about to insert their row. Files without
     # a row are registered again or quarantined, never deleted (see service/store/quarantine.py).

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from service.builds.keys import BuildConfig, EngineKey
 from service.errors import NotFound
@@ -120,9 +120,40 @@ class NewEngine:
     calibration_cache: bytes | None = None
 
 
+# Why an engine left the cache; recorded on the build jobs that produced it.
+DropReason = Literal["evicted", "deleted", "damaged"]
+_DROP_MESSAGES: dict[str, str] = {
+    "evicted": "evicted to keep the engine cache within ENGINE_SERVICE_ENGINE_CACHE_BYTES",
+    "deleted": "deleted with DELETE /v1/engines/{id}",
+    "damaged": "removed because its plan file was missing or damaged on disk",
+}
+
+
+class DerivedModels(Protocol):
+    """Where the models builds derive live (the model catalog); lets a dropped engine take its own."""
+
+    def discard_derived(self, model_id: str) -> bool: ...
+
+
+def engine_removed_note(reason: str, at: str) -> dict[str, str]:
+    """What a build job's result records when its engine leaves the cache."""
+    return {
+        "reason": reason,
+        "at": at,
+        "message": f"The engine was {_DROP_MESSAGES.get(reason, reason)}; send the same build request "
+        "again (POST /v1/builds) to rebuild it.",
+    }
+
+
 class EngineCache:
-    def __init__(self, db: Database, root: Path, *, budget_bytes: int) -> None:
+    """Engines by key. Dropping one (eviction, delete, damage) removes everything that was its alone:
+    the plan, its runtime cache, its calibration cache and the model derived for its build."""
+
+    def __init__(
+        self, db: Database, root: Path, *, budget_bytes: int, derived_models: DerivedModels | None = None
+    ) -> None:
         self.db = db
+        self.derived_models = derived_models
         self.plans = BlobStore(root / "plans")
         self.artifacts = BlobStore(root / "artifacts")  # calibration caches and other build outputs
         # TensorRT-RTX runtime caches (kernels compiled when an engine first runs), one per engine.
@@ -200,6 +231,10 @@ class EngineCache:
             raise NotFound(f"No engine with id '{engine_id}'. List engines with GET /v1/engines.")
         return _record(row)
 
+    def exists(self, engine_id: str) -> bool:
+        """Whether an engine with exactly this id is stored."""
+        return self.db.query_one("SELECT 1 FROM engines WHERE id = ?", (engine_id,)) is not None
+
     def list(self, *, model_id: str | None = None) -> builtins.list[EngineRecord]:
         if model_id is None:
             rows = self.db.query("SELECT * FROM engines ORDER BY created_at DESC")
@@ -259,25 +294,52 @@ class EngineCache:
             if row["id"] == keep:
                 continue
             record = _record(row)
-            self._drop(record)
+            self._drop(record, reason="evicted")
             total -= record.size_bytes
             evicted.append(record.id)
         return evicted
 
     def delete(self, engine_id: str) -> None:
-        self._drop(self.get(engine_id))
+        self._drop(self.get(engine_id), reason="deleted")
 
     def runtime_cache_file(self, engine_id: str) -> Path:
         """Where the runtime cache of engine ``engine_id`` lives (the file may not exist yet)."""
         return self.runtime_caches / f"{engine_id}.runtime.cache"
 
-    def _drop(self, record: EngineRecord) -> None:
+    def _drop(self, record: EngineRecord, *, reason: DropReason = "damaged") -> None:
+        """Remove the engine's row, then every file no other engine or job still needs.
+
+        Shared bytes stay: a plan, calibration cache or derived model is content-addressed and may
+        be another engine's too (or, for a calibration cache, a quantization job's result). The
+        build jobs that made the engine get a note saying it is gone and why.
+        """
         self.db.execute("DELETE FROM engines WHERE id = ?", (record.id,))
         self.runtime_cache_file(record.id).unlink(missing_ok=True)
         for listener in self._drop_listeners:
             listener(record.id)
         if not self.db.query_one("SELECT 1 FROM engines WHERE plan_sha256 = ?", (record.plan_sha256,)):
             self.plans.delete(record.plan_sha256)
+        cache_sha = record.calibration_cache_sha256
+        if cache_sha is not None and not self._artifact_in_use(cache_sha):
+            self.artifacts.delete(cache_sha)
+        if self.derived_models is not None:
+            self.derived_models.discard_derived(record.built_model_id)
+        self.db.execute(
+            "UPDATE jobs SET result_json = json_set(result_json, '$.engine_removed', json(?)) "
+            "WHERE kind = 'build' AND status = 'succeeded' AND json_extract(result_json, '$.engine_id') = ?",
+            (json.dumps(engine_removed_note(reason, utc_now())), record.id),
+        )
+
+    def _artifact_in_use(self, digest: str) -> bool:
+        """Whether another engine or a finished quantization job still refers to this artifact."""
+        return (
+            self.db.query_one("SELECT 1 FROM engines WHERE calibration_cache_sha256 = ?", (digest,))
+            is not None
+            or self.db.query_one(
+                "SELECT 1 FROM jobs WHERE kind = 'quantization' AND result_json LIKE ?", (f'%"{digest}"%',)
+            )
+            is not None
+        )
 
     def reconcile(self, *, min_orphan_age_s: float = 0.0) -> dict[str, int]:
         """Make the index and the files agree: drop rows without a file, quarantine files without a row.

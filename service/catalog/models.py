@@ -24,6 +24,7 @@ from service.reports.tasks import TaskSpec
 from service.store.blobs import BlobStore, StagedUpload
 from service.store.db import Database
 from service.store.ids import resolve_id
+from service.store.keyed_locks import KeyedLocks
 from service.store.quarantine import quarantine
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class ModelCatalog:
     def __init__(self, db: Database, blobs: BlobStore) -> None:
         self.db = db
         self.blobs = blobs
+        self._placing = KeyedLocks()
 
     def register_staged(
         self, staged: StagedUpload, name: str, *, source: str = "upload", parent_id: str | None = None
@@ -77,17 +79,20 @@ class ModelCatalog:
         """Validate a fully streamed upload and store it; the staged file is consumed either way."""
         try:
             staged.finish()
-            existing = self._find(staged.sha256)
-            if existing is not None:
-                staged.discard()
-                return existing, False
-            model = model_from_bytes(staged.path.read_bytes())
-            info = model_info(model)
-            blob = self.blobs.commit(staged)
+            # Held until the row is in: a derived model being discarded (discard_derived) is either
+            # gone before this looks, and stored again, or still there and found.
+            with self._placing.hold(staged.sha256):
+                existing = self._find(staged.sha256)
+                if existing is not None:
+                    staged.discard()
+                    return existing, False
+                model = model_from_bytes(staged.path.read_bytes())
+                info = model_info(model)
+                blob = self.blobs.commit(staged)
+                return self._insert(blob.sha256, name, blob.size_bytes, info, source, parent_id), True
         except BaseException:
             staged.discard()
             raise
-        return self._insert(blob.sha256, name, blob.size_bytes, info, source, parent_id), True
 
     def add_model(
         self, model: onnx.ModelProto | bytes, name: str, *, source: str, parent_id: str | None = None
@@ -178,6 +183,25 @@ class ModelCatalog:
             logger.warning("model %s had a file but no row; registered it again as recovered", digest)
             counts["recovered"] += 1
         return counts
+
+    def discard_derived(self, model_id: str) -> bool:
+        """Remove a model a build derived (source ``build``) once no engine and no active job uses it.
+
+        Called when an engine leaves the cache: its exact build input (a Q/DQ or FP16-typed ONNX)
+        belongs to it alone unless another engine was built from the same bytes. Uploaded,
+        quantization and recovered models are never touched. Returns whether it was removed.
+        """
+        with self._placing.hold(model_id), self.db.transaction() as conn:
+            removed = conn.execute(
+                "DELETE FROM models WHERE id = ? AND source = 'build' "
+                "AND NOT EXISTS (SELECT 1 FROM engines WHERE model_id = ? OR built_model_id = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM jobs WHERE status IN ('queued', 'running') "
+                "AND params_json LIKE ?)",
+                (model_id, model_id, model_id, f'%"{model_id}"%'),
+            ).rowcount
+            if removed:  # inside the transaction: a failed unlink keeps the row
+                self.blobs.delete(model_id)
+        return bool(removed)
 
     def delete(self, model_id: str) -> None:
         model_id = self.get(model_id).id

@@ -133,3 +133,25 @@ def test_listeners_hear_every_engine_that_leaves_the_cache(cache: EngineCache) -
     time.sleep(0.01)
     cache.store(_new(_key(model="8" * 64), b"f" * 6000))  # over budget: the first is evicted
     assert dropped == [deleted.id, first.id]
+
+
+def test_a_calibration_cache_two_engines_share_stays_until_the_last_one_goes(cache: EngineCache) -> None:
+    def with_cache(key: EngineKey, payload: bytes) -> NewEngine:
+        return NewEngine(
+            key=key,
+            built_model_id=key.model_id,
+            engine_bytes=payload,
+            file_extension=".plan",
+            build_seconds=1.0,
+            report={},
+            calibration_cache=b"TRT-8601-EntropyCalibration2\ninput: 3c010a14\n",
+        )
+
+    first = cache.store(with_cache(_key(model="9" * 64, precision="int8"), b"x" * 100))
+    second = cache.store(with_cache(_key(model="a" * 64, precision="int8"), b"y" * 100))
+    digest = first.calibration_cache_sha256
+    assert digest is not None and digest == second.calibration_cache_sha256
+    cache.delete(first.id)
+    assert cache.artifacts.exists(digest)  # the other engine still has it
+    cache.delete(second.id)
+    assert not cache.artifacts.exists(digest)
