@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # A JSON /infer body grows about tenfold once parsed into Python numbers; binary bodies do not.
     max_json_infer_bytes: int = Field(default=16 * MIB, gt=0)
 
+    # Names given to models and calibration sets (shown in listings and download headers).
+    max_name_chars: int = Field(default=200, ge=1, le=10_000)
+
     # Engine cache and warm runners.
     engine_cache_bytes: int = Field(default=20 * GIB, gt=0)
     runner_cache_bytes: int = Field(default=2 * GIB, gt=0)

@@ -35,6 +35,12 @@ class BadInput(ServiceError):
     status = 400
 
 
+class InvalidName(BadInput):
+    """A name given to a model or calibration set is too long or holds control characters."""
+
+    code = "invalid_name"
+
+
 class InvalidModel(BadInput):
     """The upload is not a usable ONNX model."""
 
