@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # A JSON /infer body grows about tenfold once parsed into Python numbers; binary bodies do not.
     max_json_infer_bytes: int = Field(default=16 * MIB, gt=0)
 
+    # What analysing an uploaded model may cost: nodes of its main graph and the graph's bytes without
+    # its initializers (parsing and checking cost about 40x those bytes; initializers stay raw).
+    max_model_nodes: int = Field(default=100_000, gt=0)
+    max_model_graph_bytes: int = Field(default=128 * MIB, gt=0)
     # Names given to models and calibration sets (shown in listings and download headers).
     max_name_chars: int = Field(default=200, ge=1, le=10_000)
 

@@ -25,6 +25,7 @@ from service.jobs.leases import LeaseSweeper
 from service.jobs.records import JobStore
 from service.jobs.runner import JobQueue, JobRunner
 from service.observability.metrics import ServiceMetrics
+from service.onnx_graph.graph_limits import GraphLimits
 from service.quantize.job import QUANTIZATION_JOB, QuantizationJob
 from service.store.blobs import BlobStore
 from service.store.db import Database
@@ -110,7 +111,13 @@ def open_services(settings: Settings) -> Services:
     metrics = ServiceMetrics()
     metrics.track_jobs(jobs)
     runner.add_listener(metrics.observe_job)
-    models = ModelCatalog(db, model_blobs)
+    models = ModelCatalog(
+        db,
+        model_blobs,
+        upload_limits=GraphLimits(
+            max_nodes=settings.max_model_nodes, max_graph_bytes=settings.max_model_graph_bytes
+        ),
+    )
     calibration_sets = CalibrationCatalog(
         db,
         settings.calibration_dir,

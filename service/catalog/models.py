@@ -18,6 +18,7 @@ import onnx
 
 from service.errors import Conflict, InvalidModel, NotFound, ServiceError
 from service.jobs.records import utc_now
+from service.onnx_graph.graph_limits import GraphLimits, check_graph_size
 from service.onnx_graph.inspect import ModelInfo, model_info
 from service.onnx_graph.loading import model_from_bytes
 from service.reports.tasks import TaskSpec
@@ -68,9 +69,11 @@ def _record(row: Any) -> ModelRecord:
 
 
 class ModelCatalog:
-    def __init__(self, db: Database, blobs: BlobStore) -> None:
+    def __init__(self, db: Database, blobs: BlobStore, *, upload_limits: GraphLimits | None = None) -> None:
         self.db = db
         self.blobs = blobs
+        # Bounds on what analysing an upload may cost; models the service derives are not bounded.
+        self.upload_limits = upload_limits
         self._placing = KeyedLocks()
 
     def register_staged(
@@ -86,7 +89,11 @@ class ModelCatalog:
                 if existing is not None:
                     staged.discard()
                     return existing, False
-                model = model_from_bytes(staged.path.read_bytes())
+                data = staged.path.read_bytes()
+                if source == "upload" and self.upload_limits is not None:
+                    check_graph_size(data, self.upload_limits)  # before parsing: its cost grows per node
+                model = model_from_bytes(data)
+                del data
                 info = model_info(model)
                 blob = self.blobs.commit(staged)
                 return self._insert(blob.sha256, name, blob.size_bytes, info, source, parent_id), True
