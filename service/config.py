@@ -51,6 +51,13 @@ class Settings(BaseSettings):
     max_benchmark_input_bytes: int = Field(default=1 * GIB, gt=0)
     # A JSON /infer body grows about tenfold once parsed into Python numbers; binary bodies do not.
     max_json_infer_bytes: int = Field(default=16 * MIB, gt=0)
+    # The JSON body of any other route (builds, benchmarks...): read and capped before it is parsed.
+    max_json_body_bytes: int = Field(default=4 * MIB, gt=0)
+    # All request bodies held in memory at once (/infer and JSON bodies, times their decoding cost:
+    # JSON x10, binary x2); a request that does not fit waits up to inflight_body_wait_s for room,
+    # then is answered 429 with Retry-After. Uploads stream to disk and do not count.
+    max_inflight_body_bytes: int = Field(default=1 * GIB, gt=0)
+    inflight_body_wait_s: float = Field(default=5.0, ge=0.0, le=300.0)
 
     # What analysing an uploaded model may cost: nodes of its main graph and the graph's bytes without
     # its initializers (parsing and checking cost about 40x those bytes; initializers stay raw).
