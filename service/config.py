@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     # this host's. Set it to build for a fleet of another class, or to test the 7-bit-weight path.
     cpu_isa: IsaClass | None = None
 
+    # glibc malloc arenas of a serve or worker process (0: glibc's default of 8 per core). Two keep a
+    # long-running server's memory flat under mixed load (see service/observability/allocator.py).
+    malloc_arena_max: int = Field(default=2, ge=0, le=1024)
+
     log_level: str = "INFO"
     log_json: bool = False
     # Append the service's log lines to this file instead of stderr (tests keep pytest's output readable).
