@@ -113,7 +113,7 @@ async def create_model(request: Request, services: ServicesDep) -> JSONResponse:
 
 @router.get("", response_model=list[ModelPublic])
 def list_models(services: ServicesDep, source: str | None = None) -> list[dict[str, Any]]:
-    """List models, newest first (filter by `source`: upload, quantization, build)."""
+    """List models, newest first (filter by `source`: upload, quantization, build, recovered)."""
     return [record.to_dict() for record in services.models.list(source=source)]
 
 
