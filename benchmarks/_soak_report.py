@@ -18,6 +18,10 @@ class _Sample(Protocol):
     seconds: float
 
 
+def _loads(values: tuple[float, ...]) -> str:
+    return " / ".join(f"{value:.1f}" for value in values)
+
+
 def kinds_table(samples: list[_Sample]) -> dict[str, dict[str, Any]]:
     by_kind: dict[str, list[_Sample]] = defaultdict(list)
     for sample in samples:
@@ -70,6 +74,7 @@ def write_report(
     settings: dict[str, str],
     machine: MachineInfo,
     cpu_class: str,
+    load_average: tuple[tuple[float, ...], tuple[float, ...]],
 ) -> dict[str, Any]:
     """Write ``<name>.json`` and ``<name>.md``; returns the summary."""
     kinds = kinds_table(samples)
@@ -89,6 +94,7 @@ def write_report(
             {
                 "machine": machine.to_dict(),
                 "cpu_class": cpu_class,
+                "load_average_1_5_15min": {"start": load_average[0], "end": load_average[1]},
                 "server_settings": settings,
                 "summary": summary,
                 "kinds": kinds,
@@ -108,7 +114,9 @@ def write_report(
         "builds, /infer (JSON and npz), benchmarks and the hostile bodies of issue 11 ran together against a",
         "`serve` process on a fresh data directory; server settings besides the defaults: "
         + ", ".join(f"`ENGINE_SERVICE_{k}={v}`" for k, v in settings.items())
-        + ". The machine's cores were shared with other engineers' test runs, so latencies are loaded ones.",
+        + ". The machine's cores were shared with other engineers' test runs, so latencies are loaded "
+        f"ones (load average, 1/5/15 min: {_loads(load_average[0])} at the start, "
+        f"{_loads(load_average[1])} at the end).",
         "",
         machine.markdown(),
         f"| CPU integer class | {cpu_class} |",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -261,11 +262,13 @@ def run(minutes: float, results: Path, name: str) -> int:
             threads = [threading.Thread(target=loop, name=loop.__name__) for loop in loops]
             threads.append(threading.Thread(target=sample_memory, args=(server, load, series, 1.0)))
             started = time.monotonic()
+            load_before = os.getloadavg()
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
             elapsed = time.monotonic() - started
+            load_after = os.getloadavg()
             peak = server.peak_mib()
         finally:
             server.stop()
@@ -282,6 +285,7 @@ def run(minutes: float, results: Path, name: str) -> int:
         settings=SERVER_SETTINGS,
         machine=describe_machine(),
         cpu_class=host_cpu_isa().describe(),
+        load_average=(load_before, load_after),
     )
     print(json.dumps(summary, indent=2))
     return 1 if recorder.failures else 0

@@ -120,6 +120,8 @@ class NewEngine:
     calibration_cache: bytes | None = None
 
 
+# How stale an engine's recorded last use may get while it is served warm (see note_use).
+TOUCH_INTERVAL_S = 10.0
 # Why an engine left the cache; recorded on the build jobs that produced it.
 DropReason = Literal["evicted", "deleted", "damaged"]
 _DROP_MESSAGES: dict[str, str] = {
@@ -160,6 +162,7 @@ class EngineCache:
         self.runtime_caches = root / "runtime_caches"
         self.budget_bytes = budget_bytes
         self._drop_listeners: builtins.list[Callable[[str], object]] = []
+        self._touched: dict[str, float] = {}  # engine id -> monotonic time of its last recorded use
 
     def add_drop_listener(self, listener: Callable[[str], object]) -> None:
         """Called with the id of every engine leaving the cache (delete, eviction, damage)."""
@@ -277,6 +280,18 @@ class EngineCache:
 
     def touch(self, engine_id: str) -> None:
         self.db.execute("UPDATE engines SET last_used_at = ? WHERE id = ?", (utc_now(), engine_id))
+        self._touched[engine_id] = time.monotonic()
+
+    def note_use(self, engine_id: str) -> None:
+        """Mark the engine used now, writing at most once per TOUCH_INTERVAL_S per engine.
+
+        Warm runners serve requests without reading the plan, so without this an engine served all
+        day would look unused and be the first evicted; with synchronous commits a write per
+        request would cost an fsync each, so the recorded time may lag by up to the interval.
+        """
+        last = self._touched.get(engine_id)
+        if last is None or time.monotonic() - last >= TOUCH_INTERVAL_S:
+            self.touch(engine_id)
 
     def total_bytes(self) -> int:
         row = self.db.query_one("SELECT COALESCE(SUM(size_bytes), 0) FROM engines")
@@ -314,6 +329,7 @@ class EngineCache:
         build jobs that made the engine get a note saying it is gone and why.
         """
         self.db.execute("DELETE FROM engines WHERE id = ?", (record.id,))
+        self._touched.pop(record.id, None)
         self.runtime_cache_file(record.id).unlink(missing_ok=True)
         for listener in self._drop_listeners:
             listener(record.id)

@@ -155,3 +155,17 @@ def test_a_calibration_cache_two_engines_share_stays_until_the_last_one_goes(cac
     assert cache.artifacts.exists(digest)  # the other engine still has it
     cache.delete(second.id)
     assert not cache.artifacts.exists(digest)
+
+
+def test_serving_an_engine_keeps_it_off_the_lru_end_with_few_writes(cache: EngineCache) -> None:
+    served = cache.store(_new(_key(model="b" * 64), b"s" * 4000))
+    time.sleep(0.01)
+    idle = cache.store(_new(_key(model="c" * 64), b"i" * 4000))
+    cache._touched.clear()  # as after a restart: the first use is always recorded
+    cache.note_use(served.id)
+    recorded = cache.get(served.id).last_used_at
+    assert recorded > idle.last_used_at
+    cache.note_use(served.id)  # within the interval: no second write
+    assert cache.get(served.id).last_used_at == recorded
+    cache.store(_new(_key(model="d" * 64), b"n" * 4000))  # over budget: the idle one goes, not the served one
+    assert {r.id for r in cache.list()} >= {served.id} and idle.id not in {r.id for r in cache.list()}
