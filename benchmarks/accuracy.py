@@ -37,7 +37,7 @@ import onnx
 from benchmarks._machine import describe_machine
 
 RESULTS_DIR = Path(__file__).parent / "results"
-MODELS = ("det", "cls", "layout")
+MODELS = ("det", "rec", "cls", "layout")
 
 
 def make_inputs(which: str, count: int) -> np.ndarray:
@@ -48,6 +48,8 @@ def make_inputs(which: str, count: int) -> np.ndarray:
         return trained.ppocr_det_inputs(count)
     if which == "cls":
         return trained.ppocr_cls_inputs(count)
+    if which == "rec":
+        return trained.ppocr_rec_inputs(count)
     return trained.layout_inputs(count)
 
 
@@ -62,6 +64,8 @@ def load(which: str, inputs_file: Path) -> tuple[onnx.ModelProto, np.ndarray, in
         return trained.rapidocr_model("PP-OCRv6_det_small.onnx"), inputs, 8
     if which == "cls":
         return trained.rapidocr_model("ch_ppocr_mobile_v2.0_cls_mobile.onnx"), inputs, 8
+    if which == "rec":
+        return trained.rapidocr_model("PP-OCRv6_rec_small.onnx"), inputs, 8
     return trained.layout_detector_with_yolo_head(), inputs, 1
 
 
