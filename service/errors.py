@@ -40,6 +40,12 @@ class BadInput(ServiceError):
     status = 400
 
 
+class InvalidName(BadInput):
+    """A name given to a model or calibration set is too long or holds control characters."""
+
+    code = "invalid_name"
+
+
 class InvalidModel(BadInput):
     """The upload is not a usable ONNX model."""
 
@@ -97,6 +103,26 @@ class TooLarge(ServiceError):
 
     code = "too_large"
     status = 413
+
+
+class ServerBusy(ServiceError):
+    """The server is at a capacity bound right now; the same request can succeed later (HTTP 429).
+
+    429 rather than 503: the server is healthy and shedding load, and a 5xx would read as a fault.
+    """
+
+    code = "server_busy"
+    status = 429
+
+    def __init__(
+        self, message: str, *, retry_after_s: int = 1, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, details=details)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class Unauthorized(ServiceError):

@@ -16,6 +16,7 @@ from service.api.tenancy import delete_owned, grant, own_name, own_names, owned_
 from service.api.uploads import receive_upload, upload_body_schema
 from service.calibration.preprocess import PreprocessSpec
 from service.calibration.preprocess_examples import PREPROCESS_EXAMPLES
+from service.catalog.names import checked_name
 from service.errors import BadInput
 
 router = APIRouter(prefix="/v1/calibration-sets", tags=["calibration sets"])
@@ -67,10 +68,14 @@ async def create_calibration_set(
         preprocess = _parse_preprocess(upload.fields.get("preprocess"))
         model_id = upload.fields.get("model_id") or request.query_params.get("model_id")
         model_inputs = owned_model(services, principal, model_id).info.inputs if model_id else None
+        name = checked_name(
+            upload.fields.get("name") or upload.filename or request.query_params.get("name") or "calibration",
+            max_chars=services.settings.max_name_chars,
+            what="calibration set name",
+        )
     except BaseException:
         upload.staged.discard()
         raise
-    name = upload.fields.get("name") or upload.filename or request.query_params.get("name") or "calibration"
     record, _ = await run_in_threadpool(
         catalog.register_staged, upload.staged, name, preprocess=preprocess, model_inputs=model_inputs
     )

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from service.api.deps import PrincipalDep, ServicesDep
+from service.api.downloads import file_download
 from service.api.tenancy import delete_owned, forget_ownerless_models, owned_engine, owned_model, visible
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
@@ -59,7 +60,7 @@ def read_engine_plan(engine_id: str, services: ServicesDep, principal: Principal
     """Download the engine bytes (verified against their sha256 first)."""
     record = owned_engine(services, principal, engine_id)
     path = services.engines.verified_plan_path(record.id)
-    return FileResponse(
+    return file_download(
         path,
         media_type="application/octet-stream",
         filename=f"{record.id[:16]}-{record.precision}-{record.backend}{record.file_extension}",
@@ -74,7 +75,7 @@ def read_engine_calibration_cache(
     """Download the TensorRT calibration cache the service computed for this engine."""
     engine_id = owned_engine(services, principal, engine_id).id
     path = services.engines.calibration_cache_path(engine_id)
-    return FileResponse(
+    return file_download(
         path,
         media_type="text/plain",
         filename=f"{engine_id[:16]}.calibration.cache",
@@ -86,7 +87,7 @@ def read_engine_calibration_cache(
 def read_engine_model(engine_id: str, services: ServicesDep, principal: PrincipalDep) -> FileResponse:
     """Download the exact ONNX that was handed to the builder."""
     record = owned_engine(services, principal, engine_id)
-    return FileResponse(
+    return file_download(
         services.model_blobs.path_for(record.built_model_id),
         media_type="application/octet-stream",
         filename=f"{record.id[:16]}-built.onnx",

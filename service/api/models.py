@@ -11,8 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.auth import effective_upload_limit
 from service.api.deps import PrincipalDep, ServicesDep
+from service.api.downloads import file_download
 from service.api.tenancy import delete_owned, grant, own_name, own_names, owned_model, visible
 from service.api.uploads import receive_upload, upload_body_schema
+from service.catalog.names import checked_name
 from service.reports.tasks import TaskSpec
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -97,7 +99,15 @@ async def create_model(request: Request, services: ServicesDep, principal: Princ
         services.model_blobs,
         effective_upload_limit(request, services.settings),  # [auth] per-key
     )
-    name = upload.fields.get("name") or upload.filename or request.query_params.get("name") or "model.onnx"
+    try:
+        name = checked_name(
+            upload.fields.get("name") or upload.filename or request.query_params.get("name") or "model.onnx",
+            max_chars=services.settings.max_name_chars,
+            what="model name",
+        )
+    except BaseException:
+        upload.staged.discard()
+        raise
     record, _ = await run_in_threadpool(services.models.register_staged, upload.staged, name)
     # Bytes another key uploaded first are stored once; this key gets its own link (201 when new to it,
     # so the answer says nothing about other keys' uploads).
@@ -110,7 +120,7 @@ async def create_model(request: Request, services: ServicesDep, principal: Princ
 def list_models(
     services: ServicesDep, principal: PrincipalDep, source: str | None = None
 ) -> list[dict[str, Any]]:
-    """List your models, newest first (filter by `source`: upload, quantization, build)."""
+    """List your models, newest first (filter by `source`: upload, quantization, build, recovered)."""
     records = visible(services, principal, "model", services.models.list(source=source), lambda r: r.id)
     return own_names(services, principal, "model", (record.to_dict() for record in records))
 
@@ -136,7 +146,7 @@ def read_model_onnx(model_id: str, services: ServicesDep, principal: PrincipalDe
     record = owned_model(services, principal, model_id)
     name = services.owners.name_for("model", record.id, principal) or record.name
     filename = name if name.endswith(".onnx") else f"{name}.onnx"
-    return FileResponse(
+    return file_download(
         services.model_blobs.path_for(record.id),
         media_type="application/octet-stream",
         filename=filename,

@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.api.deps import PrincipalDep, ServicesDep
+from service.api.downloads import file_download
 from service.api.jobs_common import JobPublic, job_public
 from service.api.tenancy import cancel_owned, owned_job, owned_model, owned_set
 from service.errors import BadInput, Conflict
@@ -146,7 +147,7 @@ def read_quantization_calibration_cache(
             f"Quantization {job_id} is {record.status}; its calibration cache exists once it succeeds."
         )
     digest = record.result["calibration_cache_sha256"]
-    return FileResponse(
+    return file_download(
         services.engines.artifacts.path_for(digest),
         media_type="text/plain",
         filename=f"{job_id[:16]}.calibration.cache",

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from service.api.deps import PrincipalDep, ServicesDep
+from service.api.downloads import file_download
 from service.api.tenancy import owned_engine
 from service.export.triton import default_model_name, export_for_triton
 
@@ -43,7 +44,7 @@ def read_engine_triton_repository(
         name=name,
         workdir=services.settings.engines_dir / EXPORTS_DIR,
     )
-    return FileResponse(
+    return file_download(
         export.path,
         media_type="application/gzip",
         filename=export.filename,

@@ -28,8 +28,10 @@ def serve(
 
     from service.app import create_app
     from service.config import get_settings
+    from service.observability.allocator import limit_malloc_arenas
 
     settings = get_settings()
+    limit_malloc_arenas(settings.malloc_arena_max)  # before the thread pools start allocating
     if settings.private_data:  # this process writes the service's data: every file 0600, folder 0700
         from service.store.file_modes import private_umask
 
@@ -75,6 +77,10 @@ def worker(
         )
         raise typer.Exit(code=2) from exc
 
+    from service.config import get_settings
+    from service.observability.allocator import limit_malloc_arenas
+
+    limit_malloc_arenas(get_settings().malloc_arena_max)
     code = run_worker(
         backends=backend or [],
         generic=generic,
