@@ -172,6 +172,9 @@ def open_services(settings: Settings) -> Services:
     ):
         if any(reconciled.values()):
             logger.warning("%s reconciled with the files on disk: %s", what, reconciled)
+    # Recovered rows lost their owner with their row: the local owner holds them (admin keys see them;
+    # `engine-service keys adopt-local` hands them to a key).
+    Ownership(db).adopt_recovered()
     services = Services(
         settings=settings,
         db=db,

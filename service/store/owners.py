@@ -193,6 +193,25 @@ class Ownership:
             ).rowcount
         return int(changed)
 
+    def adopt_recovered(self) -> int:
+        """Give the local owner the models re-registered from their files at start-up (source
+        ``recovered``) and the calibration sets that have no owner (every set is an upload, so an
+        unowned one was recovered too); returns how many links are new."""
+        with self.db.transaction() as conn:
+            models = conn.execute(
+                "INSERT OR IGNORE INTO ownership (kind, resource_id, owner, name, created_at) "
+                "SELECT 'model', id, ?, NULL, created_at FROM models WHERE source = 'recovered' "
+                "AND id NOT IN (SELECT resource_id FROM ownership WHERE kind = 'model')",
+                (LOCAL_OWNER,),
+            ).rowcount
+            sets = conn.execute(
+                "INSERT OR IGNORE INTO ownership (kind, resource_id, owner, name, created_at) "
+                "SELECT 'calibration_set', id, ?, NULL, created_at FROM calibration_sets "
+                "WHERE id NOT IN (SELECT resource_id FROM ownership WHERE kind = 'calibration_set')",
+                (LOCAL_OWNER,),
+            ).rowcount
+        return int(models) + int(sets)
+
     def forget(self, kind: ResourceKind, resource_id: str) -> None:
         """Remove every link to a resource that is gone."""
         self.db.execute("DELETE FROM ownership WHERE kind = ? AND resource_id = ?", (kind, resource_id))

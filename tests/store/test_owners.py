@@ -119,3 +119,24 @@ def test_release_says_when_the_last_owner_let_go(owners: Ownership) -> None:
     assert not owners.others_hold("model", MODEL, Principal("bob"))
     assert owners.release("model", MODEL, Principal("bob")) is True
     assert owners.owners("model", MODEL) == []
+
+
+def test_recovered_rows_go_to_the_local_owner_and_owned_rows_stay_as_they_are(owners: Ownership) -> None:
+    db = owners.db
+    db.execute(
+        "INSERT INTO models (id, name, size_bytes, info_json, source, created_at) "
+        "VALUES (?, 'recovered-x.onnx', 1, '{}', 'recovered', ?)",
+        ("9" * 64, T),
+    )
+    db.execute(
+        "INSERT INTO calibration_sets (id, name, format, size_bytes, samples, info_json, created_at) "
+        "VALUES (?, 'recovered-s', 'npz', 1, 1, '{}', ?)",
+        (SET, T),
+    )
+    owners.grant("model", MODEL, "alice")
+    assert owners.adopt_recovered() == 2
+    assert owners.owners("model", "9" * 64) == [LOCAL_OWNER]
+    assert owners.owners("calibration_set", SET) == [LOCAL_OWNER]
+    assert owners.owners("model", MODEL) == ["alice"]  # an upload keeps its owner
+    assert owners.owners("model", OTHER_MODEL) == []  # not recovered: left alone
+    assert owners.adopt_recovered() == 0
