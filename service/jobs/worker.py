@@ -138,6 +138,9 @@ def local_targets(backends: Sequence[str] = ()) -> tuple[JobTarget, ...]:
     return targets_from_statuses(backend_statuses(), backends=backends)
 
 
+PUBSUB_WAIT_S = 0.5  # how long RQ's command channel blocks per read (see _RqWorker.subscribe)
+
+
 class _RqWorker(SimpleWorker):
     """RQ's in-process worker, plus heartbeats during long jobs and the runner's shutdown grace."""
 
@@ -147,6 +150,18 @@ class _RqWorker(SimpleWorker):
     def __init__(self, *args: Any, on_warm_stop: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._on_warm_stop = on_warm_stop
+
+    def subscribe(self) -> None:
+        # RQ's pub/sub thread waits in get_message holding the PubSub lock for up to its sleep time
+        # (60 s), and unsubscribe() at shutdown needs that lock: a worker that stopped right after the
+        # thread began waiting hung for a minute (seen as flaky burst workers under load). A short
+        # wait bounds shutdown at a fraction of a second for one idle read per interval.
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]  # rq annotates None
+            sleep_time=PUBSUB_WAIT_S, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
