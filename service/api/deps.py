@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.runtime import Services
+from service.services import Services
 
 
 def get_services(request: Request) -> Services:

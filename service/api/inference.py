@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.errors import BackendUnavailable, ServiceError, TooLarge
 from service.reports.synthetic_inputs import TensorBudget
-from service.runtime import Services
+from service.services import Services
 from service.serving import RUNNER_POOL
 from service.serving.codecs import (
     DEFAULT_MAX_INFERENCE_BYTES,

@@ -15,7 +15,7 @@ from service.errors import BadInput, Conflict
 from service.quantize.job import QUANTIZATION_JOB
 from service.quantize.skip import SkipSpec
 from service.reports.tasks import AccuracyTarget, TaskSpec, targets_of
-from service.runtime import Services
+from service.services import Services
 
 router = APIRouter(prefix="/v1/quantizations", tags=["quantizations"])
 

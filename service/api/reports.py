@@ -19,7 +19,7 @@ from service.reports.evaluation import EVALUATION_KIND, EvaluationReport
 from service.reports.jobs import REPORT_JOBS, REPORT_KINDS, ReportJobs
 from service.reports.latency import MAX_BATCH, MAX_CONCURRENCY, MAX_DURATION_S, MAX_ITERATIONS, MAX_WARMUP
 from service.reports.latency import BenchmarkConfig as BenchmarkConfigValue
-from service.runtime import Services
+from service.services import Services
 
 router = APIRouter(tags=["reports"])
 

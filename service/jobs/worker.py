@@ -272,7 +272,7 @@ def run_worker(
     from service.config import get_settings
     from service.errors import ServiceError
     from service.observability.logging import configure_logging
-    from service.runtime import open_services
+    from service.services import open_services
 
     settings = get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json, file=settings.log_file)

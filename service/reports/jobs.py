@@ -49,7 +49,7 @@ from service.serving.runnable import BackendLookup, default_backend_lookup, requ
 from service.serving.runner_pool import RunnerPool
 
 if TYPE_CHECKING:
-    from service.runtime import Services
+    from service.services import Services
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.runtime import Services
+    from service.services import Services
     from service.serving.runner_pool import RunnerPool
 
 RUNNER_POOL = "runner_pool"

@@ -424,7 +424,7 @@ def test_the_worker_command_names_the_redis_it_cannot_reach(tmp_path: Path) -> N
 def test_the_worker_command_builds_a_real_engine_queued_by_the_api(tmp_path: Path, redis_url: str) -> None:
     from service.builds.requests import BuildRequest
     from service.builds.submit import submit_build
-    from service.runtime import open_services
+    from service.services import open_services
     from tests.model_factory import resnet_block_classifier
     from tests.server import settings_for
 
