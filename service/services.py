@@ -1,14 +1,15 @@
 """The long-lived parts of a running service, built once at start-up and closed at shutdown.
 
-``Services`` is what the API layer reaches through its dependencies; capability packages receive the
-pieces they need as arguments and never look them up globally.
+This is the composition root: :func:`open_services` is the one place that builds every long-lived part
+and wires them together (job kinds, listeners, the runner pool). ``Services`` is what the API layer and
+the worker command reach; capability packages receive the pieces they need as arguments and never look
+them up globally, nor import this module.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from service.auth.keys import KeyRing, KeyStore
 from service.builds.cache import EngineCache
@@ -26,6 +27,12 @@ from service.jobs.records import JobStore
 from service.jobs.runner import JobQueue, JobRunner
 from service.observability.metrics import ServiceMetrics
 from service.quantize.job import QUANTIZATION_JOB, QuantizationJob
+from service.reports.benchmark import BENCHMARK_KIND
+from service.reports.comparison import COMPARISON_KIND
+from service.reports.evaluation import EVALUATION_KIND
+from service.reports.jobs import ReportJobs
+from service.reports.synthetic_inputs import TensorBudget
+from service.serving.runner_pool import RunnerPool
 from service.store.blobs import BlobStore
 from service.store.db import Database
 
@@ -48,8 +55,8 @@ class Services:
     engines: EngineCache
     keys: KeyRing  # API keys accepted by this server
     metrics: ServiceMetrics  # this app's Prometheus registry
-    # Capabilities registered by later layers (runner pool, metrics...), closed at shutdown.
-    extras: dict[str, Any] = field(default_factory=dict)
+    runner_pool: RunnerPool  # warm runners shared by inference and the report jobs
+    report_jobs: ReportJobs  # submission checks and handlers of benchmarks, evaluations, comparisons
     # Fails jobs of remote workers that stopped reporting (only when remote workers are enabled).
     lease_sweeper: LeaseSweeper | None = None
 
@@ -63,10 +70,7 @@ class Services:
         if self.lease_sweeper is not None:
             self.lease_sweeper.close()
         self.runner.stop(grace_seconds)
-        for extra in self.extras.values():
-            close = getattr(extra, "close", None)
-            if callable(close):
-                close()
+        self.runner_pool.close()
         self.db.close()
 
 
@@ -132,6 +136,20 @@ def open_services(settings: Settings) -> Services:
         logger.warning("engine cache reconciled with the files on disk: %s", reconciled)
     calibration_sets.reconcile()
     models.reconcile(min_orphan_age_s=orphan_age)
+    runner_pool = RunnerPool(engines, budget_bytes=settings.runner_cache_bytes)
+    engines.add_drop_listener(runner_pool.discard)  # a deleted or evicted engine is never served warm
+    metrics.set_loaded_runners_source(lambda: float(len(runner_pool.stats().runners)))
+    report_jobs = ReportJobs(
+        engines=engines,
+        models=models,
+        calibration_sets=calibration_sets,
+        jobs=jobs,
+        runner=runner,
+        pool=runner_pool,
+        budget=TensorBudget(
+            one_input=settings.max_input_tensor_bytes, all_inputs=settings.max_benchmark_input_bytes
+        ),
+    )
     services = Services(
         settings=settings,
         db=db,
@@ -144,6 +162,8 @@ def open_services(settings: Settings) -> Services:
         engines=engines,
         keys=keys,
         metrics=metrics,
+        runner_pool=runner_pool,
+        report_jobs=report_jobs,
     )
     metrics.set_cache_bytes_source(engines.total_bytes)
     runner.register(BUILD_JOB, BuildPipeline(LocalBuildStorage(models, calibration_sets, engines)).handle)
@@ -155,9 +175,8 @@ def open_services(settings: Settings) -> Services:
             on_failed=runner.notify_finished,
         )
     runner.register(QUANTIZATION_JOB, QuantizationJob(models, calibration_sets, engines.artifacts).handle)
-    # Warm runners for inference and the benchmark/evaluation/comparison job kinds. Imported here:
-    # the reports layer reads Services, so a module-level import would be circular.
-    from service.reports.jobs import register as register_reports
-
-    register_reports(services)
+    # Latency is measured alone on the host (HostGate): other jobs would be measured along with the engine.
+    runner.register(BENCHMARK_KIND, report_jobs.benchmark, exclusive=True)
+    runner.register(EVALUATION_KIND, report_jobs.evaluation)
+    runner.register(COMPARISON_KIND, report_jobs.comparison, exclusive=True)
     return services

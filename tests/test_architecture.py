@@ -130,7 +130,6 @@ def test_the_package_graph_is_read_whole() -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="WIP issue 13")
 def test_no_import_cycle_between_modules() -> None:
     internal, _ = _graph()
     assert _cycles(internal) == []
@@ -148,7 +147,6 @@ def test_no_import_cycle_between_top_level_packages() -> None:
     assert _cycles(units) == []
 
 
-@pytest.mark.xfail(strict=True, reason="WIP issue 13")
 def test_nothing_outside_the_http_layer_imports_the_api_package() -> None:
     internal, _ = _graph()
     offenders = {

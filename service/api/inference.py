@@ -8,10 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from service.errors import BackendUnavailable, ServiceError, TooLarge
+from service.errors import ServiceError, TooLarge
 from service.reports.synthetic_inputs import TensorBudget
 from service.services import Services
-from service.serving import RUNNER_POOL
 from service.serving.codecs import (
     DEFAULT_MAX_INFERENCE_BYTES,
     DTYPE_HEADER,
@@ -28,7 +27,6 @@ from service.serving.codecs import (
     response_format,
 )
 from service.serving.failures import model_failure
-from service.serving.runner_pool import RunnerPool
 from service.serving.validation import validate_feeds
 
 router = APIRouter(prefix="/v1/engines", tags=["inference"])
@@ -67,13 +65,6 @@ _BODY_SCHEMA: dict[str, Any] = {
 }
 
 
-def runner_pool(services: Services) -> RunnerPool:
-    pool = services.extras.get(RUNNER_POOL)
-    if not isinstance(pool, RunnerPool):
-        raise BackendUnavailable("Inference is not set up on this server (no runner pool was registered).")
-    return pool
-
-
 async def read_body(request: Request, limit: int, setting: str = "ENGINE_SERVICE_MAX_UPLOAD_BYTES") -> bytes:
     """The request body, refused with TooLarge (naming ``setting``) as soon as it passes ``limit`` bytes."""
     advice = f"send a smaller batch or raise {setting}"
@@ -104,7 +95,7 @@ def run_inference(
     chosen: str | None,
 ) -> EncodedOutputs:
     """Decode, validate, infer and encode, holding the engine's warm runner for the duration."""
-    pool = runner_pool(services)
+    pool = services.runner_pool
     with pool.lease(engine_id) as runner:
         check_output_choice(answer, [spec.name for spec in runner.outputs], chosen)
         raw = decode_inputs(fmt, body, headers, [spec.name for spec in runner.inputs])

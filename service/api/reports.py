@@ -11,12 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.api.deps import ServicesDep, current_owner
 from service.api.jobs_common import JobPublic, job_public
-from service.errors import BackendUnavailable, Conflict, NotFound
+from service.errors import Conflict, NotFound
 from service.jobs.records import JobRecord
 from service.reports.benchmark import BENCHMARK_KIND, BenchmarkReport
 from service.reports.comparison import COMPARISON_KIND, MAX_ENGINES, ComparisonReport
 from service.reports.evaluation import EVALUATION_KIND, EvaluationReport
-from service.reports.jobs import REPORT_JOBS, REPORT_KINDS, ReportJobs
+from service.reports.jobs import REPORT_KINDS
 from service.reports.latency import MAX_BATCH, MAX_CONCURRENCY, MAX_DURATION_S, MAX_ITERATIONS, MAX_WARMUP
 from service.reports.latency import BenchmarkConfig as BenchmarkConfigValue
 from service.services import Services
@@ -79,15 +79,6 @@ class ReportAccepted(BaseModel):
     status: str
 
 
-def _report_jobs(services: Services) -> ReportJobs:
-    jobs = services.extras.get(REPORT_JOBS)
-    if not isinstance(jobs, ReportJobs):
-        raise BackendUnavailable(
-            "Reports are not set up on this server (the report jobs were not registered)."
-        )
-    return jobs
-
-
 def _accepted(record: JobRecord) -> JSONResponse:
     return JSONResponse(
         status_code=202, content={"id": record.id, "kind": record.kind, "status": record.status}
@@ -119,7 +110,7 @@ async def create_benchmark(
     engine_id: str, body: BenchmarkOptions, request: Request, services: ServicesDep
 ) -> JSONResponse:
     """Measure the engine's latency and throughput per batch size; follow it with GET /v1/reports/{id}."""
-    jobs = _report_jobs(services)
+    jobs = services.report_jobs
     record = await run_in_threadpool(
         jobs.submit_benchmark, engine_id, body.to_domain(), owner=current_owner(request)
     )
@@ -131,7 +122,7 @@ async def create_evaluation(
     engine_id: str, body: EvaluationCreate, request: Request, services: ServicesDep
 ) -> JSONResponse:
     """Compare the engine's outputs with its FP32 reference on a stored set, with per-layer deltas."""
-    jobs = _report_jobs(services)
+    jobs = services.report_jobs
     record = await run_in_threadpool(
         jobs.submit_evaluation, engine_id, body.eval_set_id, body.max_samples, owner=current_owner(request)
     )
@@ -141,7 +132,7 @@ async def create_evaluation(
 @router.post("/v1/reports/comparison", status_code=202, response_model=ReportAccepted)
 async def create_comparison(body: ComparisonCreate, request: Request, services: ServicesDep) -> JSONResponse:
     """Benchmark engines of one model side by side (e.g. FP32, FP16, INT8) with accuracy and speedup."""
-    jobs = _report_jobs(services)
+    jobs = services.report_jobs
     record = await run_in_threadpool(
         jobs.submit_comparison,
         body.engine_ids,

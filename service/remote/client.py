@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 import httpx
 
-from service.api.auth import WORKER_TOKEN_HEADER
 from service.errors import (
     BackendUnavailable,
     BadInput,
@@ -38,6 +37,7 @@ from service.errors import (
     TooLarge,
     Unauthorized,
 )
+from service.remote.protocol import WORKER_ROUTE_PREFIX, WORKER_TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -103,59 +103,63 @@ class WorkerApi:
 
     def hello(self) -> dict[str, Any]:
         """The server's version and preparation version; raises Unauthorized for a wrong token."""
-        return self._json("GET", "/v1/worker/hello")
+        return self._json("GET", f"{WORKER_ROUTE_PREFIX}/hello")
 
     # -- jobs -----------------------------------------------------------------------------------
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/worker/jobs/{job_id}")
+        return self._json("GET", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}")
 
     def claim(self, job_id: str, claimant: str) -> dict[str, Any]:
         """Take a queued job; retried safely, since the server answers the same claimant again."""
-        return self._json("POST", f"/v1/worker/jobs/{job_id}/claim", json={"claimant": claimant})
+        return self._json("POST", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/claim", json={"claimant": claimant})
 
     def progress(self, job_id: str, progress: float, phase: str | None) -> bool:
         """Record progress; returns whether cancellation was requested."""
         body = self._json(
-            "POST", f"/v1/worker/jobs/{job_id}/progress", json={"progress": progress, "phase": phase}
+            "POST",
+            f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/progress",
+            json={"progress": progress, "phase": phase},
         )
         return bool(body["cancel_requested"])
 
     def heartbeat(self, job_id: str) -> bool:
         """Renew the job's lease; returns whether cancellation was requested (409 once it ended)."""
-        return bool(self._json("POST", f"/v1/worker/jobs/{job_id}/heartbeat")["cancel_requested"])
+        return bool(self._json("POST", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/heartbeat")["cancel_requested"])
 
     def append_log(self, job_id: str, text: str) -> bool:
-        body = self._json("POST", f"/v1/worker/jobs/{job_id}/log", json={"text": text})
+        body = self._json("POST", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/log", json={"text": text})
         return bool(body["cancel_requested"])
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self._json("GET", f"/v1/worker/jobs/{job_id}/cancel")["cancel_requested"])
+        return bool(self._json("GET", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/cancel")["cancel_requested"])
 
     def finish(
         self, job_id: str, status: str, *, result: Mapping[str, Any] | None, error: str | None
     ) -> dict[str, Any]:
         body = {"status": status, "result": dict(result) if result is not None else None, "error": error}
-        return self._json("POST", f"/v1/worker/jobs/{job_id}/finish", json=body)
+        return self._json("POST", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/finish", json=body)
 
     # -- inputs and outputs ---------------------------------------------------------------------
 
     def cached_engine_id(self, key_digest: str) -> str | None:
         try:
-            return str(self._json("GET", f"/v1/worker/engines/{key_digest}")["engine_id"])
+            return str(self._json("GET", f"{WORKER_ROUTE_PREFIX}/engines/{key_digest}")["engine_id"])
         except NotFound:
             return None
 
     def download_model(self, model_id: str, destination: Path) -> None:
         """Fetch a model's bytes; the model id is their sha256, so the copy is checked against it."""
-        self._download(f"/v1/worker/models/{model_id}", destination, sha256=model_id)
+        self._download(f"{WORKER_ROUTE_PREFIX}/models/{model_id}", destination, sha256=model_id)
 
     def calibration_files(self, set_id: str) -> list[tuple[str, int]]:
-        body = self._json("GET", f"/v1/worker/calibration-sets/{set_id}")
+        body = self._json("GET", f"{WORKER_ROUTE_PREFIX}/calibration-sets/{set_id}")
         return [(str(f["name"]), int(f["size_bytes"])) for f in body["files"]]
 
     def download_calibration_file(self, set_id: str, name: str, size: int, destination: Path) -> None:
-        self._download(f"/v1/worker/calibration-sets/{set_id}/files/{name}", destination, size=size)
+        self._download(
+            f"{WORKER_ROUTE_PREFIX}/calibration-sets/{set_id}/files/{name}", destination, size=size
+        )
 
     def upload_engine(
         self,
@@ -174,7 +178,7 @@ class WorkerApi:
             files["calibration_cache"] = ("calibration.cache", calibration_cache, "application/octet-stream")
         return self._json(
             "POST",
-            f"/v1/worker/jobs/{job_id}/engine",
+            f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/engine",
             data={"metadata": json.dumps(dict(metadata))},
             files=files,
             timeout=httpx.Timeout(600.0, connect=10.0),
