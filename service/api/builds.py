@@ -43,7 +43,10 @@ class CalibrationIn(BaseModel):
 class BuildCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_id: str
-    precision: Literal["int8", "fp16", "fp32"]
+    precision: Literal["int8", "fp16", "fp32", "auto"] = Field(
+        description="'auto': the fastest engine that meets the accuracy target: INT8 when it keeps the "
+        "target and (where measurable here) runs faster than FP32, else FP16 (TensorRT family) or FP32."
+    )
     backend: Literal["auto", "tensorrt", "tensorrt-rtx", "onnxruntime"] = "auto"
     calibration_set_id: str | None = None
     eval_set_id: str | None = None
@@ -94,7 +97,11 @@ class BuildPublic(JobPublic):
 
 class BuildAccepted(BaseModel):
     cache: Literal["hit", "miss"]
-    engine_id: str
+    engine_id: str | None = Field(description="None for a precision 'auto' job: known when it has chosen.")
+    precision: str | None = Field(default=None, description="The engine's precision (cache hits).")
+    precision_choice: dict[str, Any] | None = Field(
+        default=None, description="Precision 'auto' answered from the cache: what was chosen and why."
+    )
     id: str | None = None
     status: str | None = None
     joined_existing: bool | None = None
@@ -118,7 +125,14 @@ async def create_build(body: BuildCreate, request: Request, services: ServicesDe
         owner=current_owner(request),
     )
     if submission.engine is not None:
-        return JSONResponse(status_code=200, content={"cache": "hit", "engine_id": submission.engine.id})
+        hit: dict[str, Any] = {
+            "cache": "hit",
+            "engine_id": submission.engine.id,
+            "precision": submission.engine.precision,
+        }
+        if submission.precision_choice is not None:
+            hit["precision_choice"] = submission.precision_choice.to_dict()
+        return JSONResponse(status_code=200, content=hit)
     job = submission.job
     assert job is not None
     content = {

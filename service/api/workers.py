@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service import __version__
 from service.api.deps import ServicesDep
 from service.builds.keys import PREPARATION_VERSION
-from service.builds.pipeline import engine_key_from_params
+from service.builds.pipeline import build_job_keys, engine_key_from_params
 from service.builds.storage import BuildOutput, LocalBuildStorage
 from service.builds.submit import BUILD_JOB
 from service.errors import BadInput, Conflict, NotFound, Unauthorized
@@ -132,6 +132,9 @@ class EngineUploadMeta(BaseModel):
     file_extension: str
     build_seconds: float = Field(ge=0.0)
     report: dict[str, Any]
+    # Which of the job's keys this engine is for (a precision "auto" build stores up to two engines);
+    # None: the job's own key.
+    key_digest: str | None = None
 
 
 def _running(services: ServicesDep, job_id: str) -> JobRecord:
@@ -210,10 +213,10 @@ def finish_job(job_id: str, body: FinishIn, services: ServicesDep) -> WorkerJob:
     record = _running(services, job_id)
     if body.status == "succeeded" and record.kind == BUILD_JOB:
         engine_id = (body.result or {}).get("engine_id")
-        expected = record.params.get("engine_id")
-        if engine_id != expected or services.engines.lookup(str(expected)) is None:
+        allowed = build_job_keys(record.params)  # its own key; an auto build's fallback too
+        if engine_id not in allowed or services.engines.lookup(str(engine_id)) is None:
             raise Conflict(
-                f"Build {job_id} cannot succeed before its engine {expected} is uploaded "
+                f"Build {job_id} cannot succeed before its engine {' or '.join(allowed)} is uploaded "
                 "(POST /v1/worker/jobs/{id}/engine)."
             )
     if body.status != "succeeded" and not body.error:
@@ -293,7 +296,12 @@ def upload_engine(
         raise BadInput(f"The upload's metadata is not valid: {exc}") from exc
     if not _FILE_EXTENSION.match(meta.file_extension):
         raise BadInput(f"file_extension '{meta.file_extension}' is not a plain extension such as '.plan'.")
+    job_keys = build_job_keys(record.params)
     key = engine_key_from_params(record.params)
+    if meta.key_digest is not None:
+        if meta.key_digest not in job_keys:
+            raise Conflict(f"Job {job_id} builds none of the engine key {meta.key_digest}.")
+        key = job_keys[meta.key_digest]
     built_for = meta.report.get("backend") or {}
     identity = {
         "name": key.backend.name,

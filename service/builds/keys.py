@@ -18,7 +18,7 @@ CalibrationMethodName = Literal["entropy", "max", "percentile", "mse", "auto"]
 
 # Bumped whenever the service changes what it hands a builder for the same request (Q/DQ placement,
 # FP16 typing, BN folding...), so engines prepared the old way are rebuilt instead of served.
-PREPARATION_VERSION = 3  # 3: accuracy search, 7-bit ORT weights on saturating CPUs, random held-out draw
+PREPARATION_VERSION = 4  # 4: TensorRT placement keeps layers reading mixed-range joins float; FP16 Casts
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import onnx
 
 from service.backends.base import Backend, BackendInfo, BuildSpec, BuiltEngine, LayerReport
 from service.backends.registry import get_backend
+from service.builds.auto_precision import Int8Evidence, choose_precision, fallback_precision
 from service.builds.keys import BuildConfig, EngineKey
 from service.builds.speed import SpeedCheck, int8_speed_vs_fp32
 from service.builds.storage import BuildOutput, BuildStorage
@@ -78,7 +79,46 @@ class BuildPipeline:
     def handle(self, ctx: JobContext) -> dict[str, Any]:
         params = ctx.params
         key = engine_key_from_params(params)
-        cached = self.storage.cached_engine_id(key.digest)
+        if params.get("auto"):
+            return self.choose_and_build(ctx, key, params)
+        return self.build_one(ctx, key, params)
+
+    def choose_and_build(
+        self, ctx: JobContext, int8_key: EngineKey, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``precision: "auto"``: the INT8 engine first, then the fallback when INT8 is not the answer."""
+        auto = params["auto"]
+        fallback_key = engine_key_from_params({"key": auto["fallback_key"]})
+        int8_result: dict[str, Any] | None = None
+        if auto.get("int8_evidence"):  # the INT8 engine was in the cache when the request came
+            evidence = Int8Evidence(**auto["int8_evidence"])
+        else:
+            # No cache check: a hit here would carry no evidence; rebuilding is the rare race's cost.
+            int8_result = self.build_one(ctx, int8_key, params, use_cache=False)
+            evidence = Int8Evidence.from_report(int8_result["engine_id"], int8_result)
+        fallback = fallback_precision(fallback_key.backend.name)
+        choice = choose_precision(evidence, fallback)
+        ctx.log(f"precision auto -> {choice.chosen}: {choice.reason}")
+        if choice.chosen == "int8":
+            assert int8_result is not None  # evidence from the cache only comes when INT8 lost
+            return {**int8_result, "precision": "int8", "precision_choice": choice.to_dict()}
+        ctx.check_cancelled()
+        result = self.build_one(ctx, fallback_key, params)
+        # FP32 is the reference, so it meets any target; FP16 is not measured on this host.
+        target_met = True if fallback == "fp32" else None
+        return {
+            **result,
+            "precision": fallback,
+            "precision_choice": choice.to_dict(),
+            "target_met": target_met,
+            "warnings": [f"precision auto delivers {fallback.upper()}, not INT8: {choice.reason}"],
+        }
+
+    def build_one(
+        self, ctx: JobContext, key: EngineKey, params: dict[str, Any], *, use_cache: bool = True
+    ) -> dict[str, Any]:
+        """Build and store the engine of ``key`` (or name the cached one); returns the job result."""
+        cached = self.storage.cached_engine_id(key.digest) if use_cache else None
         if cached is not None:  # an identical build finished between the request and this job
             ctx.log("engine already in the cache")
             return {"engine_id": cached, "cache": "hit"}
@@ -123,6 +163,7 @@ class BuildPipeline:
             "target_met": report["target_met"],
             "int8_share": report["int8_share"],
             "speedup_vs_fp32": speed.speedup_vs_fp32 if speed is not None else None,
+            "speed": speed.to_dict() if speed is not None else None,
             "warnings": report["warnings"],
         }
 
@@ -309,3 +350,11 @@ def engine_key_from_params(params: dict[str, Any]) -> EngineKey:
         calibration_set_id=canonical.get("calibration_set_id"),
         backend=backend,
     )
+
+
+def build_job_keys(params: dict[str, Any]) -> dict[str, EngineKey]:
+    """Every engine key a build job may store, by digest: its own, and an auto build's fallback."""
+    keys = [engine_key_from_params(params)]
+    if params.get("auto"):
+        keys.append(engine_key_from_params({"key": params["auto"]["fallback_key"]}))
+    return {key.digest: key for key in keys}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from service.backends.base import BackendInfo, Precision, ShapeRange
 from service.builds.keys import BuildConfig, CalibrationOptions, EngineKey
@@ -15,11 +16,14 @@ from service.errors import BadInput
 from service.onnx_graph.inspect import ModelInfo
 from service.reports.tasks import AccuracyTarget, TaskSpec
 
+# "auto": the fastest engine that meets the accuracy target (service.builds.auto_precision).
+RequestedPrecision = Literal["int8", "fp16", "fp32", "auto"]
+
 
 @dataclass(frozen=True)
 class BuildRequest:
     model_id: str
-    precision: Precision
+    precision: RequestedPrecision
     backend: str = "auto"
     calibration_set_id: str | None = None
     eval_set_id: str | None = None
@@ -39,7 +43,9 @@ def build_config_from_request(
 
     The task (the request's, else the one named on the model) and the accuracy targets are part of
     the calibration options, hence of the engine key: they decide what the accuracy search keeps.
+    "auto" is resolved into concrete requests before this (service.builds.submit).
     """
+    precision = _concrete(request.precision)
     if request.precision == "int8" and not model.quantization.explicit and request.calibration_set_id is None:
         raise BadInput(
             "precision 'int8' on an FP32 model needs a calibration_set_id (upload one with "
@@ -61,7 +67,7 @@ def build_config_from_request(
     # The held-out set can change the engine (method "auto" and sensitivity pick by accuracy on it).
     extra = (("eval_set_id", request.eval_set_id),) if calibration is not None and request.eval_set_id else ()
     return BuildConfig(
-        precision=request.precision,
+        precision=precision,
         keep=tuple(sorted(set(request.keep))),
         shapes=tuple(sorted(request.shapes.items())),
         calibration=calibration,
@@ -74,3 +80,11 @@ def engine_key(request: BuildRequest, config: BuildConfig, backend: BackendInfo)
     return EngineKey(
         model_id=request.model_id, config=config, calibration_set_id=calibration_set, backend=backend
     )
+
+
+def _concrete(precision: RequestedPrecision) -> Precision:
+    if precision == "auto":
+        raise ValueError(
+            "precision 'auto' has no engine config of its own; resolve it into int8 and fp16/fp32"
+        )
+    return precision

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any
 
+from service.backends.base import Backend, BackendInfo
 from service.backends.registry import resolve_backend
 from service.backends.shapes import shape_ranges_for
+from service.builds.auto_precision import Int8Evidence, PrecisionChoice, choose_precision, fallback_precision
 from service.builds.cache import EngineCache, EngineRecord
+from service.builds.keys import EngineKey
 from service.builds.requests import BuildRequest, build_config_from_request, engine_key
 from service.builds.targets import build_target
 from service.catalog.calibration_sets import CalibrationCatalog
-from service.catalog.models import ModelCatalog
+from service.catalog.models import ModelCatalog, ModelRecord
 from service.errors import BadInput
 from service.jobs.records import JobRecord
 from service.jobs.runner import JobRunner
@@ -27,6 +32,7 @@ class BuildSubmission:
     engine: EngineRecord | None = None
     job: JobRecord | None = None
     created: bool = False
+    precision_choice: PrecisionChoice | None = None  # precision "auto" answered from the cache
 
 
 def submit_build(
@@ -50,6 +56,43 @@ def submit_build(
     )
     backend = resolve_backend(request.backend)
     target = build_target(backend, runner.queue.worker_targets(), device=request.device)
+    if request.precision == "auto":
+        return _submit_auto(
+            request,
+            model,
+            backend,
+            target,
+            models=models,
+            calibration_sets=calibration_sets,
+            engines=engines,
+            runner=runner,
+            owner=owner,
+        )
+    key = _validated_key(request, model, backend, target, models=models, calibration_sets=calibration_sets)
+    cached = engines.lookup(key.digest)
+    if cached is not None:
+        return BuildSubmission(engine=cached)
+    params: dict[str, Any] = {
+        "key": key.canonical(),
+        "engine_id": key.digest,
+        "model_id": request.model_id,
+        "calibration_set_id": key.calibration_set_id,
+        "eval_set_id": request.eval_set_id,
+    }
+    job, created = runner.submit(BUILD_JOB, params, dedupe_key=key.digest, owner=owner)
+    return BuildSubmission(job=job, created=created)
+
+
+def _validated_key(
+    request: BuildRequest,
+    model: ModelRecord,
+    backend: Backend,
+    target: BackendInfo,
+    *,
+    models: ModelCatalog,
+    calibration_sets: CalibrationCatalog,
+) -> EngineKey:
+    """The engine key of a concrete-precision request, after every check that can fail it early."""
     if backend.name == "onnxruntime" and request.precision == "fp16":
         raise BadInput(
             "The onnxruntime backend builds CPU engines, where FP16 brings no speed; "
@@ -75,16 +118,58 @@ def submit_build(
                 "held-out samples: "
                 "give eval_set_id or holdout_fraction > 0."
             )
-    key = engine_key(request, config, target)
-    cached = engines.lookup(key.digest)
-    if cached is not None:
-        return BuildSubmission(engine=cached)
+    return engine_key(request, config, target)
+
+
+def _submit_auto(
+    request: BuildRequest,
+    model: ModelRecord,
+    backend: Backend,
+    target: BackendInfo,
+    *,
+    models: ModelCatalog,
+    calibration_sets: CalibrationCatalog,
+    engines: EngineCache,
+    runner: JobRunner,
+    owner: str | None,
+) -> BuildSubmission:
+    """``precision: "auto"`` (see service.builds.auto_precision): answered from the cache when the
+    INT8 engine's evidence already decides it and the chosen engine exists, else one job."""
+    fallback = fallback_precision(backend.name)
+    if not model.info.quantization.explicit and request.calibration_set_id is None:
+        raise BadInput(
+            f"precision 'auto' chooses between INT8 and {fallback.upper()} by INT8's accuracy and speed, "
+            "so an FP32 model needs a calibration_set_id (upload one with POST /v1/calibration-sets); "
+            f"or ask for precision '{fallback}'."
+        )
+    check = partial(
+        _validated_key,
+        model=model,
+        backend=backend,
+        target=target,
+        models=models,
+        calibration_sets=calibration_sets,
+    )
+    int8_key = check(replace(request, precision="int8"))
+    fallback_key = check(replace(request, precision=fallback, calibration_set_id=None, eval_set_id=None))
+    cached_int8 = engines.lookup(int8_key.digest)
+    evidence = Int8Evidence.from_report(cached_int8.id, cached_int8.report) if cached_int8 else None
+    if cached_int8 is not None and evidence is not None:  # the INT8 engine's evidence decides
+        choice = choose_precision(evidence, fallback)
+        chosen = cached_int8 if choice.chosen == "int8" else engines.lookup(fallback_key.digest)
+        if chosen is not None:
+            return BuildSubmission(engine=chosen, precision_choice=choice)
     params: dict[str, Any] = {
-        "key": key.canonical(),
-        "engine_id": key.digest,
+        "key": int8_key.canonical(),
+        "engine_id": None,  # known when the job has chosen
         "model_id": request.model_id,
-        "calibration_set_id": key.calibration_set_id,
+        "calibration_set_id": int8_key.calibration_set_id,
         "eval_set_id": request.eval_set_id,
+        "auto": {
+            "fallback_key": fallback_key.canonical(),
+            "int8_evidence": asdict(evidence) if evidence is not None else None,
+        },
     }
-    job, created = runner.submit(BUILD_JOB, params, dedupe_key=key.digest, owner=owner)
+    dedupe = hashlib.sha256(f"auto:{int8_key.digest}:{fallback_key.digest}".encode()).hexdigest()
+    job, created = runner.submit(BUILD_JOB, params, dedupe_key=dedupe, owner=owner)
     return BuildSubmission(job=job, created=created)

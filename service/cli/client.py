@@ -22,6 +22,7 @@ from service.cli.client_api import DEFAULT_URL
 from service.cli.client_job_commands import register_job_commands
 from service.cli.client_options import (
     CLIENT_PANEL,
+    PRECISION_HELP,
     AccuracyTargetOption,
     ApiKeyOption,
     Backend,
@@ -45,7 +46,7 @@ client_app = typer.Typer(no_args_is_help=True)
 @client_app.command("build", rich_help_panel=CLIENT_PANEL)
 def build_command(
     model_id: Annotated[str, typer.Argument(help="Model id (from `engine-service models upload`).")],
-    precision: Annotated[Precision, typer.Option(help="Engine precision.")] = "int8",
+    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = "int8",
     calib: Annotated[
         str | None, typer.Option("--calib", help="Calibration set id (INT8 on FP32 models).")
     ] = None,
@@ -111,7 +112,7 @@ def build_command(
         outcome = build_engine(api, out, body, wait=wait, on_interrupt=on_interrupt)
         document = outcome.to_dict()
         if output is not None and outcome.engine is not None:
-            downloaded = download_plan(api, outcome.ticket.engine_id, output)
+            downloaded = download_plan(api, outcome.engine_id, output)
             document["download"] = {
                 "path": str(downloaded.path),
                 "sha256": downloaded.sha256,

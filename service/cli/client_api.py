@@ -125,9 +125,10 @@ class BuildTicket:
     """The answer to a build request: the engine id, and the job building it on a cache miss."""
 
     cache: Literal["hit", "miss"]
-    engine_id: str
+    engine_id: str | None  # None: a precision "auto" build, whose engine is chosen when it ends
     job_id: str | None
     joined_existing: bool
+    precision_choice: dict[str, Any] | None = None  # precision "auto" answered from the cache
 
 
 @dataclass(frozen=True)
@@ -327,9 +328,10 @@ class ApiClient:
         answer = self.json("POST", "/v1/builds", json=self.with_full_ids(body))
         return BuildTicket(
             cache="hit" if answer.get("cache") == "hit" else "miss",
-            engine_id=str(answer["engine_id"]),
+            engine_id=str(answer["engine_id"]) if answer.get("engine_id") else None,
             job_id=answer.get("id"),
             joined_existing=bool(answer.get("joined_existing")),
+            precision_choice=answer.get("precision_choice"),
         )
 
     def list_jobs(self, kind: JobKind, *, limit: int = 50) -> list[JobState]:

@@ -34,10 +34,18 @@ class BuildOutcome:
     job: JobState | None
     engine: Document | None
 
+    @property
+    def engine_id(self) -> str:
+        """The engine delivered: the ticket's, or the one a precision "auto" job chose."""
+        found = (self.engine or {}).get("id") or self.ticket.engine_id
+        if not found:
+            raise BadInput("The build has no engine yet (it was not waited for).")
+        return str(found)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "cache": self.ticket.cache,
-            "engine_id": self.ticket.engine_id,
+            "engine_id": (self.engine or {}).get("id") or self.ticket.engine_id,
             "build_id": self.ticket.job_id,
             "joined_existing": self.ticket.joined_existing,
             "job": self.job.document if self.job else None,
@@ -101,17 +109,30 @@ def build_engine(
     """POST /v1/builds; on a miss follow the job (unless ``wait`` is off) and read the engine."""
     ticket = api.create_build(body)
     if ticket.cache == "hit":
+        if ticket.engine_id is None:
+            raise BadInput("The server answered a cache hit without an engine id; it may be incompatible.")
         out.note(f"engine {ticket.engine_id} is already built (cache hit)")
+        if ticket.precision_choice:
+            choice = ticket.precision_choice
+            out.note(f"precision auto chose {choice.get('chosen')}: {choice.get('reason')}")
         return BuildOutcome(ticket=ticket, job=None, engine=api.engine(ticket.engine_id))
     if ticket.job_id is None:
         raise BadInput("The server answered a cache miss without a build job id; it may be incompatible.")
     joined = " (joined an identical build already queued)" if ticket.joined_existing else ""
-    out.note(f"build {ticket.job_id} queued for engine {ticket.engine_id}{joined}")
+    target = f"engine {ticket.engine_id}" if ticket.engine_id else "precision auto (engine chosen at the end)"
+    out.note(f"build {ticket.job_id} queued for {target}{joined}")
     if not wait:
         return BuildOutcome(ticket=ticket, job=api.job("build", ticket.job_id), engine=None)
     job = wait_for_job(api, out, JobRef("build", ticket.job_id), on_interrupt=on_interrupt)
-    engine_id = str(job.document.get("engine_id") or (job.result or {}).get("engine_id") or ticket.engine_id)
-    return BuildOutcome(ticket=ticket, job=job, engine=api.engine(engine_id))
+    engine_id = job.document.get("engine_id") or (job.result or {}).get("engine_id") or ticket.engine_id
+    if not engine_id:
+        raise BadInput(
+            f"Build {ticket.job_id} succeeded without naming its engine; the server may be incompatible."
+        )
+    chosen = (job.result or {}).get("precision_choice")
+    if chosen:
+        out.note(f"precision auto chose {chosen.get('chosen')}: {chosen.get('reason')}")
+    return BuildOutcome(ticket=ticket, job=job, engine=api.engine(str(engine_id)))
 
 
 def download_plan(api: ApiClient, engine_id: str, destination: Path | None) -> DownloadedFile:

@@ -56,7 +56,11 @@ OutputPath = Annotated[
     typer.Option("-o", "--output", help="File or directory to write (default: the server's file name)."),
 ]
 WaitOption = Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job until it ends.")]
-Precision = Literal["int8", "fp16", "fp32"]
+Precision = Literal["int8", "fp16", "fp32", "auto"]
+PRECISION_HELP = (
+    "Engine precision; auto: the fastest engine that meets the accuracy target (INT8 when it keeps the "
+    "target and is faster, else FP16/FP32)."
+)
 Backend = Literal["auto", "tensorrt", "tensorrt-rtx", "onnxruntime"]
 Method = Literal["entropy", "max", "percentile", "mse", "auto"]
 TaskKind = Literal["classification", "detection", "segmentation", "generic"]

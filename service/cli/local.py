@@ -27,6 +27,7 @@ import typer
 
 from service.calibration.preprocess_examples import cli_help
 from service.cli.client_options import (
+    PRECISION_HELP,
     AccuracyTargetOption,
     Backend,
     JsonOption,
@@ -114,7 +115,7 @@ def local_build(
     model: Annotated[
         Path, typer.Argument(help="The .onnx model.", exists=True, dir_okay=False, readable=True)
     ],
-    precision: Annotated[Precision, typer.Option(help="Engine precision.")] = "int8",
+    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = "int8",
     calib: Annotated[
         Path | None,
         typer.Option("--calib", help="Calibration file: .npz, .npy or an image .zip/.tar.", exists=True),
@@ -238,7 +239,7 @@ def _run_local_build(
         **build,
     }
     outcome = build_engine(api, out, body, on_interrupt="cancel")
-    engine_id = outcome.ticket.engine_id
+    engine_id = outcome.engine_id
     downloaded = download_plan(api, engine_id, output)
     document = {
         "engine": outcome.engine,

@@ -7,12 +7,14 @@ different rules but describe the result with the same small values and keep the 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
 
 from service.errors import BadInput
 from service.quantize._graph import DEFAULT_DOMAINS, GraphIndex, WeightedLayer
+from service.quantize._ranges import VALUE_MOVING_OPS
 
 QDQ_MIN_OPSET = 13  # DequantizeLinear's axis attribute (per-channel weights) arrived in opset 13
 HEAD_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax"})
@@ -84,3 +86,48 @@ def _unweighted_descendants(
             found.append(consumer)
             queue.extend(out for out in consumer.output if out)
     return found
+
+
+# A joined tensor's 255 levels over the largest input's range leave an input 8 times smaller 32 levels.
+MAX_JOIN_RANGE_RATIO = 8.0
+
+
+def mixed_range_joins(index: GraphIndex, ranges: Mapping[str, float]) -> dict[str, float]:
+    """Tensors carrying a Concat of inputs whose ranges differ more than MAX_JOIN_RANGE_RATIO times
+    (the Concat's output and what data-movement ops make of it), with that ratio. A Concat with an
+    input of unknown range is not judged."""
+    found: dict[str, float] = {}
+    for node in index.graph.node:
+        if node.domain not in DEFAULT_DOMAINS:
+            continue
+        if node.op_type == "Concat":
+            values = [max(float(ranges[name]), 1e-12) for name in node.input if name in ranges]
+            if len(values) == len(node.input) and max(values) > MAX_JOIN_RANGE_RATIO * min(values):
+                found[node.output[0]] = max(values) / min(values)
+        elif node.op_type in VALUE_MOVING_OPS and node.input and node.input[0] in found:
+            found[node.output[0]] = found[node.input[0]]
+    return found
+
+
+def join_inputs(index: GraphIndex, tensor: str) -> tuple[str, ...]:
+    """The non-constant inputs of the Concat that ``tensor`` comes from through data-movement ops
+    (empty when it comes from none): whose ranges :func:`mixed_range_joins` needs."""
+    seen: set[str] = set()
+    while tensor not in seen:
+        seen.add(tensor)
+        node = index.producer.get(tensor)
+        if node is None or node.domain not in DEFAULT_DOMAINS:
+            return ()
+        if node.op_type == "Concat":
+            return tuple(name for name in node.input if name and not index.is_constant(name))
+        if node.op_type not in VALUE_MOVING_OPS or not node.input:
+            return ()
+        tensor = node.input[0]
+    return ()
+
+
+def mixed_join_reason(ratio: float) -> str:
+    return (
+        f"its input joins tensors whose ranges differ {ratio:.0f}-fold "
+        "(one INT8 scale would erase the smaller)"
+    )

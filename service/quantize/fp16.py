@@ -117,6 +117,10 @@ def fp16_model_from(
             f"keep_fp32_nodes names nodes the model does not have: {', '.join(map(repr, unknown))}"
         )
 
+    already = _fp16_evidence(work.graph)
+    if already:
+        raise BadInput(f"cannot type the model FP16: it already holds FP16 ({already}); give the FP32 model")
+
     has_qdq = any(n.op_type in _QDQ_OPS and n.domain in DEFAULT_DOMAINS for n in work.graph.node)
     blocked_ops = set(keep_fp32_ops) | ALWAYS_FP32_OPS
     blocked_nodes = set(keep_fp32_nodes)
@@ -125,7 +129,9 @@ def fp16_model_from(
     if "Cast" in blocked_ops:
         blocked_ops.discard("Cast")
         blocked_nodes.update(n.name for n in work.graph.node if n.op_type == "Cast")
-    _retarget_float_casts(work.graph, blocked_nodes)
+    # Retargeted after typing: a Cast(to=FLOAT16) before it would make shape inference type everything
+    # downstream FP16 already, and the converter would then put no Cast after a kept-FP32 reader there.
+    float_casts = _float_casts(work.graph, blocked_nodes)
     if has_qdq and not blocked_ops.issuperset(_QDQ_OPS):
         work = with_opset_at_least(work, FP16_QDQ_MIN_OPSET)
         _make_qdq_scales_fp16_exact(work.graph)
@@ -142,11 +148,15 @@ def fp16_model_from(
                 min_positive_val=2.0**-24,
                 max_finite_val=65504.0,
                 keep_io_types=False,  # the boundary casts are ours, see _restore_fp32_io
+                # _fp16_evidence ran instead: the converter's own test reads the first attribute of
+                # every Cast as its target type, which is not a promise the schema makes.
+                check_fp16_ready=False,
                 op_block_list=sorted(blocked_ops),
                 node_block_list=sorted(blocked_nodes),
             )
     except ValueError as exc:
         raise BadInput(f"cannot type the model FP16: {exc}") from exc
+    _retarget_casts(typed.graph, float_casts)
     _restore_fp32_io(typed.graph, float_inputs, float_outputs)
     try:
         onnx.checker.check_model(typed, full_check=True)
@@ -314,12 +324,38 @@ def _make_identity(node: onnx.NodeProto) -> None:
     del node.attribute[:]
 
 
-def _retarget_float_casts(graph: onnx.GraphProto, blocked_nodes: set[str]) -> None:
+def _fp16_evidence(graph: onnx.GraphProto) -> str:
+    """What in ``graph`` is FP16 already (a named tensor or Cast), or "" when nothing is."""
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            return f"tensor {value.name!r}"
+    for tensor in graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT16:
+            return f"initializer {tensor.name!r}"
     for node in graph.node:
-        if node.op_type != "Cast" or node.name in blocked_nodes:
+        if node.op_type == "Cast" and int_attr(node, "to", TensorProto.UNDEFINED) == TensorProto.FLOAT16:
+            return f"Cast node {node.name!r}"
+    return ""
+
+
+def _float_casts(graph: onnx.GraphProto, blocked_nodes: set[str]) -> set[str]:
+    """Names of the model's own ``Cast(to=FLOAT)`` nodes that land inside the FP16 region."""
+    return {
+        node.name
+        for node in graph.node
+        if node.op_type == "Cast"
+        and node.name not in blocked_nodes
+        and int_attr(node, "to", TensorProto.UNDEFINED) == TensorProto.FLOAT
+    }
+
+
+def _retarget_casts(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Make the named Casts write FLOAT16: the converter retyped their outputs, not their ``to``."""
+    for node in graph.node:
+        if node.op_type != "Cast" or node.name not in names:
             continue
         for attr in node.attribute:
-            if attr.name == "to" and attr.i == TensorProto.FLOAT:
+            if attr.name == "to":
                 attr.i = TensorProto.FLOAT16
 
 

@@ -51,7 +51,15 @@ from service.quantize._graph import (
     weighted_layers,
 )
 from service.quantize._ranges import VALUE_MOVING_OPS, SignAnalysis, clip_bounds, upper_bound
-from service.quantize._units import Edge, KeptLayer, reject_explicit_qdq, sigmoid_softmax_heads
+from service.quantize._units import (
+    MAX_JOIN_RANGE_RATIO,
+    Edge,
+    KeptLayer,
+    mixed_join_reason,
+    mixed_range_joins,
+    reject_explicit_qdq,
+    sigmoid_softmax_heads,
+)
 from service.quantize.skip import SkipSpec
 
 # ORT runs these on int8 when the input and output Q/DQ share one scale and zero point (its "drop
@@ -61,8 +69,6 @@ _UNARY_OPS = frozenset({"AveragePool", "GlobalAveragePool", "LeakyRelu", "Sigmoi
 _BINARY_OPS = frozenset({"Add", "Mul"})
 _VARIADIC_OPS = frozenset({"Concat"})
 _ORT_LAYER_OPS = frozenset({"Conv", "Gemm", "MatMul"})
-# A joined tensor's 255 levels over the largest input's range leave an input 8 times smaller 32 levels.
-MAX_JOIN_RANGE_RATIO = 8.0
 
 
 @dataclass(frozen=True)
@@ -152,15 +158,12 @@ def plan_ort_qdq(
 
     candidates: list[IntegerLayer] = []
     kept: list[KeptLayer] = []
-    mixed = _mixed_range_joins(index, ranges) if ranges is not None else {}
+    mixed = mixed_range_joins(index, ranges) if ranges is not None else {}
     for layer in layers:
         reason = _keep_reason(layer, index, skipped, heads)
         join = mixed.get(index.nodes_by_name[layer.node].input[0])
         if not reason and join is not None:
-            reason = (
-                f"its input joins tensors whose ranges differ {join:.0f}-fold "
-                "(one INT8 scale would erase the smaller)"
-            )
+            reason = mixed_join_reason(join)
         if reason:
             kept.append(KeptLayer(layer.node, layer.op_type, reason))
         else:
@@ -185,22 +188,6 @@ def plan_ort_qdq(
         integer_ops=builder.integer_op_names(),
         kept=tuple(kept),
     )
-
-
-def _mixed_range_joins(index: GraphIndex, ranges: Mapping[str, float]) -> dict[str, float]:
-    """Tensors carrying a Concat of inputs whose ranges differ more than MAX_JOIN_RANGE_RATIO times
-    (the Concat's output and what data-movement ops make of it), with that ratio."""
-    found: dict[str, float] = {}
-    for node in index.graph.node:
-        if node.domain not in DEFAULT_DOMAINS:
-            continue
-        if node.op_type in _VARIADIC_OPS:
-            values = [max(float(ranges[name]), 1e-12) for name in node.input if name in ranges]
-            if len(values) == len(node.input) and max(values) > MAX_JOIN_RANGE_RATIO * min(values):
-                found[node.output[0]] = max(values) / min(values)
-        elif node.op_type in _PASS_THROUGH_OPS and node.input and node.input[0] in found:
-            found[node.output[0]] = found[node.input[0]]
-    return found
 
 
 def _keep_reason(

@@ -33,6 +33,7 @@ Only the top-level graph is quantized; subgraph bodies (If/Loop) run in float.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +51,9 @@ from service.quantize._units import (
     QDQ_MIN_OPSET,
     Edge,
     KeptLayer,
+    join_inputs,
+    mixed_join_reason,
+    mixed_range_joins,
     reject_explicit_qdq,
     sigmoid_softmax_heads,
 )
@@ -139,9 +143,16 @@ def placement_summary(
             quantized=tuple(unit.layer for unit in ort_plan.layers),
             kept=ort_plan.kept,
         )
-    plan = plan_qdq(canonical_model(model, min_opset=QDQ_MIN_OPSET), skip, quantize_heads=quantize_heads)
+    work = canonical_model(model, min_opset=QDQ_MIN_OPSET)
+    plan = plan_qdq(work, skip, quantize_heads=quantize_heads)
+    # A layer reading a Concat is judged by the ranges of the Concat's inputs, so those are collected too.
+    index = GraphIndex(work.graph)
+    joined = [name for tensor in plan.tensors for name in join_inputs(index, tensor)]
     return PlacementSummary(
-        target=target, tensors_to_calibrate=plan.tensors, quantized=plan.weights, kept=plan.kept
+        target=target,
+        tensors_to_calibrate=tuple(dict.fromkeys([*plan.tensors, *joined])),
+        quantized=plan.weights,
+        kept=plan.kept,
     )
 
 
@@ -152,7 +163,10 @@ def tensors_to_calibrate(
     quantize_heads: bool = False,
     target: PlacementTarget = "tensorrt",
 ) -> list[str]:
-    """Exactly the activation tensors whose amax :func:`~service.quantize.qdq.qdq_model_from_scales` needs.
+    """The activation tensors whose amax :func:`~service.quantize.qdq.qdq_model_from_scales` needs.
+
+    For the ``tensorrt`` target these are the inputs of the quantized layers plus the inputs of any
+    Concat such an input comes from (a layer reading a join of far-apart ranges then stays float).
 
     Names refer to tensors of ``model`` itself (canonicalization, the opset upgrade and the folding of
     BatchNormalization and constants keep tensor names), so they can be collected on the FP32 model as
@@ -172,23 +186,37 @@ def check_target(target: str) -> PlacementTarget:
 
 
 def plan_qdq(
-    model: onnx.ModelProto, skip: SkipSpec | None = None, *, quantize_heads: bool = False
+    model: onnx.ModelProto,
+    skip: SkipSpec | None = None,
+    *,
+    quantize_heads: bool = False,
+    ranges: Mapping[str, float] | None = None,
 ) -> QdqPlan:
-    """The placement of Q/DQ in a canonical model at opset >= 13 (see the module docstring)."""
+    """The placement of Q/DQ in a canonical model at opset >= 13 (see the module docstring).
+
+    ``ranges`` (calibrated amax per tensor), when known, keep in float a weighted layer whose input
+    is a Concat of ranges far apart (``_units.mixed_range_joins``: box coordinates in pixels joined
+    with scores in [0, 1]), since its input Q/DQ would force one scale onto both. Without ranges the
+    plan is the widest one.
+    """
     graph = model.graph
     reject_explicit_qdq(graph)
     index = GraphIndex(graph)
     layers = weighted_layers(index)
     skipped = skip.resolve_canonical(model) if skip is not None else frozenset()
     heads = frozenset() if quantize_heads else sigmoid_softmax_heads(layers, index)
+    mixed = mixed_range_joins(index, ranges) if ranges is not None else {}
 
     quantized: list[WeightedLayer] = []
     kept: list[KeptLayer] = []
     for layer in layers:
+        join = mixed.get(index.nodes_by_name[layer.node].input[0])
         if layer.node in skipped:
             kept.append(KeptLayer(layer.node, layer.op_type, "skip"))
         elif layer.node in heads:
             kept.append(KeptLayer(layer.node, layer.op_type, "sigmoid/softmax head"))
+        elif join is not None:
+            kept.append(KeptLayer(layer.node, layer.op_type, mixed_join_reason(join)))
         else:
             quantized.append(layer)
 

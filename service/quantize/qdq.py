@@ -108,7 +108,7 @@ def qdq_model_from_scales(
             weight_max=ort_weight_max if ort_weight_max is not None else host_int8_weight_max(),
         )
     work = canonical_model(model, min_opset=QDQ_MIN_OPSET)
-    plan = plan_qdq(work, skip, quantize_heads=quantize_heads)
+    plan = plan_qdq(work, skip, quantize_heads=quantize_heads, ranges=activation_amax)
     amax = checked_amax(plan.tensors, activation_amax)
     scales = {tensor: activation_scale(value) for tensor, value in amax.items()}
     per_channel = _insert(work, plan, scales)

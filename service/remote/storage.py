@@ -165,6 +165,7 @@ class RemoteBuildStorage:
             "file_extension": output.file_extension,
             "build_seconds": output.build_seconds,
             "report": output.report,
+            "key_digest": output.key.digest,
         }
         stored = self.api.upload_engine(
             self.job_id,

@@ -122,3 +122,66 @@ def test_a_trained_detector_with_a_yolo_head_keeps_its_detections_by_default(api
     met = recall >= 0.9 and precision >= 0.9  # the detection default target
     assert job["target_met"] is met
     assert any("misses the accuracy target" in w for w in job["warnings"]) is (not met)
+
+
+def test_precision_auto_delivers_int8_only_when_it_is_accurate_and_faster(
+    api: httpx.Client, classifier: dict[str, str]
+) -> None:
+    body = {**classifier, "precision": "auto", "backend": "onnxruntime"}
+    response = api.post("/v1/builds", json=body)
+    assert response.status_code == 202 and response.json()["engine_id"] is None, response.text
+    job = wait_for_job(api, f"/v1/builds/{response.json()['id']}")
+    assert job["status"] == "succeeded", job
+    choice = job["result"]["precision_choice"]
+    engine = api.get(f"/v1/engines/{job['engine_id']}").json()
+    assert engine["precision"] == choice["chosen"] == job["result"]["precision"]
+    # The decision follows INT8's own evidence: its target verdict and its measured speed here.
+    int8 = choice["int8"]
+    assert int8["speedup_vs_fp32"] is not None and choice["speed_measured"] is True
+    int8_wins = int8["target_met"] is not False and int8["speedup_vs_fp32"] > 1.0
+    assert choice["chosen"] == ("int8" if int8_wins else "fp32")
+    if not int8_wins:
+        assert any("precision auto delivers FP32" in w for w in job["warnings"])
+
+    again = api.post("/v1/builds", json=body)
+    assert again.status_code == 200, again.text  # the INT8 engine's stored evidence decides it
+    assert again.json()["engine_id"] == job["engine_id"]
+    assert again.json()["precision_choice"]["chosen"] == choice["chosen"]
+
+
+def test_precision_auto_falls_back_when_int8_misses_its_target(
+    api: httpx.Client, classifier: dict[str, str]
+) -> None:
+    body = {
+        **classifier,
+        "precision": "auto",
+        "backend": "onnxruntime",
+        "accuracy_target": {"metric": "snr_db", "min": 200},
+    }
+    response = api.post("/v1/builds", json=body)
+    assert response.status_code == 202, response.text
+    job = wait_for_job(api, f"/v1/builds/{response.json()['id']}")
+    assert job["status"] == "succeeded", job
+    assert job["result"]["precision"] == "fp32" and job["target_met"] is True
+    assert job["result"]["precision_choice"]["int8"]["target_met"] is False
+    assert any("missed its accuracy target" in w for w in job["warnings"])
+    assert api.get(f"/v1/engines/{job['engine_id']}").json()["precision"] == "fp32"
+    # The INT8 engine it judged stays in the cache: a plain INT8 request is a hit, with its shortfall.
+    int8_body = {k: v for k, v in body.items() if k != "precision"} | {"precision": "int8"}
+    int8 = api.post("/v1/builds", json=int8_body)
+    assert (
+        int8.status_code == 200
+        and int8.json()["engine_id"] == job["result"]["precision_choice"]["int8"]["engine_id"]
+    )
+
+
+def test_precision_auto_needs_calibration_data_for_an_fp32_model(
+    api: httpx.Client, classifier: dict[str, str]
+) -> None:
+    response = api.post(
+        "/v1/builds",
+        json={"model_id": classifier["model_id"], "precision": "auto", "backend": "tensorrt-rtx"},
+    )
+    assert response.status_code == 400
+    assert "calibration_set_id" in response.json()["error"]["message"]
+    assert "'fp16'" in response.json()["error"]["message"]

@@ -13,6 +13,7 @@ import pytest
 
 from tests.api.conftest import build_engine, wait_for_job
 from tests.model_factory import model_bytes, resnet_block_classifier
+from tests.quantize import graphs
 
 
 def test_rtx_int8_build_reports_int8_layers_fusions_and_accuracy(
@@ -74,7 +75,7 @@ def test_the_repeated_request_is_a_cache_hit(
         },
     )
     assert response.status_code == 200
-    assert response.json() == {"cache": "hit", "engine_id": rtx_int8_engine["engine_id"]}
+    assert response.json() == {"cache": "hit", "engine_id": rtx_int8_engine["engine_id"], "precision": "int8"}
 
 
 def test_layers_endpoint_lists_onnx_nodes_per_engine_layer(
@@ -245,3 +246,17 @@ def test_delete_engine_removes_it(api: httpx.Client) -> None:
     assert api.delete(f"/v1/models/{model_id}").status_code == 409  # engines still use it
     assert api.delete(f"/v1/engines/{engine_id}").status_code == 204
     assert api.get(f"/v1/engines/{engine_id}").status_code == 404
+
+
+def test_a_yolov8_style_export_builds_fp16_on_tensorrt_rtx(api: httpx.Client) -> None:
+    # Exporters' Cast(to=FLOAT) nodes made every such model fail FP16 typing ("already converted").
+    pytest.importorskip("tensorrt_rtx")
+    model_id = api.post(
+        "/v1/models", files={"file": ("yolo.onnx", model_bytes(graphs.yolov8_style_head()))}
+    ).json()["id"]
+
+    job = build_engine(api, model_id=model_id, precision="fp16", backend="tensorrt-rtx")
+
+    assert job["status"] == "succeeded", job.get("error")
+    engine = api.get(f"/v1/engines/{job['engine_id']}").json()
+    assert engine["precision"] == "fp16" and engine["backend"] == "tensorrt-rtx"

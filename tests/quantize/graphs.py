@@ -251,3 +251,49 @@ def pooled_matmul_head(*, opset: int = 17) -> onnx.ModelProto:
     y = b.node("Relu", [b.node("MatMul", [y, b.tensor("fc1.w", (64, 16), 0.2)], "fc1")], "fc1_relu")
     b.node("MatMul", [y, b.tensor("fc2.w", (16, 5), 0.3)], "fc2", out="out")
     return b.model([_fv("x", ["N", 3, 8, 8])], [_fv("out", ["N", 5])], opset)
+
+
+def yolov8_style_head(*, opset: int = 17) -> onnx.ModelProto:
+    """A YOLOv8-export-shaped head: a DFL box branch and a sigmoid class branch joined by one Concat.
+
+    Carries the Casts exporters write: a float-to-float ``Cast(to=FLOAT)`` after the stem and the
+    stride computed from the input's shape (``Shape -> Gather -> Cast(to=FLOAT) -> Div``).
+
+    x[1,3,16,16] -> stem (Conv s2) -> Cast(FLOAT) -> Relu -> feat[1,8,8,8]
+      box: Conv 8->4*16 -> Reshape [1,4,16,64] -> Transpose -> Softmax(bins) -> Conv(arange 0..15)
+           -> Reshape [1,4,64] -> Mul(stride) ---------------------------------+
+      cls: Conv 8->3 -> Reshape [1,3,64] -> Sigmoid -------------------------- Concat(axis 1) -> out[1,7,64]
+    """
+    b = _Builder(12)
+    stem = b.node(
+        "Conv",
+        ["x", b.tensor("stem.w", (8, 3, 3, 3)), b.tensor("stem.b", (8,))],
+        "stem",
+        pads=[1] * 4,
+        strides=[2, 2],
+    )
+    feat = b.node("Relu", [b.node("Cast", [stem], "stem_cast", to=TensorProto.FLOAT)], "stem_relu")
+
+    dist = b.node("Conv", [feat, b.tensor("box.w", (64, 8, 1, 1)), b.tensor("box.b", (64,))], "box_conv")
+    dist = b.node("Reshape", [dist, b.const("box.shape", np.array([1, 4, 16, 64], np.int64))], "box_reshape")
+    dist = b.node("Transpose", [dist], "box_transpose", perm=[0, 2, 1, 3])
+    dist = b.node("Softmax", [dist], "dfl_softmax", axis=1)
+    bins = np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1)
+    dist = b.node("Conv", [dist, b.const("dfl.w", bins)], "dfl_conv")
+    dist = b.node("Reshape", [dist, b.const("dfl.shape", np.array([1, 4, 64], np.int64))], "dfl_reshape")
+
+    height = b.node(
+        "Gather",
+        [b.node("Shape", ["x"], "in_shape"), b.const("h_axis", np.array(2, np.int64))],
+        "in_height",
+        axis=0,
+    )
+    height = b.node("Cast", [height], "height_cast", to=TensorProto.FLOAT)
+    stride = b.node("Div", [height, b.const("grid", np.array(8.0, np.float32))], "stride")
+    boxes = b.node("Mul", [dist, stride], "box_pixels")
+
+    cls = b.node("Conv", [feat, b.tensor("cls.w", (3, 8, 1, 1)), b.tensor("cls.b", (3,))], "cls_conv")
+    cls = b.node("Reshape", [cls, b.const("cls.shape", np.array([1, 3, 64], np.int64))], "cls_reshape")
+    scores = b.node("Sigmoid", [cls], "cls_sigmoid")
+    b.node("Concat", [boxes, scores], "head_concat", out="out", axis=1)
+    return b.model([_fv("x", [1, 3, 16, 16])], [_fv("out", [1, 7, 64])], opset)

@@ -1,4 +1,4 @@
-"""Detector heads: tensors of different magnitude never share one INT8 scale (ONNX Runtime placement).
+"""Detector heads: tensors of different magnitude never share one INT8 scale (both placements).
 
 The graph, a two-branch head joined as YOLO exports join box and score branches:
 
@@ -13,9 +13,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from service.quantize._graph import canonical_model
 from service.quantize.ort_placement import plan_ort_qdq
 from service.quantize.ort_prepare import onnxruntime_prepared
-from service.quantize.placement import tensors_to_calibrate
+from service.quantize.placement import plan_qdq, tensors_to_calibrate
 from service.quantize.qdq import qdq_model_from_scales
 from tests.quantize.support import amax_by_running, run
 
@@ -77,3 +78,26 @@ def test_a_concat_of_ranges_far_apart_stays_float_and_each_input_keeps_its_scale
         np.dot(expected.ravel(), lost.ravel()) / np.linalg.norm(expected) / np.linalg.norm(lost)
     )
     assert lost_cosine < cosine - 0.05
+
+
+def test_the_tensorrt_placement_keeps_a_layer_reading_a_mixed_join_in_float() -> None:
+    model = _two_branch_head()
+    data = np.random.default_rng(1).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    batches = [{"input": data[i : i + 4]} for i in range(0, 16, 4)]
+    needed = tensors_to_calibrate(model, target="tensorrt")
+    assert {"big", "small"} <= set(needed)  # the join's inputs are collected for the judgement
+    amax = amax_by_running(model, needed, batches)
+
+    canonical = canonical_model(model, min_opset=13)
+    assert "conv_pick" in plan_qdq(canonical).quantized_nodes  # without ranges: the widest plan
+    ranged = plan_qdq(canonical, ranges=amax)
+    (kept,) = ranged.kept
+    assert kept.node == "conv_pick" and "ranges differ" in kept.reason
+    assert "joined" not in ranged.tensors  # no one-scale Q/DQ on the join
+
+    result = qdq_model_from_scales(model, amax, target="tensorrt")
+    assert "conv_pick" in result.kept_nodes and "conv_big" in result.quantized_nodes
+    (expected,) = run(model, {"input": data})
+    (got,) = run(result.model, {"input": data})
+    cosine = float(np.dot(expected.ravel(), got.ravel()) / np.linalg.norm(expected) / np.linalg.norm(got))
+    assert cosine > 0.999, cosine

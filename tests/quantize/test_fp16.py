@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto
 
 from service.errors import BadInput
+from service.quantize._graph import int_attr
 from service.quantize.bn_fold import fold_batchnorm
 from service.quantize.fp16 import DEFAULT_KEEP_FP32_OPS, fp16_model_from
 from service.quantize.placement import tensors_to_calibrate
@@ -256,3 +257,31 @@ def test_every_test_graph_types_fp16_with_fp32_outputs(
     assert all(o.type.tensor_type.elem_type == TensorProto.FLOAT for o in typed.graph.output)
     for expected, got in zip(run(model, feeds), run(typed, feeds), strict=True):
         assert cosine(expected, got) > 0.999
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_yolov8_style_export_with_float_casts_types_fp16(quantized: bool) -> None:
+    # Exporters write Cast(to=FLOAT) nodes; typing retargets them to FLOAT16, which the converter's own
+    # "already converted" check used to take for an FP16 model ("The model is already converted...").
+    model = graphs.yolov8_style_head()
+    if quantized:
+        model = qdq_model_from_scales(model, dict.fromkeys(tensors_to_calibrate(model), 4.0)).model
+    feeds = {"x": np.random.default_rng(5).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+
+    typed = fp16_model_from(model)
+
+    onnx.checker.check_model(typed, full_check=True)
+    casts = {n.name: n for n in typed.graph.node if n.op_type == "Cast"}
+    assert int_attr(casts["stem_cast"], "to", 0) == TensorProto.FLOAT16
+    expected, got = run(model, feeds)[0], run(typed, feeds)[0]
+    assert got.dtype == np.float32
+    assert cosine(expected[:, :4], got[:, :4]) > 0.999  # boxes
+    assert cosine(expected[:, 4:], got[:, 4:]) > 0.999  # class scores
+
+
+def test_a_model_with_an_fp16_cast_is_refused_with_its_name() -> None:
+    model = graphs.yolov8_style_head()
+    next(n for n in model.graph.node if n.name == "stem_cast").attribute[0].i = TensorProto.FLOAT16
+
+    with pytest.raises(BadInput, match="already holds FP16 \\(Cast node 'stem_cast'\\)"):
+        fp16_model_from(model)

@@ -226,11 +226,13 @@ def test_an_uploaded_engine_is_stored_only_when_it_is_whole_and_built_for_the_jo
         files={"built_model": ("m", b"x"), "engine": ("e", b"y")},
     )
     assert bad_json.status_code == 400
+    foreign_key = _upload(worker, job, build, metadata={"key_digest": "f" * 64})
+    assert foreign_key.status_code == 409 and "builds none of" in foreign_key.json()["error"]["message"]
     # Nothing was stored by any refused upload.
     assert remote_setup.api.get("/v1/engines").json() == []
     assert {m["id"] for m in remote_setup.api.get("/v1/models").json()} == models_before
 
-    stored = _upload(worker, job, build)
+    stored = _upload(worker, job, build, metadata={"key_digest": params["engine_id"]})
     assert stored.status_code == 200, stored.text
     engine_id = stored.json()["engine_id"]
     assert engine_id == params["engine_id"]  # the server's key, not one the worker chose
