@@ -9,13 +9,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.api.deps import ServicesDep, current_owner
 from service.api.jobs_common import JobPublic, job_public
 from service.backends.base import ShapeRange
-from service.builds.keys import CalibrationOptions
 from service.builds.requests import BuildRequest
 from service.builds.submit import BUILD_JOB, submit_build
-from service.reports.tasks import AccuracyTarget, TaskSpec, targets_of
+from service.catalog.engine_keys import CalibrationOptions
 
 router = APIRouter(prefix="/v1/builds", tags=["builds"])
 

@@ -9,10 +9,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.accuracy.tasks import TaskSpec
 from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
 from service.api.uploads import receive_upload, upload_body_schema
-from service.reports.tasks import TaskSpec
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -9,12 +9,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.api.deps import ServicesDep, current_owner
 from service.api.jobs_common import JobPublic, job_public
 from service.errors import BadInput, Conflict
 from service.quantize.job import QUANTIZATION_JOB
 from service.quantize.skip import SkipSpec
-from service.reports.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.services import Services
 
 router = APIRouter(prefix="/v1/quantizations", tags=["quantizations"])

@@ -23,10 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service import __version__
 from service.api.deps import ServicesDep
-from service.builds.keys import PREPARATION_VERSION
 from service.builds.pipeline import build_job_keys, engine_key_from_params
 from service.builds.storage import BuildOutput, LocalBuildStorage
 from service.builds.submit import BUILD_JOB
+from service.catalog.engine_keys import PREPARATION_VERSION
 from service.errors import BadInput, Conflict, NotFound, Unauthorized
 from service.jobs.records import JobRecord
 from service.remote.protocol import WORKER_ROUTE_PREFIX

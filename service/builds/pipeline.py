@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import onnx
 
+from service.accuracy.tasks import AccuracyTarget, TaskSpec
 from service.backends.base import Backend, BackendInfo, BuildSpec, BuiltEngine, LayerReport
 from service.backends.registry import get_backend
 from service.builds.auto_precision import Int8Evidence, choose_precision, fallback_precision
-from service.builds.keys import BuildConfig, EngineKey
+from service.builds.fusion_report import verify_fusions
 from service.builds.speed import SpeedCheck, int8_speed_vs_fp32
 from service.builds.storage import BuildOutput, BuildStorage
+from service.catalog.engine_keys import BuildConfig, EngineKey
 from service.jobs.runner import JobContext
 from service.onnx_graph.fusions import analyze_fusions
 from service.onnx_graph.inspect import model_inputs
@@ -27,8 +29,6 @@ from service.quantize.fp16 import fp16_model_from
 from service.quantize.inputs import batch_size_for, calibration_inputs
 from service.quantize.pipeline import QuantizationOutcome, QuantizationPlan, quantize_model
 from service.quantize.placement import PlacementTarget
-from service.reports.fusion_report import verify_fusions
-from service.reports.tasks import AccuracyTarget, TaskSpec
 
 
 @dataclass(frozen=True)

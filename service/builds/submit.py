@@ -11,11 +11,11 @@ from service.backends.base import Backend, BackendInfo
 from service.backends.registry import resolve_backend
 from service.backends.shapes import shape_ranges_for
 from service.builds.auto_precision import Int8Evidence, PrecisionChoice, choose_precision, fallback_precision
-from service.builds.cache import EngineCache, EngineRecord
-from service.builds.keys import EngineKey
 from service.builds.requests import BuildRequest, build_config_from_request, engine_key
 from service.builds.targets import build_target
 from service.catalog.calibration_sets import CalibrationCatalog
+from service.catalog.engine_keys import EngineKey
+from service.catalog.engines import EngineCache, EngineRecord
 from service.catalog.models import ModelCatalog, ModelRecord
 from service.errors import BadInput
 from service.jobs.records import JobRecord

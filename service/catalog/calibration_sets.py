@@ -23,9 +23,9 @@ from service.calibration.preprocess import UNBOUNDED_PREPROCESS, PreprocessLimit
 from service.calibration.set_info import INFO_FILE, CalibrationSetInfo
 from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
 from service.errors import Conflict, NotFound
-from service.jobs.records import utc_now
 from service.onnx_graph.inspect import TensorSpec
 from service.store.blobs import StagedUpload
+from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
 from service.store.keyed_locks import KeyedLocks

@@ -14,12 +14,12 @@ from typing import Any
 
 import onnx
 
+from service.accuracy.tasks import TaskSpec
 from service.errors import Conflict, NotFound
-from service.jobs.records import utc_now
 from service.onnx_graph.inspect import ModelInfo, model_info
 from service.onnx_graph.loading import model_from_bytes
-from service.reports.tasks import TaskSpec
 from service.store.blobs import BlobStore, StagedUpload
+from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
 

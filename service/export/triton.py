@@ -37,7 +37,7 @@ from typing import Literal
 
 from service.backends.base import ShapeRange
 from service.backends.shapes import shape_ranges_for
-from service.builds.cache import EngineCache, EngineRecord
+from service.catalog.engines import EngineCache, EngineRecord
 from service.catalog.models import ModelCatalog
 from service.errors import BadInput, Conflict, NotFound
 from service.onnx_graph.inspect import TensorSpec

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from service.errors import NotFound
+from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
 
@@ -27,10 +28,6 @@ INTERRUPTED_REASON = (
     "interrupted: the server stopped while this job was running; nothing it produced was kept. "
     "Submit the same request again to retry."
 )
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)

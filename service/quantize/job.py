@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
 from service.jobs.runner import JobContext
 from service.onnx_graph.inspect import model_inputs
 from service.quantize.inputs import calibration_inputs
 from service.quantize.pipeline import QuantizationPlan, quantize_model
-from service.reports.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.store.blobs import BlobStore
 
 QUANTIZATION_JOB = "quantization"

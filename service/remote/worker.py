@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from service import __version__
-from service.builds.keys import PREPARATION_VERSION
 from service.builds.pipeline import BuildPipeline
 from service.builds.submit import BUILD_JOB
+from service.catalog.engine_keys import PREPARATION_VERSION
 from service.config import Settings
 from service.errors import ServiceError
 from service.jobs.leases import HEARTBEAT_INTERVAL_S

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.backends.base import BackendInfo, IOSpec
-from service.builds.cache import EngineCache, EngineRecord
 from service.catalog.calibration_sets import CalibrationCatalog
+from service.catalog.engines import EngineCache, EngineRecord
 from service.catalog.models import ModelCatalog
 from service.errors import BadInput, EngineNotRunnableHere
 from service.jobs.records import JobRecord, JobStore

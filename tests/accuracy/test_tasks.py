@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from service.reports.accuracy import AccuracyAccumulator
-from service.reports.task_metrics import Detections, decode_detections, match_detections
-from service.reports.tasks import AccuracyTarget, DetectionDecode, TaskSpec, guess_task
+from service.accuracy.outputs import AccuracyAccumulator
+from service.accuracy.task_metrics import Detections, decode_detections, match_detections
+from service.accuracy.tasks import AccuracyTarget, DetectionDecode, TaskSpec, guess_task
 
 
 def _yolo_output(boxes: list[list[float]], scores: list[list[float]], anchors: int = 64) -> np.ndarray:

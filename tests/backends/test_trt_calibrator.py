@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import pytest
 
+from service.backends.trt_calibrator import CalibrationBatcher, CalibratorState, DeviceBatchFeeder
 from service.calibration.algorithms import scale_from_threshold, thresholds_from_histograms
 from service.calibration.collect import collect_histograms
 from service.calibration.trt_cache import (
@@ -14,7 +15,6 @@ from service.calibration.trt_cache import (
     scales_from_calibration_cache,
     trt_version_code,
 )
-from service.calibration.trt_calibrator import CalibrationBatcher, CalibratorState, DeviceBatchFeeder
 from service.errors import BadInput, InvalidCalibrationSet, JobCancelled
 from tests.backends.cuda_double import RecordingDevice
 from tests.model_factory import model_bytes, two_input_adder
@@ -273,7 +273,7 @@ def _int8_engine(trt, model, calibrator) -> bytes:  # type: ignore[no-untyped-de
 def test_tensorrt_calibrates_through_the_adapter_and_then_accepts_our_cache() -> None:
     trt = _tensorrt_and_gpu()
     from service.backends.cuda_device import cuda_device
-    from service.calibration.trt_calibrator import make_entropy_calibrator
+    from service.backends.trt_calibrator import make_entropy_calibrator
 
     batch = 4
     model = two_input_adder()

@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.accuracy.task_metrics import TaskAccumulator, TaskMetrics
+from service.accuracy.tasks import TaskSpec, guess_task
 from service.errors import BadInput, InvalidInferenceInput, InvalidModel
-from service.reports.task_metrics import TaskAccumulator, TaskMetrics
-from service.reports.tasks import TaskSpec, guess_task
 
 if TYPE_CHECKING:
     import onnx

@@ -2,9 +2,9 @@
 
 Contract: :class:`ReferenceEvaluator` runs the FP32 model over ``holdout()`` once, keeps its outputs
 (and a fingerprint of each input batch) and fixes the task: the one named, else the one
-:func:`~service.reports.tasks.guess_task` reads from the first batch, so every candidate is judged by
+:func:`~service.accuracy.tasks.guess_task` reads from the first batch, so every candidate is judged by
 the same metric. ``evaluate(candidate)`` replays the same batches through the candidate and returns
-an :class:`~service.reports.accuracy.AccuracyReport` with the task metric. Memory: the reference
+an :class:`~service.accuracy.outputs.AccuracyReport` with the task metric. Memory: the reference
 outputs of the held-out set (keep it to tens of samples), plus one sample's activations: batches are
 run one sample at a time where the model's batch axis allows it, so a 640x640 detector's session
 arena holds one image's activations, not eight (measured: 2.5 GB peak with batches of 8).
@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from service.errors import BadInput
-from service.reports.accuracy import (
+from service.accuracy.outputs import (
     AccuracyAccumulator,
     AccuracyReport,
     cpu_session_options,
@@ -28,7 +27,8 @@ from service.reports.accuracy import (
     run_session,
     simulation_session_options,
 )
-from service.reports.tasks import TaskSpec, guess_task
+from service.accuracy.tasks import TaskSpec, guess_task
+from service.errors import BadInput
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 

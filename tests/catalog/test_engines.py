@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from service.backends.base import BackendInfo, ShapeRange
-from service.builds.cache import CorruptEngine, EngineCache, NewEngine
-from service.builds.keys import BuildConfig, CalibrationOptions, EngineKey
+from service.catalog.engine_keys import BuildConfig, CalibrationOptions, EngineKey
+from service.catalog.engines import CorruptEngine, EngineCache, NewEngine
 from service.store.db import Database
 
 RTX = BackendInfo(

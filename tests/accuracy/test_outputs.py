@@ -10,16 +10,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import BadInput, InvalidInferenceInput
-from service.quantize.placement import tensors_to_calibrate
-from service.quantize.qdq import qdq_model_from_scales
-from service.reports.accuracy import (
+from service.accuracy.outputs import (
     MAX_SNR_DB,
     AccuracyAccumulator,
     OutputAccuracy,
     evaluate_with_onnxruntime,
     snr_db,
 )
+from service.errors import BadInput, InvalidInferenceInput
+from service.quantize.placement import tensors_to_calibrate
+from service.quantize.qdq import qdq_model_from_scales
 from tests.model_factory import model_bytes, resnet_block_classifier, two_input_adder
 
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from service.accuracy.tasks import PRIMARY_METRIC, DetectionDecode, TaskSpec, segmentation_threshold
 from service.errors import BadInput
-from service.reports.tasks import PRIMARY_METRIC, DetectionDecode, TaskSpec, segmentation_threshold
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ import pytest
 
 from service.backends.base import BuildSpec, BuiltEngine, EngineLayer, LayerPrecision, LayerReport
 from service.backends.layer_report import layer_report_from_optimized_graph
+from service.builds.fusion_report import FusionVerification, PatternVerification, verify_fusions
 from service.onnx_graph.fusion_results import FusionAnalysis, FusionPattern
 from service.onnx_graph.fusions import analyze_fusions
-from service.reports.fusion_report import FusionVerification, PatternVerification, verify_fusions
 from tests.model_factory import resnet_block_classifier
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.builds.keys import BuildConfig, EngineKey
+from service.catalog.engine_keys import BuildConfig, EngineKey
 from service.errors import NotFound
-from service.jobs.records import utc_now
 from service.onnx_graph.initializer_inputs import without_initializer_inputs
 from service.store.blobs import BlobStore
+from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
 
