@@ -15,12 +15,12 @@ from service.auth.keys import KeyRing, KeyStore
 from service.builds.pipeline import BuildPipeline
 from service.builds.storage import LocalBuildStorage
 from service.builds.submit import BUILD_JOB
-from service.calibration.preprocess import PreprocessLimits
-from service.calibration.zip_stream import ExpansionLimits
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.engines import EngineCache
 from service.catalog.models import ModelCatalog
 from service.config import Settings
+from service.datasets.preprocess import PreprocessLimits
+from service.datasets.zip_stream import ExpansionLimits
 from service.jobs.host_gate import HostGate
 from service.jobs.leases import LeaseSweeper
 from service.jobs.records import JobStore

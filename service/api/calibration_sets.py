@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
 from service.api.uploads import receive_upload, upload_body_schema
-from service.calibration.preprocess import PreprocessSpec
-from service.calibration.preprocess_examples import PREPROCESS_EXAMPLES
+from service.datasets.preprocess import PreprocessSpec
+from service.datasets.preprocess_examples import PREPROCESS_EXAMPLES
 from service.errors import BadInput
 
 router = APIRouter(prefix="/v1/calibration-sets", tags=["calibration sets"])

@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 
 from service.builds.storage import BuildOutput
-from service.calibration.datasets import CalibrationSet, bind_to_model
+from service.datasets.storage import CalibrationSet, bind_to_model
 from service.errors import BadInput
 from service.onnx_graph.inspect import TensorSpec
 from service.onnx_graph.loading import model_from_bytes

@@ -3,7 +3,7 @@
 The data is copied in bounded pieces into the stored, memory-mappable array, checked for NaN/inf and
 summarized on the way. A piece is a run of whole samples when a sample is small, or a contiguous part
 of one sample when it is not, so memory stays near ``_CHUNK_BYTES`` whatever one sample's size.
-Split from :mod:`service.calibration.ingest` (format detection, image archives, atomic placement)
+Split from :mod:`service.datasets.ingest` (format detection, image archives, atomic placement)
 because reading untrusted .npy streams is a concern of its own.
 """
 
@@ -19,8 +19,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from service.calibration.archives import SafeZip
-from service.calibration.set_info import (
+from service.datasets.archives import SafeZip
+from service.datasets.set_info import (
     UNNAMED_INPUT,
     CalibrationSetInfo,
     InputSummary,
@@ -28,7 +28,7 @@ from service.calibration.set_info import (
     array_file,
     stats_axis,
 )
-from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
+from service.datasets.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
 from service.errors import InvalidCalibrationSet
 
 _CHUNK_BYTES = 4 * 1024 * 1024  # stats need about 4x this in float64 temporaries

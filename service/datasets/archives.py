@@ -14,8 +14,8 @@ Nothing is ever extracted to disk. An archive is read twice, sequentially:
   headers can lie.
 
 :class:`SafeZip` gives the same guarantees for zip containers read by name (``.npz`` uploads).
-Zip members are inflated by :class:`~service.calibration.zip_stream.ZipMemberStream`, which bounds
-each member (:class:`~service.calibration.zip_stream.ExpansionLimits`) by its header before reading
+Zip members are inflated by :class:`~service.datasets.zip_stream.ZipMemberStream`, which bounds
+each member (:class:`~service.datasets.zip_stream.ExpansionLimits`) by its header before reading
 and by the bytes it actually inflates while reading.
 """
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal
 
-from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits, ZipMemberStream
+from service.datasets.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits, ZipMemberStream
 from service.errors import InvalidCalibrationSet, TooLarge, UnsafeArchive
 
 ArchiveKind = Literal["zip", "tar"]

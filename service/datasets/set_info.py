@@ -1,6 +1,6 @@
 """What a stored calibration set holds: its file layout, per-input summaries and their statistics.
 
-Written by :mod:`service.calibration.ingest` and read by :class:`service.calibration.datasets.CalibrationSet`;
+Written by :mod:`service.datasets.ingest` and read by :class:`service.datasets.storage.CalibrationSet`;
 kept in its own module so both sides share one description of ``info.json`` without depending on each other.
 """
 
@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from service.calibration.archives import SkippedMember
-from service.calibration.preprocess import PreprocessSpec
+from service.datasets.archives import SkippedMember
+from service.datasets.preprocess import PreprocessSpec
 
 SetFormat = Literal["npz", "npy", "images"]
 UNNAMED_INPUT = "input"

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from service.calibration.preprocess import PreprocessSpec, image_to_array
-from service.calibration.preprocess_examples import PREPROCESS_EXAMPLES
 from service.cli.main import app
+from service.datasets.preprocess import PreprocessSpec, image_to_array
+from service.datasets.preprocess_examples import PREPROCESS_EXAMPLES
 from tests.data_factory import photo, photo_zip
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -1,4 +1,4 @@
-"""Worked :class:`~service.calibration.preprocess.PreprocessSpec` examples, one per common model family.
+"""Worked :class:`~service.datasets.preprocess.PreprocessSpec` examples, one per common model family.
 
 They are published where the spec is documented (the OpenAPI form field, ``--help`` of the CLI commands
 that take ``--preprocess``, the README) and every one is checked against the spec by the tests, so the

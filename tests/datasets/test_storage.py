@@ -21,10 +21,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from service.calibration.datasets import CalibrationSet, bind_to_model
-from service.calibration.ingest import ingest_calibration_upload
-from service.calibration.preprocess import PreprocessSpec, image_to_array
-from service.calibration.set_info import CalibrationSetInfo, ChannelStats, InputSummary, SetFormat
+from service.datasets.ingest import ingest_calibration_upload
+from service.datasets.preprocess import PreprocessSpec, image_to_array
+from service.datasets.set_info import CalibrationSetInfo, ChannelStats, InputSummary, SetFormat
+from service.datasets.storage import CalibrationSet, bind_to_model
 from service.errors import BadInput, Conflict, InvalidCalibrationSet, NotFound, TooLarge, UnsafeArchive
 from service.onnx_graph.inspect import TensorSpec, model_inputs
 from tests.model_factory import model_bytes, resnet_block_classifier, two_input_adder
@@ -477,7 +477,7 @@ def test_ingest_memory_does_not_grow_with_the_number_of_samples(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
 ) -> None:
     # A small copy chunk makes "bounded by the chunk, not the set" visible with small test files.
-    monkeypatch.setattr("service.calibration.ingest_arrays._CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr("service.datasets.ingest_arrays._CHUNK_BYTES", 64 * 1024)
     peaks = []
     for samples in (64, 640):
         root = tmp_path / str(samples)

@@ -1,4 +1,4 @@
-"""Calibration-set intake: turn an upload into the stored form that :mod:`service.calibration.datasets` reads.
+"""Calibration-set intake: turn an upload into the stored form that :mod:`service.datasets.storage` reads.
 
 Accepted uploads, recognised by content (the filename is only a hint for error messages):
 
@@ -7,9 +7,9 @@ Accepted uploads, recognised by content (the filename is only a hint for error m
 * ``.zip`` / ``.tar`` / ``.tar.gz`` (``.tgz``, also bzip2/xz) of PNG/JPEG images plus a
   :class:`PreprocessSpec` that turns each image into one sample.
 
-The stored form (described in :mod:`service.calibration.set_info`) is built in a temporary sibling
+The stored form (described in :mod:`service.datasets.set_info`) is built in a temporary sibling
 directory and renamed into place, so a failed ingest leaves nothing behind. Everything streams: arrays
-are copied in chunks (:mod:`service.calibration.ingest_arrays`), images are decoded one at a time
+are copied in chunks (:mod:`service.datasets.ingest_arrays`), images are decoded one at a time
 straight into a memory-mapped file, and statistics are accumulated chunk by chunk, so memory does not
 grow with the number of samples.
 """
@@ -25,15 +25,15 @@ from typing import Literal
 
 import numpy as np
 
-from service.calibration.archives import ArchiveKind, read_images, scan_archive, tar_compression
-from service.calibration.ingest_arrays import flush_array, ingest_npy, ingest_npz, is_npz
-from service.calibration.preprocess import (
+from service.datasets.archives import ArchiveKind, read_images, scan_archive, tar_compression
+from service.datasets.ingest_arrays import flush_array, ingest_npy, ingest_npz, is_npz
+from service.datasets.preprocess import (
     UNBOUNDED_PREPROCESS,
     PreprocessLimits,
     PreprocessSpec,
     image_to_array,
 )
-from service.calibration.set_info import (
+from service.datasets.set_info import (
     INFO_FILE,
     MAX_REPORTED_SKIPPED,
     UNNAMED_INPUT,
@@ -42,7 +42,7 @@ from service.calibration.set_info import (
     StatsAccumulator,
     array_file,
 )
-from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
+from service.datasets.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
 from service.errors import Conflict, InvalidCalibrationSet, TooLarge
 
 _SUPPORTED = "an .npz, an .npy, or a .zip/.tar/.tar.gz of PNG/JPEG images"

@@ -2,7 +2,7 @@
 
 The stored form is a directory holding ``input_<i>.npy`` per input (C order, native byte order,
 sample axis first, memory-mappable) and ``info.json`` (:class:`CalibrationSetInfo`, in
-:mod:`service.calibration.set_info`); :func:`service.calibration.ingest.ingest_calibration_upload`
+:mod:`service.datasets.set_info`); :func:`service.datasets.ingest.ingest_calibration_upload`
 writes it from an upload. :meth:`CalibrationSet.batches` copies only the batch it yields, so memory
 does not grow with the number of samples.
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.calibration.set_info import INFO_FILE, CalibrationSetInfo, InputSummary, SetFormat, array_file
+from service.datasets.set_info import INFO_FILE, CalibrationSetInfo, InputSummary, SetFormat, array_file
 from service.errors import BadInput, InvalidCalibrationSet, NotFound
 
 if TYPE_CHECKING:

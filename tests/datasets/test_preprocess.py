@@ -11,7 +11,7 @@ import skimage.data
 from PIL import Image
 from pydantic import ValidationError
 
-from service.calibration.preprocess import (
+from service.datasets.preprocess import (
     DEFAULT_SCALE,
     ImagePlacement,
     PreprocessSpec,

@@ -15,7 +15,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from service.calibration.archives import (
+from service.datasets.archives import (
     ArchiveKind,
     SafeZip,
     SkippedMember,
