@@ -11,7 +11,7 @@ Contract:
   server.
 - Downloads stream to a temporary file beside the destination, hashing as they write, and are
   renamed into place only when the hash equals the server's ``X-Content-SHA256``; otherwise the
-  partial file is removed and :class:`IntegrityError` is raised.
+  partial file is removed and :class:`~service.errors.DownloadDamaged` is raised.
 - Resource documents (models, engines, reports) are returned as the server's JSON; the values the
   CLI acts on (jobs, build tickets, downloads) are small frozen dataclasses.
 """
@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
+from service.errors import ApiError, DownloadDamaged, ServerUnreachable
+
 if TYPE_CHECKING:
     import httpx
     import numpy as np
@@ -46,37 +48,6 @@ JOB_COLLECTIONS: dict[JobKind, str] = {
     "quantization": "/v1/quantizations",
     "report": "/v1/reports",
 }
-
-
-class ClientError(Exception):
-    """Base of the errors the CLI reports; ``message`` is what a person reads."""
-
-    exit_code = 1
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class ApiError(ClientError):
-    """The server answered with an error status."""
-
-    def __init__(self, message: str, *, status: int, code: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class ServerUnreachable(ClientError):
-    """No answer from the server at all (refused, unresolvable, timed out)."""
-
-    exit_code = 3
-
-
-class IntegrityError(ClientError):
-    """Downloaded bytes do not hash to what the server said they are."""
-
-    exit_code = 4
 
 
 @dataclass(frozen=True)
@@ -432,7 +403,7 @@ class ApiClient:
                     os.fsync(handle.fileno())
                 actual = digest.hexdigest()
                 if expected and actual != expected.strip().lower():
-                    raise IntegrityError(
+                    raise DownloadDamaged(
                         f"The download of {path} is corrupt: its sha256 is {actual} but the server "
                         f"sent X-Content-SHA256 {expected}. Nothing was written; try again."
                     )

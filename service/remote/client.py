@@ -27,16 +27,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from service.errors import (
-    BackendUnavailable,
-    BadInput,
-    Conflict,
-    LimitExceeded,
-    NotFound,
-    ServiceError,
-    TooLarge,
-    Unauthorized,
-)
+from service.errors import ApiUnreachable, DownloadDamaged, NotFound, ServiceError, error_class_for_status
 from service.remote.protocol import WORKER_ROUTE_PREFIX, WORKER_TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
@@ -44,28 +35,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _CHUNK_BYTES = 1024 * 1024
 _RETRY_STATUSES = frozenset({502, 503, 504})
-_ERRORS: dict[int, type[ServiceError]] = {
-    400: BadInput,
-    401: Unauthorized,
-    404: NotFound,
-    409: Conflict,
-    413: TooLarge,
-    422: BadInput,
-    429: LimitExceeded,
-    503: BackendUnavailable,
-}
-
-
-class ApiUnreachable(BackendUnavailable):
-    """The API server did not answer within the retry window."""
-
-    code = "api_unreachable"
-
-
-class IntegrityError(ServiceError):
-    """A download did not arrive as the server described it."""
-
-    code = "download_damaged"
 
 
 def _error_from(response: httpx.Response) -> ServiceError:
@@ -73,7 +42,7 @@ def _error_from(response: httpx.Response) -> ServiceError:
         message = str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
         message = response.text[:500] or response.reason_phrase
-    error = _ERRORS.get(response.status_code, ServiceError)
+    error = error_class_for_status(response.status_code)
     return error(f"API server: {message} (HTTP {response.status_code})")
 
 
@@ -212,9 +181,9 @@ class WorkerApi:
                         digest.update(chunk)
                         received += len(chunk)
                 if size is not None and received != size:
-                    raise IntegrityError(f"{path}: received {received} bytes, expected {size}.")
+                    raise DownloadDamaged(f"{path}: received {received} bytes, expected {size}.")
                 if sha256 is not None and digest.hexdigest() != sha256:
-                    raise IntegrityError(
+                    raise DownloadDamaged(
                         f"{path}: the bytes hash to {digest.hexdigest()}, expected {sha256}."
                     )
                 os.replace(temporary, destination)
