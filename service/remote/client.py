@@ -15,12 +15,8 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import tempfile
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,20 +24,18 @@ from typing import Any, TypeVar
 import httpx
 
 from service.errors import ApiUnreachable, DownloadDamaged, NotFound, ServiceError, error_class_for_status
+from service.http_client import CHUNK_BYTES, call_with_retries, error_fields, write_verified
 from service.remote.protocol import WORKER_ROUTE_PREFIX, WORKER_TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_CHUNK_BYTES = 1024 * 1024
 _RETRY_STATUSES = frozenset({502, 503, 504})
 
 
 def _error_from(response: httpx.Response) -> ServiceError:
-    try:
-        message = str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:500] or response.reason_phrase
+    fields = error_fields(response)
+    message = fields[1] if fields is not None else (response.text[:500] or response.reason_phrase)
     error = error_class_for_status(response.status_code)
     return error(f"API server: {message} (HTTP {response.status_code})")
 
@@ -167,29 +161,16 @@ class WorkerApi:
     def _download(
         self, path: str, destination: Path, *, size: int | None = None, sha256: str | None = None
     ) -> None:
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        def check(actual_sha256: str, received: int) -> None:
+            if size is not None and received != size:
+                raise DownloadDamaged(f"{path}: received {received} bytes, expected {size}.")
+            if sha256 is not None and actual_sha256 != sha256:
+                raise DownloadDamaged(f"{path}: the bytes hash to {actual_sha256}, expected {sha256}.")
 
         def fetch() -> None:
-            handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
-            digest = hashlib.sha256()
-            received = 0
-            try:
-                with os.fdopen(handle, "wb") as out, self._http.stream("GET", path) as response:
-                    self._raise_for(response)
-                    for chunk in response.iter_bytes(_CHUNK_BYTES):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                if size is not None and received != size:
-                    raise DownloadDamaged(f"{path}: received {received} bytes, expected {size}.")
-                if sha256 is not None and digest.hexdigest() != sha256:
-                    raise DownloadDamaged(
-                        f"{path}: the bytes hash to {digest.hexdigest()}, expected {sha256}."
-                    )
-                os.replace(temporary, destination)
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
+            with self._http.stream("GET", path) as response:
+                self._raise_for(response)
+                write_verified(response.iter_bytes(CHUNK_BYTES), destination, check)
 
         self._retrying(fetch, f"GET {path}")
 
@@ -202,20 +183,19 @@ class WorkerApi:
         raise _error_from(response)
 
     def _retrying(self, call: Callable[[], T], what: str) -> T:
-        deadline = time.monotonic() + self.retry_seconds
-        delay = 0.5
-        while True:
-            try:
-                return call()
-            except (httpx.TransportError, _Transient) as exc:
-                if time.monotonic() + delay > deadline:
-                    raise ApiUnreachable(
-                        f"The API server at {self.base_url} did not answer {what} for "
-                        f"{self.retry_seconds:.0f} s ({exc}); check ENGINE_SERVICE_API_URL and that it runs."
-                    ) from exc
-                logger.warning("API server unreachable for %s (%s); retrying in %.1f s", what, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        def give_up(exc: BaseException) -> ApiUnreachable:
+            return ApiUnreachable(
+                f"The API server at {self.base_url} did not answer {what} for "
+                f"{self.retry_seconds:.0f} s ({exc}); check ENGINE_SERVICE_API_URL and that it runs."
+            )
+
+        return call_with_retries(
+            call,
+            retry_seconds=self.retry_seconds,
+            transient=(httpx.TransportError, _Transient),
+            give_up=give_up,
+            what=what,
+        )
 
 
 class _Transient(Exception):
