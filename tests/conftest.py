@@ -18,7 +18,8 @@ import pytest
 from tests.server import free_port, running_server, settings_for
 
 # The slow tier (`pytest -m slow`; the fast inner loop is `pytest -m "not slow"`): whole-system checks
-# that start extra servers or processes, fuzz, or build real models end to end. Paths under tests/.
+# that start extra servers or processes, fuzz, or run trained models end to end on real photos. Node
+# ids under tests/: a directory, a file, or one test (all its parameters).
 SLOW_PATHS = (
     "robustness/",
     "restart/",
@@ -26,6 +27,8 @@ SLOW_PATHS = (
     "remote/test_remote_worker.py",
     "backends/test_ppocr_end_to_end.py",
     "quantize/test_ppocr_end_to_end.py",
+    "api/test_quantizations.py::test_trained_ppocr_classifier_on_real_photos_keeps_its_predictions",
+    "quantize/test_search.py::test_default_search_keeps_a_trained_classifiers_answers_on_real_photos",
 )
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -34,7 +37,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark every test under :data:`SLOW_PATHS` ``slow``, so that ``-m "not slow"`` leaves them out."""
     for item in items:
         relative = Path(str(item.path)).resolve().relative_to(TESTS_DIR).as_posix()
-        if relative.startswith(SLOW_PATHS):
+        node = relative + item.nodeid.partition("::")[1] + item.nodeid.partition("::")[2]
+        if node.startswith(SLOW_PATHS):
             item.add_marker(pytest.mark.slow)
 
 

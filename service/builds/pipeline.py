@@ -337,19 +337,8 @@ def placement_target(backend_name: str) -> PlacementTarget:
 
 
 def engine_key_from_params(params: dict[str, Any]) -> EngineKey:
-    canonical = params["key"]
-    backend = BackendInfo(
-        name=canonical["backend"],
-        version=canonical["backend_version"],
-        device=canonical["device"],
-        compute_capability=canonical.get("compute_capability"),
-    )
-    return EngineKey(
-        model_id=canonical["model_sha256"],
-        config=BuildConfig.from_dict(canonical["build_config"]),
-        calibration_set_id=canonical.get("calibration_set_id"),
-        backend=backend,
-    )
+    """The engine key a build job's params carry (``params["key"]``, its canonical form)."""
+    return EngineKey.from_canonical(params["key"])
 
 
 def build_job_keys(params: dict[str, Any]) -> dict[str, EngineKey]:

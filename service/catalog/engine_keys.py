@@ -108,6 +108,22 @@ class EngineKey:
             "compute_capability": self.backend.compute_capability,
         }
 
+    @classmethod
+    def from_canonical(cls, canonical: dict[str, Any]) -> EngineKey:
+        """The key whose :meth:`canonical` form is ``canonical`` (so its digest is the same)."""
+        backend = BackendInfo(
+            name=canonical["backend"],
+            version=canonical["backend_version"],
+            device=canonical["device"],
+            compute_capability=canonical.get("compute_capability"),
+        )
+        return cls(
+            model_id=canonical["model_sha256"],
+            config=BuildConfig.from_dict(canonical["build_config"]),
+            calibration_set_id=canonical.get("calibration_set_id"),
+            backend=backend,
+        )
+
     @property
     def digest(self) -> str:
         text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
