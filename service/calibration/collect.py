@@ -217,6 +217,10 @@ def _open_session(model: onnx.ModelProto, intra_op_threads: int | None) -> onnxr
     # Every fusion keeps the probed tensors (the probes consume them); see the module docstring.
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # The memory pattern plans one block per input shape for the whole run (probes included); runs
+    # of 1 and of N samples each got one. Without it the 640x640 detector's collection peaked at
+    # 620 instead of 946 MiB, at the same speed (2 cores).
+    options.enable_mem_pattern = False
     if intra_op_threads is not None:
         if intra_op_threads < 1:
             raise BadInput(f"intra_op_threads must be at least 1, got {intra_op_threads}.")

@@ -8,6 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.backends.cpu_isa import host_cpu_isa
 from tests.api.conftest import build_engine, wait_for_job
 from tests.data_factory import npz_bytes
 from tests.model_factory import model_bytes, resnet_block_classifier
@@ -90,9 +91,25 @@ def test_an_unreachable_target_fails_loudly_not_silently(
     )
 
 
+# Both weight forms where this CPU can run both: 8-bit (VNNI and newer) and the 7-bit weights of
+# CPUs whose u8s8 kernels saturate (AVX2), which compute the same integers on every CPU.
+_WEIGHT_FORMS = [None] + ([] if host_cpu_isa().u8s8_saturates else ["avx2"])
+
+
 @pytest.mark.slow
-def test_a_trained_detector_with_a_yolo_head_keeps_its_detections_by_default(api: httpx.Client) -> None:
+@pytest.mark.parametrize("cpu_isa", _WEIGHT_FORMS, ids=lambda isa: isa or "host")
+def test_a_trained_detector_with_a_yolo_head_keeps_its_detections_by_default(
+    api: httpx.Client, start_server: Any, cpu_isa: str | None
+) -> None:
     """A PicoDet detector ending in a YOLO-style [1, 4 + C, anchors] head; defaults only."""
+    if cpu_isa is None:
+        _yolo_head_defaults(api)
+    else:
+        with start_server(cpu_isa=cpu_isa) as forced:
+            _yolo_head_defaults(forced)
+
+
+def _yolo_head_defaults(api: httpx.Client) -> None:
     model = layout_detector_with_yolo_head()
     model_id = api.post("/v1/models", files={"file": ("layout_yolo.onnx", model.SerializeToString())}).json()[
         "id"
@@ -114,14 +131,13 @@ def test_a_trained_detector_with_a_yolo_head_keeps_its_detections_by_default(api
     task = job["result"]["task"]
     assert task["kind"] == "detection" and task["guessed"] is True
     assert task["counts"]["reference_detections"] >= 3
-    # Measured on these document-layout photos: recall 0.78-0.89, precision 0.86-1.0 depending on the
-    # CPU class (7- or 8-bit weights); the reported failure kept 0 of 4 with every report saying 0.99.
+    # The reported failure kept 0 of 4 detections with every report saying cosine 0.99. The bar is
+    # the default target (0.85), met on held-out photos with at least 70% of convolutions in INT8.
     recall, precision = task["metrics"]["detection_recall"], task["metrics"]["detection_precision"]
-    assert recall >= 0.6 and precision >= 0.6
+    assert job["target_met"] is True, job["warnings"]
+    assert recall >= 0.85 and precision >= 0.85
     assert job["result"]["int8_share"] >= 0.7
-    met = recall >= 0.9 and precision >= 0.9  # the detection default target
-    assert job["target_met"] is met
-    assert any("misses the accuracy target" in w for w in job["warnings"]) is (not met)
+    assert not any("misses the accuracy target" in w for w in job["warnings"])
 
 
 def test_precision_auto_delivers_int8_only_when_it_is_accurate_and_faster(
