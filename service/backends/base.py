@@ -16,6 +16,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from service.backends.capabilities import BackendCapabilities, capabilities_of
+
 Precision = Literal["int8", "fp16", "fp32"]
 LayerPrecision = Literal["int8", "fp16", "fp32", "mixed", "other"]
 
@@ -38,6 +40,11 @@ class BackendInfo:
     device: str  # e.g. "NVIDIA H100 80GB HBM3 (sm_90)" or "CPU (x86_64, 2 cores)" or "ahead-of-time (no GPU)"
     compute_capability: str | None = None
     strongly_typed: bool = True
+
+    @property
+    def capabilities(self) -> BackendCapabilities:
+        """What this backend can do (declared by name in :mod:`service.backends.capabilities`)."""
+        return capabilities_of(self.name)
 
 
 @dataclass(frozen=True)

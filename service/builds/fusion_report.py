@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from service.backends.base import EngineLayer, LayerReport
+from service.backends.capabilities import capabilities_of
 from service.onnx_graph.fusion_ops import SCALE_OPS
 from service.onnx_graph.fusion_results import FusionAnalysis, FusionPattern
 
@@ -322,7 +323,7 @@ class _Checker:
             f"({layer.precision}); {rest} ran in the pointwise layer(s) {kernels}, so the convolution's "
             "result goes through memory before the epilogue reads it."
         )
-        if self.backend == "tensorrt-rtx":
+        if capabilities_of(self.backend).int8_epilogue_in_separate_layers:
             text += (
                 " TensorRT-RTX builds every INT8 convolution this way (correlation kernel plus kgen "
                 "epilogue); this reflects the backend, not a placement problem in the model."

@@ -16,6 +16,7 @@ import onnx
 
 from service.accuracy.tasks import AccuracyTarget, TaskSpec
 from service.backends.base import Backend, BackendInfo, BuildSpec, BuiltEngine, LayerReport
+from service.backends.capabilities import capabilities_of
 from service.backends.registry import get_backend
 from service.builds.auto_precision import Int8Evidence, choose_precision, fallback_precision
 from service.builds.fusion_report import verify_fusions
@@ -216,7 +217,7 @@ class BuildPipeline:
             steps.append("explicitly quantized model used as uploaded")
         # FP16 typing is for TensorRT-family strongly typed builders; ONNX Runtime's CPU kernels gain
         # nothing from FP16, so its hybrid engines keep FP32 outside INT8.
-        if backend.strongly_typed and config.precision in ("int8", "fp16") and backend.name != "onnxruntime":
+        if backend.strongly_typed and config.precision in ("int8", "fp16") and backend.capabilities.fp16:
             ctx.phase("fp16", 0.75)
             prepared = fp16_model_from(prepared)
             steps.append("layers outside INT8 typed FP16")
@@ -333,7 +334,7 @@ class BuildPipeline:
 def placement_target(backend_name: str) -> PlacementTarget:
     """Whose Q/DQ placement a backend's INT8 build gets: ONNX Runtime's own for ``onnxruntime``
     (its CPU integer kernels need whole node units), TensorRT's for every TensorRT-family backend."""
-    return "onnxruntime" if backend_name == "onnxruntime" else "tensorrt"
+    return capabilities_of(backend_name).placement_target
 
 
 def engine_key_from_params(params: dict[str, Any]) -> EngineKey:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.backends.base import BackendInfo, IOSpec
+from service.backends.capabilities import capabilities_of
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.engines import EngineCache, EngineRecord
 from service.catalog.models import ModelCatalog
@@ -266,7 +267,11 @@ class ReportJobs:
             samples=dataset.samples,
             batches=lambda batch_size, stop: dataset.batches(batch_size, stop=stop, bind=binding),
         )
-        built = self.models.load(record.built_model_id) if record.backend == "onnxruntime" else None
+        built = (
+            self.models.load(record.built_model_id)
+            if capabilities_of(record.backend).engine_is_onnx
+            else None
+        )
         with self.pool.lease(record.id) as runner:
             report = evaluate_engine(
                 runner,
