@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from service.auth.keys import KeyRing, KeyStore
 from service.builds.pipeline import BuildPipeline
+from service.builds.quantization_job import QUANTIZATION_JOB, QuantizationJob
 from service.builds.storage import LocalBuildStorage
 from service.builds.submit import BUILD_JOB
 from service.catalog.calibration_sets import CalibrationCatalog
@@ -26,7 +27,6 @@ from service.jobs.leases import LeaseSweeper
 from service.jobs.records import JobStore
 from service.jobs.runner import JobQueue, JobRunner
 from service.observability.metrics import ServiceMetrics
-from service.quantize.job import QUANTIZATION_JOB, QuantizationJob
 from service.reports.benchmark import BENCHMARK_KIND
 from service.reports.comparison import COMPARISON_KIND
 from service.reports.evaluation import EVALUATION_KIND

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.api.deps import ServicesDep, current_owner
 from service.api.jobs_common import JobPublic, job_public
+from service.builds.quantization_job import QUANTIZATION_JOB
 from service.errors import BadInput, Conflict
-from service.quantize.job import QUANTIZATION_JOB
 from service.quantize.skip import SkipSpec
 from service.services import Services
 
