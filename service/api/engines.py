@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from service.api.deps import ServicesDep
+from service.catalog.build_report import BuildReport
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
@@ -22,10 +23,11 @@ def list_engines(services: ServicesDep, model_id: str | None = None) -> list[dic
 def read_engine(engine_id: str, services: ServicesDep) -> dict[str, Any]:
     """Backend, version, device, precision, build config, size, layer counts, fusions and accuracy."""
     record = services.engines.get(engine_id)
+    report = BuildReport.from_dict(record.report)
     body = record.to_dict()
-    body["preparation"] = record.report.get("preparation", [])
-    body["kept_layers"] = record.report.get("kept_layers", [])
-    body["quantization"] = record.report.get("quantization")
+    body["preparation"] = list(report.preparation)
+    body["kept_layers"] = list(report.kept_layers)
+    body["quantization"] = report.quantization
     return body
 
 
@@ -33,7 +35,7 @@ def read_engine(engine_id: str, services: ServicesDep) -> dict[str, Any]:
 def read_engine_layers(engine_id: str, services: ServicesDep) -> dict[str, Any]:
     """Every engine layer with its type, precision, tensor types and the ONNX nodes fused into it."""
     record = services.engines.get(engine_id)
-    return {"engine_id": record.id, **record.report.get("layers", {})}
+    return {"engine_id": record.id, **BuildReport.from_dict(record.report).layers}
 
 
 @router.get("/{engine_id}/fusions")
@@ -44,7 +46,7 @@ def read_engine_fusions(engine_id: str, services: ServicesDep) -> dict[str, Any]
         "engine_id": record.id,
         "backend": record.backend,
         "device": record.device,
-        **record.report.get("fusions", {}),
+        **BuildReport.from_dict(record.report).fusions,
     }
 
 

@@ -26,6 +26,7 @@ from service.api.deps import ServicesDep
 from service.builds.pipeline import build_job_keys, engine_key_from_params
 from service.builds.storage import BuildOutput, LocalBuildStorage
 from service.builds.submit import BUILD_JOB
+from service.catalog.build_report import BuildReport
 from service.catalog.engine_keys import PREPARATION_VERSION
 from service.errors import BadInput, Conflict, NotFound, Unauthorized
 from service.jobs.records import JobRecord
@@ -302,7 +303,7 @@ def upload_engine(
         if meta.key_digest not in job_keys:
             raise Conflict(f"Job {job_id} builds none of the engine key {meta.key_digest}.")
         key = job_keys[meta.key_digest]
-    built_for = meta.report.get("backend") or {}
+    built_for = BuildReport.from_dict(meta.report).backend
     identity = {
         "name": key.backend.name,
         "version": key.backend.version,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.catalog.build_report import BuildReport
 from service.catalog.engine_keys import BuildConfig, EngineKey
 from service.errors import NotFound
 from service.onnx_graph.initializer_inputs import without_initializer_inputs
@@ -49,21 +50,21 @@ class EngineRecord:
     size_bytes: int
     file_extension: str
     build_seconds: float
-    report: dict[str, Any]
+    report: dict[str, Any]  # a BuildReport's to_dict(), as stored
     calibration_cache_sha256: str | None
     created_at: str
     last_used_at: str
 
     def to_dict(self) -> dict[str, Any]:
-        report = self.report
+        report = BuildReport.from_dict(self.report)
         return {
             "id": self.id,
             # What a user decides on leads: the task metric, the verdict, the warnings, the speed.
-            "task": report.get("task"),
-            "target_met": report.get("target_met"),
-            "int8_share": report.get("int8_share"),
-            "warnings": report.get("warnings", []),
-            "speed": report.get("speed"),
+            "task": report.task,
+            "target_met": report.target_met,
+            "int8_share": report.int8_share,
+            "warnings": list(report.warnings),
+            "speed": report.speed,
             "model_id": self.model_id,
             "built_model_id": self.built_model_id,
             "calibration_set_id": self.calibration_set_id,
@@ -75,9 +76,9 @@ class EngineRecord:
             "build_seconds": self.build_seconds,
             "engine_bytes": self.size_bytes,
             "plan_sha256": self.plan_sha256,
-            "layer_counts": report.get("layer_counts", {}),
-            "fusion_summary": report.get("fusions", {}).get("summary"),
-            "accuracy": report.get("accuracy"),
+            "layer_counts": report.layer_counts,
+            "fusion_summary": report.fusions.get("summary"),
+            "accuracy": report.accuracy,
             "has_calibration_cache": self.calibration_cache_sha256 is not None,
             "created_at": self.created_at,
             "last_used_at": self.last_used_at,

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from service.backends.base import BackendInfo, IOSpec
 from service.backends.capabilities import capabilities_of
+from service.catalog.build_report import BuildReport
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.engines import EngineCache, EngineRecord
 from service.catalog.models import ModelCatalog
@@ -294,8 +295,8 @@ class ReportJobs:
         for job in self.jobs.list(kind=EVALUATION_KIND, limit=_RECENT_EVALUATIONS):
             if job.status == "succeeded" and job.params.get("engine_id") == record.id and job.result:
                 return summarize_accuracy(job.result.get("accuracy", {}), f"evaluation report {job.id}")
-        built_check = record.report.get("accuracy")
-        if isinstance(built_check, Mapping):
+        built_check = BuildReport.from_dict(record.report).accuracy
+        if built_check is not None:
             compared = built_check.get("compared") or "FP32 model vs the Q/DQ model, on held-out samples"
             return summarize_accuracy(built_check, f"the build's accuracy check ({compared})")
         return None
