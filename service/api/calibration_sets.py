@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
+from service.api.schemas_engines import CalibrationSetPublic, CalibrationSetValidation
 from service.api.uploads import receive_upload, upload_body_schema
 from service.datasets.preprocess import PreprocessSpec
 from service.datasets.preprocess_examples import PREPROCESS_EXAMPLES
@@ -51,7 +52,15 @@ def _parse_preprocess(text: str | None) -> PreprocessSpec | None:
         raise BadInput(f"The 'preprocess' field is invalid: {problems}") from exc
 
 
-@router.post("", status_code=201, openapi_extra=upload_body_schema(_FORM_FIELDS))
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra=upload_body_schema(_FORM_FIELDS),
+    responses={
+        201: {"model": CalibrationSetPublic, "description": "The set was stored."},
+        200: {"model": CalibrationSetPublic, "description": "The same set was already stored."},
+    },
+)
 async def create_calibration_set(request: Request, services: ServicesDep) -> JSONResponse:
     """Upload a calibration set; with `model_id`, it is validated against that model's inputs."""
     catalog = services.calibration_sets
@@ -71,22 +80,23 @@ async def create_calibration_set(request: Request, services: ServicesDep) -> JSO
     record, created = await run_in_threadpool(
         catalog.register_staged, upload.staged, name, preprocess=preprocess, model_inputs=model_inputs
     )
-    return JSONResponse(status_code=201 if created else 200, content=record.to_dict())
+    public = CalibrationSetPublic.model_validate(record.to_dict())
+    return JSONResponse(status_code=201 if created else 200, content=public.model_dump(mode="json"))
 
 
-@router.get("")
+@router.get("", response_model=list[CalibrationSetPublic])
 def list_calibration_sets(services: ServicesDep) -> list[dict[str, Any]]:
     """List calibration sets, newest first."""
     return [record.to_dict() for record in services.calibration_sets.list()]
 
 
-@router.get("/{set_id}")
+@router.get("/{set_id}", response_model=CalibrationSetPublic)
 def read_calibration_set(set_id: str, services: ServicesDep) -> dict[str, Any]:
     """One calibration set: format, samples, per-input shape, dtype and stats."""
     return services.calibration_sets.get(set_id).to_dict()
 
 
-@router.get("/{set_id}/validate")
+@router.get("/{set_id}/validate", response_model=CalibrationSetValidation)
 def validate_calibration_set(set_id: str, model_id: str, services: ServicesDep) -> dict[str, Any]:
     """Check a set against a model's inputs; 400 says what does not fit."""
     calibration_set, model = services.calibration_sets.get(set_id), services.models.get(model_id)

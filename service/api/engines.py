@@ -8,18 +8,19 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from service.api.deps import ServicesDep
+from service.api.schemas_engines import EngineDetail, EngineFusionsPublic, EngineLayersPublic, EnginePublic
 from service.catalog.build_report import BuildReport
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
 
-@router.get("")
+@router.get("", response_model=list[EnginePublic])
 def list_engines(services: ServicesDep, model_id: str | None = None) -> list[dict[str, Any]]:
     """Cached engines, newest first (filter by `model_id`)."""
     return [record.to_dict() for record in services.engines.list(model_id=model_id)]
 
 
-@router.get("/{engine_id}")
+@router.get("/{engine_id}", response_model=EngineDetail)
 def read_engine(engine_id: str, services: ServicesDep) -> dict[str, Any]:
     """Backend, version, device, precision, build config, size, layer counts, fusions and accuracy."""
     record = services.engines.get(engine_id)
@@ -31,14 +32,14 @@ def read_engine(engine_id: str, services: ServicesDep) -> dict[str, Any]:
     return body
 
 
-@router.get("/{engine_id}/layers")
+@router.get("/{engine_id}/layers", response_model=EngineLayersPublic, response_model_exclude_unset=True)
 def read_engine_layers(engine_id: str, services: ServicesDep) -> dict[str, Any]:
     """Every engine layer with its type, precision, tensor types and the ONNX nodes fused into it."""
     record = services.engines.get(engine_id)
     return {"engine_id": record.id, **BuildReport.from_dict(record.report).layers}
 
 
-@router.get("/{engine_id}/fusions")
+@router.get("/{engine_id}/fusions", response_model=EngineFusionsPublic, response_model_exclude_unset=True)
 def read_engine_fusions(engine_id: str, services: ServicesDep) -> dict[str, Any]:
     """Static fusion patterns checked against the built engine's layers."""
     record = services.engines.get(engine_id)
