@@ -26,6 +26,7 @@ from service.api import (
     workers,
 )
 from service.api.auth import install_auth
+from service.api.body_limits import install_body_limits
 from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.middleware import install_observability
@@ -79,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     # [auth][observability] the middlewares cover every route, also routers added later; observability
     # is added after auth so that it is the outermost and sees (and logs) the answers auth gives itself.
+    # Innermost of the middlewares: only requests auth let through spend the body budget.
+    install_body_limits(app, settings)
     install_auth(app, settings)
     install_observability(app)
     return app

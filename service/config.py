@@ -51,6 +51,20 @@ class Settings(BaseSettings):
     max_benchmark_input_bytes: int = Field(default=1 * GIB, gt=0)
     # A JSON /infer body grows about tenfold once parsed into Python numbers; binary bodies do not.
     max_json_infer_bytes: int = Field(default=16 * MIB, gt=0)
+    # The JSON body of any other route (builds, benchmarks...): read and capped before it is parsed.
+    max_json_body_bytes: int = Field(default=4 * MIB, gt=0)
+    # All request bodies held in memory at once (/infer and JSON bodies, times their decoding cost:
+    # JSON x10, binary x2); a request that does not fit waits up to inflight_body_wait_s for room,
+    # then is answered 429 with Retry-After. Uploads stream to disk and do not count.
+    max_inflight_body_bytes: int = Field(default=1 * GIB, gt=0)
+    inflight_body_wait_s: float = Field(default=5.0, ge=0.0, le=300.0)
+
+    # What analysing an uploaded model may cost: nodes of its main graph and the graph's bytes without
+    # its initializers (parsing and checking cost about 40x those bytes; initializers stay raw).
+    max_model_nodes: int = Field(default=100_000, gt=0)
+    max_model_graph_bytes: int = Field(default=128 * MIB, gt=0)
+    # Names given to models and calibration sets (shown in listings and download headers).
+    max_name_chars: int = Field(default=200, ge=1, le=10_000)
 
     # Engine cache and warm runners.
     engine_cache_bytes: int = Field(default=20 * GIB, gt=0)
@@ -83,6 +97,10 @@ class Settings(BaseSettings):
     # The CPU integer class ONNX Runtime engines are built for (see service/backends/cpu_isa.py); unset:
     # this host's. Set it to build for a fleet of another class, or to test the 7-bit-weight path.
     cpu_isa: IsaClass | None = None
+
+    # glibc malloc arenas of a serve or worker process (0: glibc's default of 8 per core). Two keep a
+    # long-running server's memory flat under mixed load (see service/observability/allocator.py).
+    malloc_arena_max: int = Field(default=2, ge=0, le=1024)
 
     log_level: str = "INFO"
     log_json: bool = False

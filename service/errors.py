@@ -27,6 +27,11 @@ class ServiceError(Exception):
         self.message = message
         self.details = details or {}
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries besides the JSON body (none by default)."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.details:
@@ -39,6 +44,12 @@ class BadInput(ServiceError):
 
     code = "bad_input"
     status = 400
+
+
+class InvalidName(BadInput):
+    """A name given to a model or calibration set is too long or holds control characters."""
+
+    code = "invalid_name"
 
 
 class InvalidModel(BadInput):
@@ -120,6 +131,26 @@ class LimitExceeded(ServiceError):
 
     code = "limit_exceeded"
     status = 429
+
+
+class ServerBusy(ServiceError):
+    """The server is at a capacity bound right now; the same request can succeed later (HTTP 429).
+
+    429 rather than 503: the server is healthy and shedding load, and a 5xx would read as a fault.
+    """
+
+    code = "server_busy"
+    status = 429
+
+    def __init__(
+        self, message: str, *, retry_after_s: int = 1, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, details=details)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class BackendUnavailable(ServiceError):
@@ -241,6 +272,7 @@ def _status_classes() -> dict[int, type[ServiceError]]:
 
 def error_class_for_status(status: int) -> type[ServiceError]:
     """The class an error answer with HTTP ``status`` stands for: the first class of this module (in the
-    order above, parents first) that maps to it: 400 BadInput, 422 InvalidRequest, 409 Conflict...;
+    order above, parents first) that maps to it: 400 BadInput, 422 InvalidRequest, 409 Conflict, 429
+    LimitExceeded (as remote workers have always read it; ServerBusy is defined after it)...;
     :class:`ServiceError` for a status no class maps to."""
     return _status_classes().get(status, ServiceError)

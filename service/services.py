@@ -27,6 +27,7 @@ from service.jobs.leases import LeaseSweeper
 from service.jobs.records import JobStore
 from service.jobs.runner import JobQueue, JobRunner
 from service.observability.metrics import ServiceMetrics
+from service.onnx_graph.graph_limits import GraphLimits
 from service.reports.benchmark import BENCHMARK_KIND
 from service.reports.comparison import COMPARISON_KIND
 from service.reports.evaluation import EVALUATION_KIND
@@ -114,7 +115,13 @@ def open_services(settings: Settings) -> Services:
     metrics = ServiceMetrics()
     metrics.track_jobs(jobs)
     runner.add_listener(metrics.observe_job)
-    models = ModelCatalog(db, model_blobs)
+    models = ModelCatalog(
+        db,
+        model_blobs,
+        upload_limits=GraphLimits(
+            max_nodes=settings.max_model_nodes, max_graph_bytes=settings.max_model_graph_bytes
+        ),
+    )
     calibration_sets = CalibrationCatalog(
         db,
         settings.calibration_dir,
@@ -127,15 +134,21 @@ def open_services(settings: Settings) -> Services:
             sample_bytes=settings.max_preprocessed_sample_bytes, set_bytes=settings.max_preprocessed_bytes
         ),
     )
-    engines = EngineCache(db, settings.engines_dir, budget_bytes=settings.engine_cache_bytes)
-    # With a shared queue, other processes may be storing an engine right now: only sweep orphan
-    # plans old enough that no live build can still be about to insert their row.
+    # An engine leaving the cache takes the model derived for its build along (when no other uses it).
+    engines = EngineCache(
+        db, settings.engines_dir, budget_bytes=settings.engine_cache_bytes, derived_models=models
+    )
+    # With a shared queue, other processes may be storing something right now: only reconcile
+    # files old enough that no live request can still be about to insert their row. Files without
+    # a row are registered again or quarantined, never deleted (see service/store/quarantine.py).
     orphan_age = 3600.0 if settings.queue_backend == "redis" else 0.0
-    reconciled = engines.reconcile(min_orphan_age_s=orphan_age)
-    if any(reconciled.values()):
-        logger.warning("engine cache reconciled with the files on disk: %s", reconciled)
-    calibration_sets.reconcile()
-    models.reconcile(min_orphan_age_s=orphan_age)
+    for what, reconciled in (
+        ("engine cache", engines.reconcile(min_orphan_age_s=orphan_age)),
+        ("calibration sets", calibration_sets.reconcile(min_orphan_age_s=orphan_age)),
+        ("models", models.reconcile(min_orphan_age_s=orphan_age)),
+    ):
+        if any(reconciled.values()):
+            logger.warning("%s reconciled with the files on disk: %s", what, reconciled)
     runner_pool = RunnerPool(engines, budget_bytes=settings.runner_cache_bytes)
     engines.add_drop_listener(runner_pool.discard)  # a deleted or evicted engine is never served warm
     metrics.set_loaded_runners_source(lambda: float(len(runner_pool.stats().runners)))

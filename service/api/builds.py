@@ -93,6 +93,11 @@ class BuildCreate(BaseModel):
 
 class BuildPublic(JobPublic):
     engine_id: str | None = None
+    engine_state: Literal["available", "evicted", "deleted", "damaged"] | None = Field(
+        default=None,
+        description="Once succeeded: whether engine_id can be fetched now, or why it left the cache.",
+    )
+    engine_message: str | None = None
 
 
 class BuildAccepted(BaseModel):
@@ -158,7 +163,18 @@ def read_build(build_id: str, services: ServicesDep) -> dict[str, Any]:
     """A build job: status, progress, phase, log tail, error and, when done, engine_id."""
     record = services.jobs.get(build_id, kind=BUILD_JOB)
     body = job_public(record)
-    body["engine_id"] = (record.result or {}).get("engine_id") if record.status == "succeeded" else None
+    if record.status != "succeeded" or not record.result:
+        return body
+    engine_id = record.result.get("engine_id")
+    body["engine_id"] = engine_id
+    if engine_id and services.engines.exists(engine_id):  # rebuilt since it was removed, or never was
+        body["engine_state"] = "available"
+        return body
+    removed = record.result.get("engine_removed") or {}
+    body["engine_state"] = removed.get("reason", "damaged")
+    body["engine_message"] = removed.get(
+        "message", "The engine is no longer stored; send the same build request again to rebuild it."
+    )
     return body
 
 

@@ -14,6 +14,7 @@ from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
 from service.api.schemas_engines import CalibrationSetPublic, CalibrationSetValidation
 from service.api.uploads import receive_upload, upload_body_schema
+from service.catalog.names import checked_name
 from service.datasets.preprocess import PreprocessSpec
 from service.datasets.preprocess_examples import PREPROCESS_EXAMPLES
 from service.errors import BadInput
@@ -73,10 +74,14 @@ async def create_calibration_set(request: Request, services: ServicesDep) -> JSO
         preprocess = _parse_preprocess(upload.fields.get("preprocess"))
         model_id = upload.fields.get("model_id") or request.query_params.get("model_id")
         model_inputs = services.models.get(model_id).info.inputs if model_id else None
+        name = checked_name(
+            upload.fields.get("name") or upload.filename or request.query_params.get("name") or "calibration",
+            max_chars=services.settings.max_name_chars,
+            what="calibration set name",
+        )
     except BaseException:
         upload.staged.discard()
         raise
-    name = upload.fields.get("name") or upload.filename or request.query_params.get("name") or "calibration"
     record, created = await run_in_threadpool(
         catalog.register_staged, upload.staged, name, preprocess=preprocess, model_inputs=model_inputs
     )

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse
 
 from service.api.deps import ServicesDep
+from service.api.downloads import file_download
 from service.api.schemas_engines import EngineDetail, EngineFusionsPublic, EngineLayersPublic, EnginePublic
 from service.catalog.build_report import BuildReport
 
@@ -56,7 +57,7 @@ def read_engine_plan(engine_id: str, services: ServicesDep) -> FileResponse:
     """Download the engine bytes (verified against their sha256 first)."""
     record = services.engines.get(engine_id)
     path = services.engines.verified_plan_path(record.id)
-    return FileResponse(
+    return file_download(
         path,
         media_type="application/octet-stream",
         filename=f"{record.id[:16]}-{record.precision}-{record.backend}{record.file_extension}",
@@ -69,7 +70,7 @@ def read_engine_calibration_cache(engine_id: str, services: ServicesDep) -> File
     """Download the TensorRT calibration cache the service computed for this engine."""
     engine_id = services.engines.get(engine_id).id
     path = services.engines.calibration_cache_path(engine_id)
-    return FileResponse(
+    return file_download(
         path,
         media_type="text/plain",
         filename=f"{engine_id[:16]}.calibration.cache",
@@ -81,7 +82,7 @@ def read_engine_calibration_cache(engine_id: str, services: ServicesDep) -> File
 def read_engine_model(engine_id: str, services: ServicesDep) -> FileResponse:
     """Download the exact ONNX that was handed to the builder."""
     record = services.engines.get(engine_id)
-    return FileResponse(
+    return file_download(
         services.model_blobs.path_for(record.built_model_id),
         media_type="application/octet-stream",
         filename=f"{record.id[:16]}-built.onnx",

@@ -37,6 +37,7 @@ _ERROR_STATUSES = {
     "409": "The request contradicts the current state.",
     "413": "The upload or archive exceeds a configured bound.",
     "422": "The request does not match the schema.",
+    "429": "The server is holding as many request bodies as it may; retry after Retry-After seconds.",
     "503": "The requested backend cannot be used on this host.",
 }
 
@@ -74,6 +75,11 @@ def document_error_responses(app: FastAPI) -> None:
     app.openapi = openapi_with_errors  # type: ignore[method-assign]
 
 
+def error_response(exc: ServiceError) -> JSONResponse:
+    """The one JSON shape of a service error (also used by middlewares that answer themselves)."""
+    return JSONResponse(status_code=exc.status, content={"error": exc.to_dict()}, headers=exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     document_error_responses(app)
 
@@ -81,7 +87,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def service_error_handler(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status >= 500:
             logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-        return JSONResponse(status_code=exc.status, content={"error": exc.to_dict()})
+        return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -8,9 +8,11 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from service.api.body_limits import BINARY_DECODE_FACTOR, JSON_DECODE_FACTOR
 from service.errors import ServiceError, TooLarge
 from service.reports.synthetic_inputs import TensorBudget
 from service.services import Services
+from service.serving.body_budget import BodyBudget, BodyLease
 from service.serving.codecs import (
     DEFAULT_MAX_INFERENCE_BYTES,
     DTYPE_HEADER,
@@ -65,14 +67,28 @@ _BODY_SCHEMA: dict[str, Any] = {
 }
 
 
-async def read_body(request: Request, limit: int, setting: str = "ENGINE_SERVICE_MAX_UPLOAD_BYTES") -> bytes:
-    """The request body, refused with TooLarge (naming ``setting``) as soon as it passes ``limit`` bytes."""
+async def read_body(
+    request: Request,
+    limit: int,
+    setting: str = "ENGINE_SERVICE_MAX_UPLOAD_BYTES",
+    *,
+    lease: BodyLease | None = None,
+    decode_factor: int = BINARY_DECODE_FACTOR,
+) -> bytes:
+    """The request body, refused with TooLarge (naming ``setting``) as soon as it passes ``limit`` bytes.
+
+    With a ``lease``, the bytes the body will cost once decoded (``decode_factor`` times its size)
+    are held in the server's shared body budget: up front when the length is declared, else as
+    the chunks arrive (waiting a bounded time, then ServerBusy, when the budget is spent).
+    """
     advice = f"send a smaller batch or raise {setting}"
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(
             f"The request declares {declared} bytes; this inference request may hold {limit}; {advice}."
         )
+    if lease is not None and declared is not None and declared.isdigit():
+        await lease.ensure(int(declared) * decode_factor)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -81,6 +97,8 @@ async def read_body(request: Request, limit: int, setting: str = "ENGINE_SERVICE
             raise TooLarge(
                 f"The request body passed {limit} bytes, the most this inference request may hold; {advice}."
             )
+        if lease is not None:
+            await lease.ensure(size * decode_factor)
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -137,14 +155,24 @@ async def infer_engine(engine_id: str, request: Request, output: str | None = No
     fmt = request_format(request.headers.get("content-type"))
     answer = response_format(request.headers.get("accept"), fmt)
     settings = services.settings
-    if fmt == "json" and settings.max_json_infer_bytes < min(
-        settings.max_upload_bytes, DEFAULT_MAX_INFERENCE_BYTES
-    ):
-        body = await read_body(request, settings.max_json_infer_bytes, "ENGINE_SERVICE_MAX_JSON_INFER_BYTES")
-    else:
-        limit = min(settings.max_upload_bytes, DEFAULT_MAX_INFERENCE_BYTES)
-        body = await read_body(request, limit)
-    encoded = await run_in_threadpool(
-        run_inference, services, engine_id, fmt, body, request.headers, answer, output
-    )
+    budget: BodyBudget = request.app.state.body_budget
+    factor = JSON_DECODE_FACTOR if fmt == "json" else BINARY_DECODE_FACTOR
+    with budget.lease() as lease:  # held until the outputs are encoded: the decoded inputs live that long
+        if fmt == "json" and settings.max_json_infer_bytes < min(
+            settings.max_upload_bytes, DEFAULT_MAX_INFERENCE_BYTES
+        ):
+            body = await read_body(
+                request,
+                settings.max_json_infer_bytes,
+                "ENGINE_SERVICE_MAX_JSON_INFER_BYTES",
+                lease=lease,
+                decode_factor=factor,
+            )
+        else:
+            limit = min(settings.max_upload_bytes, DEFAULT_MAX_INFERENCE_BYTES)
+            body = await read_body(request, limit, lease=lease, decode_factor=factor)
+        encoded = await run_in_threadpool(
+            run_inference, services, engine_id, fmt, body, request.headers, answer, output
+        )
+        del body
     return Response(content=encoded.body, media_type=encoded.media_type, headers=dict(encoded.headers))

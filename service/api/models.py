@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.accuracy.tasks import TaskSpec
 from service.api.auth import effective_upload_limit
 from service.api.deps import ServicesDep
+from service.api.downloads import file_download
 from service.api.uploads import receive_upload, upload_body_schema
+from service.catalog.names import checked_name
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -96,14 +98,22 @@ async def create_model(request: Request, services: ServicesDep) -> JSONResponse:
         services.model_blobs,
         effective_upload_limit(request, services.settings),  # [auth] per-key
     )
-    name = upload.fields.get("name") or upload.filename or request.query_params.get("name") or "model.onnx"
+    try:
+        name = checked_name(
+            upload.fields.get("name") or upload.filename or request.query_params.get("name") or "model.onnx",
+            max_chars=services.settings.max_name_chars,
+            what="model name",
+        )
+    except BaseException:
+        upload.staged.discard()
+        raise
     record, created = await run_in_threadpool(services.models.register_staged, upload.staged, name)
     return JSONResponse(status_code=201 if created else 200, content=record.to_dict())
 
 
 @router.get("", response_model=list[ModelPublic])
 def list_models(services: ServicesDep, source: str | None = None) -> list[dict[str, Any]]:
-    """List models, newest first (filter by `source`: upload, quantization, build)."""
+    """List models, newest first (filter by `source`: upload, quantization, build, recovered)."""
     return [record.to_dict() for record in services.models.list(source=source)]
 
 
@@ -124,7 +134,7 @@ def read_model_onnx(model_id: str, services: ServicesDep) -> FileResponse:
     """Download the exact bytes of the model."""
     record = services.models.get(model_id)
     filename = record.name if record.name.endswith(".onnx") else f"{record.name}.onnx"
-    return FileResponse(
+    return file_download(
         services.model_blobs.path_for(record.id),
         media_type="application/octet-stream",
         filename=filename,

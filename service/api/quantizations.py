@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.api.deps import ServicesDep, current_owner
+from service.api.downloads import file_download
 from service.api.jobs_common import JobPublic, job_public
 from service.builds.quantization_job import QUANTIZATION_JOB
 from service.errors import BadInput, Conflict
@@ -137,7 +138,7 @@ def read_quantization_calibration_cache(job_id: str, services: ServicesDep) -> F
             f"Quantization {job_id} is {record.status}; its calibration cache exists once it succeeds."
         )
     digest = record.result["calibration_cache_sha256"]
-    return FileResponse(
+    return file_download(
         services.engines.artifacts.path_for(digest),
         media_type="text/plain",
         filename=f"{job_id[:16]}.calibration.cache",

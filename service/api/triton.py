@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from service.api.deps import ServicesDep
+from service.api.downloads import file_download
 from service.export.triton import export_for_triton
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
@@ -35,7 +36,7 @@ def read_engine_triton_repository(
         name=name,
         workdir=services.settings.engines_dir / EXPORTS_DIR,
     )
-    return FileResponse(
+    return file_download(
         export.path,
         media_type="application/gzip",
         filename=export.filename,

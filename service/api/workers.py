@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service import __version__
 from service.api.deps import ServicesDep
+from service.api.downloads import file_download
 from service.builds.pipeline import build_job_keys, engine_key_from_params
 from service.builds.storage import BuildOutput, LocalBuildStorage
 from service.builds.submit import BUILD_JOB
@@ -237,7 +238,7 @@ def download_model(model_id: str, services: ServicesDep) -> FileResponse:
     path = services.model_blobs.path_for(model_id)
     if not path.is_file():
         raise NotFound(f"Model {model_id} has a record but no file on this server; upload it again.")
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{model_id}.onnx")
+    return file_download(path, media_type="application/octet-stream", filename=f"{model_id}.onnx")
 
 
 @router.get("/calibration-sets/{set_id}", response_model=CalibrationSetFiles)
@@ -258,7 +259,7 @@ def download_calibration_file(set_id: str, name: str, services: ServicesDep) -> 
     path = directory / name
     if "/" in name or "\\" in name or name.startswith(".") or not path.is_file() or path.is_symlink():
         raise NotFound(f"Calibration set {set_id} has no file '{name}'.")
-    return FileResponse(path, media_type="application/octet-stream", filename=name)
+    return file_download(path, media_type="application/octet-stream", filename=name)
 
 
 @router.get("/engines/{key_digest}", response_model=EngineRef)

@@ -91,4 +91,9 @@ class LocalBuildStorage:
                 calibration_cache=output.calibration_cache,
             )
         )
+        # An engine dropped meanwhile may have taken this same derived model along (it was then
+        # unused); adding it again after the engine row exists keeps the row's model present.
+        self.models.add_model(
+            output.built_model, output.built_model_name, source="build", parent_id=output.key.model_id
+        )
         return record.id

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,9 @@ from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
 from service.store.keyed_locks import KeyedLocks
+from service.store.quarantine import quarantine
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -200,14 +205,31 @@ class CalibrationCatalog:
         self.db.execute("DELETE FROM calibration_sets WHERE id = ?", (set_id,))
         shutil.rmtree(self.root / set_id, ignore_errors=True)
 
-    def reconcile(self) -> int:
-        """Remove directories left by a crash: unfinished ingests and stored sets without a row."""
+    def reconcile(self, *, min_orphan_age_s: float = 0.0) -> dict[str, int]:
+        """Make the folders agree with the rows without losing a set a client was told is stored.
+
+        Unfinished ingests (``.tmp-*``) are removed: they were never acknowledged. A complete set
+        directory without a row (its ``info.json`` reads) is registered again as ``recovered-<id>``;
+        one whose info does not read is moved to ``.quarantine/``. Directories younger than
+        ``min_orphan_age_s`` are spared: another process may be about to insert their row itself.
+        """
+        cutoff = time.time() - min_orphan_age_s
         known = {r["id"] for r in self.db.query("SELECT id FROM calibration_sets")}
-        removed = 0
-        for path in self.root.iterdir():
-            orphan = len(path.name) == 64 and path.name not in known
-            crashed_ingest = path.name.startswith(".tmp-")  # ingest builds in .tmp-* and renames at the end
-            if path.is_dir() and (orphan or crashed_ingest):
+        counts = {"removed_partial": 0, "recovered": 0, "quarantined": 0}
+        for path in list(self.root.iterdir()):
+            if not path.is_dir():
+                continue
+            if path.name.startswith(".tmp-"):  # ingest builds in .tmp-* and renames at the end
                 shutil.rmtree(path, ignore_errors=True)
-                removed += 1
-        return removed
+                counts["removed_partial"] += 1
+            elif len(path.name) == 64 and path.name not in known and path.stat().st_mtime <= cutoff:
+                info = _stored_info(path)
+                if info is None:
+                    quarantine(path, self.root, reason="calibration set directory without a row or info.json")
+                    counts["quarantined"] += 1
+                    continue
+                size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+                self._insert(path.name, f"recovered-{path.name[:12]}", size, info)
+                logger.warning("calibration set %s had files but no row; registered it again", path.name)
+                counts["recovered"] += 1
+        return counts

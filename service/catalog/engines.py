@@ -1,8 +1,8 @@
 """The engine cache: engines stored by key, verified on every read, evicted least-recently-used.
 
 An engine is stored in two steps in this order: the plan bytes (atomic blob write), then the row.
-A crash between them leaves a file without a row, which :meth:`EngineCache.reconcile` removes at
-start-up; a row never points at a half-written file. Reads hash the file and compare with the
+A crash between them leaves a file without a row, which :meth:`EngineCache.reconcile` quarantines
+at start-up; a row never points at a half-written file. Reads hash the file and compare with the
 recorded digest, so a damaged or truncated plan is dropped from the cache rather than served.
 """
 
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from service.catalog.build_report import BuildReport
 from service.catalog.engine_keys import BuildConfig, EngineKey
@@ -25,6 +25,7 @@ from service.store.blobs import BlobStore
 from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
+from service.store.quarantine import quarantine
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +121,49 @@ class NewEngine:
     calibration_cache: bytes | None = None
 
 
+# How stale an engine's recorded last use may get while it is served warm (see note_use).
+TOUCH_INTERVAL_S = 10.0
+# Why an engine left the cache; recorded on the build jobs that produced it.
+DropReason = Literal["evicted", "deleted", "damaged"]
+_DROP_MESSAGES: dict[str, str] = {
+    "evicted": "evicted to keep the engine cache within ENGINE_SERVICE_ENGINE_CACHE_BYTES",
+    "deleted": "deleted with DELETE /v1/engines/{id}",
+    "damaged": "removed because its plan file was missing or damaged on disk",
+}
+
+
+class DerivedModels(Protocol):
+    """Where the models builds derive live (the model catalog); lets a dropped engine take its own."""
+
+    def discard_derived(self, model_id: str) -> bool: ...
+
+
+def engine_removed_note(reason: str, at: str) -> dict[str, str]:
+    """What a build job's result records when its engine leaves the cache."""
+    return {
+        "reason": reason,
+        "at": at,
+        "message": f"The engine was {_DROP_MESSAGES.get(reason, reason)}; send the same build request "
+        "again (POST /v1/builds) to rebuild it.",
+    }
+
+
 class EngineCache:
-    def __init__(self, db: Database, root: Path, *, budget_bytes: int) -> None:
+    """Engines by key. Dropping one (eviction, delete, damage) removes everything that was its alone:
+    the plan, its runtime cache, its calibration cache and the model derived for its build."""
+
+    def __init__(
+        self, db: Database, root: Path, *, budget_bytes: int, derived_models: DerivedModels | None = None
+    ) -> None:
         self.db = db
+        self.derived_models = derived_models
         self.plans = BlobStore(root / "plans")
         self.artifacts = BlobStore(root / "artifacts")  # calibration caches and other build outputs
         # TensorRT-RTX runtime caches (kernels compiled when an engine first runs), one per engine.
         self.runtime_caches = root / "runtime_caches"
         self.budget_bytes = budget_bytes
         self._drop_listeners: builtins.list[Callable[[str], object]] = []
+        self._touched: dict[str, float] = {}  # engine id -> monotonic time of its last recorded use
 
     def add_drop_listener(self, listener: Callable[[str], object]) -> None:
         """Called with the id of every engine leaving the cache (delete, eviction, damage)."""
@@ -200,6 +235,10 @@ class EngineCache:
             raise NotFound(f"No engine with id '{engine_id}'. List engines with GET /v1/engines.")
         return _record(row)
 
+    def exists(self, engine_id: str) -> bool:
+        """Whether an engine with exactly this id is stored."""
+        return self.db.query_one("SELECT 1 FROM engines WHERE id = ?", (engine_id,)) is not None
+
     def list(self, *, model_id: str | None = None) -> builtins.list[EngineRecord]:
         if model_id is None:
             rows = self.db.query("SELECT * FROM engines ORDER BY created_at DESC")
@@ -242,6 +281,18 @@ class EngineCache:
 
     def touch(self, engine_id: str) -> None:
         self.db.execute("UPDATE engines SET last_used_at = ? WHERE id = ?", (utc_now(), engine_id))
+        self._touched[engine_id] = time.monotonic()
+
+    def note_use(self, engine_id: str) -> None:
+        """Mark the engine used now, writing at most once per TOUCH_INTERVAL_S per engine.
+
+        Warm runners serve requests without reading the plan, so without this an engine served all
+        day would look unused and be the first evicted; with synchronous commits a write per
+        request would cost an fsync each, so the recorded time may lag by up to the interval.
+        """
+        last = self._touched.get(engine_id)
+        if last is None or time.monotonic() - last >= TOUCH_INTERVAL_S:
+            self.touch(engine_id)
 
     def total_bytes(self) -> int:
         row = self.db.query_one("SELECT COALESCE(SUM(size_bytes), 0) FROM engines")
@@ -259,31 +310,61 @@ class EngineCache:
             if row["id"] == keep:
                 continue
             record = _record(row)
-            self._drop(record)
+            self._drop(record, reason="evicted")
             total -= record.size_bytes
             evicted.append(record.id)
         return evicted
 
     def delete(self, engine_id: str) -> None:
-        self._drop(self.get(engine_id))
+        self._drop(self.get(engine_id), reason="deleted")
 
     def runtime_cache_file(self, engine_id: str) -> Path:
         """Where the runtime cache of engine ``engine_id`` lives (the file may not exist yet)."""
         return self.runtime_caches / f"{engine_id}.runtime.cache"
 
-    def _drop(self, record: EngineRecord) -> None:
+    def _drop(self, record: EngineRecord, *, reason: DropReason = "damaged") -> None:
+        """Remove the engine's row, then every file no other engine or job still needs.
+
+        Shared bytes stay: a plan, calibration cache or derived model is content-addressed and may
+        be another engine's too (or, for a calibration cache, a quantization job's result). The
+        build jobs that made the engine get a note saying it is gone and why.
+        """
         self.db.execute("DELETE FROM engines WHERE id = ?", (record.id,))
+        self._touched.pop(record.id, None)
         self.runtime_cache_file(record.id).unlink(missing_ok=True)
         for listener in self._drop_listeners:
             listener(record.id)
         if not self.db.query_one("SELECT 1 FROM engines WHERE plan_sha256 = ?", (record.plan_sha256,)):
             self.plans.delete(record.plan_sha256)
+        cache_sha = record.calibration_cache_sha256
+        if cache_sha is not None and not self._artifact_in_use(cache_sha):
+            self.artifacts.delete(cache_sha)
+        if self.derived_models is not None:
+            self.derived_models.discard_derived(record.built_model_id)
+        self.db.execute(
+            "UPDATE jobs SET result_json = json_set(result_json, '$.engine_removed', json(?)) "
+            "WHERE kind = 'build' AND status = 'succeeded' AND json_extract(result_json, '$.engine_id') = ?",
+            (json.dumps(engine_removed_note(reason, utc_now())), record.id),
+        )
+
+    def _artifact_in_use(self, digest: str) -> bool:
+        """Whether another engine or a finished quantization job still refers to this artifact."""
+        return (
+            self.db.query_one("SELECT 1 FROM engines WHERE calibration_cache_sha256 = ?", (digest,))
+            is not None
+            or self.db.query_one(
+                "SELECT 1 FROM jobs WHERE kind = 'quantization' AND result_json LIKE ?", (f'%"{digest}"%',)
+            )
+            is not None
+        )
 
     def reconcile(self, *, min_orphan_age_s: float = 0.0) -> dict[str, int]:
-        """Make the index and the files agree: drop rows without a file and files without a row.
+        """Make the index and the files agree: drop rows without a file, quarantine files without a row.
 
-        ``min_orphan_age_s`` spares plan files younger than that (a build in another process writes
-        the file before its row).
+        A plan without a row cannot be served again (its key, backend and report were in the row),
+        but it may be an engine a client was told is stored whose row a power loss took, so it is
+        moved to ``plans/.quarantine/`` rather than deleted. ``min_orphan_age_s`` spares plan files
+        younger than that (a build in another process writes the file before its row).
         """
         dropped_rows = 0
         for record in self.list():
@@ -291,10 +372,11 @@ class EngineCache:
                 self._drop(record)
                 dropped_rows += 1
         referenced = {r["plan_sha256"] for r in self.db.query("SELECT plan_sha256 FROM engines")}
-        orphan_files = 0
+        quarantined_files = 0
         cutoff = time.time() - min_orphan_age_s
         for digest in list(self.plans.digests()):
-            if digest not in referenced and self.plans.path_for(digest).stat().st_mtime <= cutoff:
-                self.plans.delete(digest)
-                orphan_files += 1
-        return {"dropped_rows": dropped_rows, "orphan_files": orphan_files}
+            path = self.plans.path_for(digest)
+            if digest not in referenced and path.stat().st_mtime <= cutoff:
+                quarantine(path, self.plans.root, reason="engine plan without a row")
+                quarantined_files += 1
+        return {"dropped_rows": dropped_rows, "quarantined_files": quarantined_files}

@@ -7,7 +7,9 @@ parsed and passed the checker, and a failed registration removes its staged file
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -15,13 +17,18 @@ from typing import Any
 import onnx
 
 from service.accuracy.tasks import TaskSpec
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, InvalidModel, NotFound, ServiceError
+from service.onnx_graph.graph_limits import GraphLimits, check_graph_size
 from service.onnx_graph.inspect import ModelInfo, model_info
 from service.onnx_graph.loading import model_from_bytes
 from service.store.blobs import BlobStore, StagedUpload
 from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
+from service.store.keyed_locks import KeyedLocks
+from service.store.quarantine import quarantine
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,7 @@ class ModelRecord:
     name: str
     size_bytes: int
     info: ModelInfo
-    source: str  # upload | quantization | build
+    source: str  # upload | quantization | build | recovered (re-registered from its file at start-up)
     parent_id: str | None
     created_at: str
     task: TaskSpec | None = None  # named by the user; None: guessed from the outputs when judged
@@ -62,9 +69,12 @@ def _record(row: Any) -> ModelRecord:
 
 
 class ModelCatalog:
-    def __init__(self, db: Database, blobs: BlobStore) -> None:
+    def __init__(self, db: Database, blobs: BlobStore, *, upload_limits: GraphLimits | None = None) -> None:
         self.db = db
         self.blobs = blobs
+        # Bounds on what analysing an upload may cost; models the service derives are not bounded.
+        self.upload_limits = upload_limits
+        self._placing = KeyedLocks()
 
     def register_staged(
         self, staged: StagedUpload, name: str, *, source: str = "upload", parent_id: str | None = None
@@ -72,17 +82,24 @@ class ModelCatalog:
         """Validate a fully streamed upload and store it; the staged file is consumed either way."""
         try:
             staged.finish()
-            existing = self._find(staged.sha256)
-            if existing is not None:
-                staged.discard()
-                return existing, False
-            model = model_from_bytes(staged.path.read_bytes())
-            info = model_info(model)
-            blob = self.blobs.commit(staged)
+            # Held until the row is in: a derived model being discarded (discard_derived) is either
+            # gone before this looks, and stored again, or still there and found.
+            with self._placing.hold(staged.sha256):
+                existing = self._find(staged.sha256)
+                if existing is not None:
+                    staged.discard()
+                    return existing, False
+                data = staged.path.read_bytes()
+                if source == "upload" and self.upload_limits is not None:
+                    check_graph_size(data, self.upload_limits)  # before parsing: its cost grows per node
+                model = model_from_bytes(data)
+                del data
+                info = model_info(model)
+                blob = self.blobs.commit(staged)
+                return self._insert(blob.sha256, name, blob.size_bytes, info, source, parent_id), True
         except BaseException:
             staged.discard()
             raise
-        return self._insert(blob.sha256, name, blob.size_bytes, info, source, parent_id), True
 
     def add_model(
         self, model: onnx.ModelProto | bytes, name: str, *, source: str, parent_id: str | None = None
@@ -144,19 +161,54 @@ class ModelCatalog:
     def load(self, model_id: str) -> onnx.ModelProto:
         return model_from_bytes(self.read_bytes(model_id), check=False)
 
-    def reconcile(self, *, min_orphan_age_s: float = 0.0) -> int:
-        """Remove model files without a row (a crash between the blob commit and the insert).
+    def reconcile(self, *, min_orphan_age_s: float = 0.0) -> dict[str, int]:
+        """Give every model file without a row its row back, or quarantine it; never delete it.
 
-        Files younger than ``min_orphan_age_s`` are spared: another process may be about to insert.
+        A file without a row is either a crash between the blob commit and the insert, or a model a
+        client was told is stored whose row a power loss took: its bytes say what it is, so it is
+        registered again (source ``recovered``). A file that no longer parses is moved to
+        ``.quarantine/``. Files younger than ``min_orphan_age_s`` are spared: another process may be
+        about to insert their row itself.
         """
         known = {row["id"] for row in self.db.query("SELECT id FROM models")}
         cutoff = time.time() - min_orphan_age_s
-        removed = 0
+        counts = {"recovered": 0, "quarantined": 0}
         for digest in list(self.blobs.digests()):
-            if digest not in known and self.blobs.path_for(digest).stat().st_mtime <= cutoff:
-                self.blobs.delete(digest)
-                removed += 1
-        return removed
+            path = self.blobs.path_for(digest)
+            if digest in known or path.stat().st_mtime > cutoff:
+                continue
+            try:
+                data = path.read_bytes()
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise InvalidModel("the file does not match its sha256 name")
+                info = model_info(model_from_bytes(data))
+            except ServiceError as exc:
+                quarantine(path, self.blobs.root, reason=f"model file without a row: {exc}")
+                counts["quarantined"] += 1
+                continue
+            self._insert(digest, f"recovered-{digest[:12]}.onnx", len(data), info, "recovered", None)
+            logger.warning("model %s had a file but no row; registered it again as recovered", digest)
+            counts["recovered"] += 1
+        return counts
+
+    def discard_derived(self, model_id: str) -> bool:
+        """Remove a model a build derived (source ``build``) once no engine and no active job uses it.
+
+        Called when an engine leaves the cache: its exact build input (a Q/DQ or FP16-typed ONNX)
+        belongs to it alone unless another engine was built from the same bytes. Uploaded,
+        quantization and recovered models are never touched. Returns whether it was removed.
+        """
+        with self._placing.hold(model_id), self.db.transaction() as conn:
+            removed = conn.execute(
+                "DELETE FROM models WHERE id = ? AND source = 'build' "
+                "AND NOT EXISTS (SELECT 1 FROM engines WHERE model_id = ? OR built_model_id = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM jobs WHERE status IN ('queued', 'running') "
+                "AND params_json LIKE ?)",
+                (model_id, model_id, model_id, f'%"{model_id}"%'),
+            ).rowcount
+            if removed:  # inside the transaction: a failed unlink keeps the row
+                self.blobs.delete(model_id)
+        return bool(removed)
 
     def delete(self, model_id: str) -> None:
         model_id = self.get(model_id).id

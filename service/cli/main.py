@@ -28,8 +28,10 @@ def serve(
 
     from service.app import create_app
     from service.config import get_settings
+    from service.observability.allocator import limit_malloc_arenas
 
     settings = get_settings()
+    limit_malloc_arenas(settings.malloc_arena_max)  # before the thread pools start allocating
     uvicorn.run(
         create_app(settings),
         host=host or settings.host,
@@ -71,6 +73,10 @@ def worker(
         )
         raise typer.Exit(code=2) from exc
 
+    from service.config import get_settings
+    from service.observability.allocator import limit_malloc_arenas
+
+    limit_malloc_arenas(get_settings().malloc_arena_max)
     code = run_worker(
         backends=backend or [],
         generic=generic,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -207,12 +208,20 @@ def decode_raw(body: bytes, headers: Mapping[str, str], input_names: Sequence[st
     return {name: np.frombuffer(body, dtype=dtype).reshape(shape)}
 
 
+_DTYPE_NAME = re.compile(r"[<>=|]?[A-Za-z][A-Za-z0-9]{0,15}")
+
+
 def parse_dtype_header(value: str | None) -> np.dtype:
     if not value:
         raise InvalidInferenceInput(f"{RAW_MEDIA} bodies need an {DTYPE_HEADER} header, e.g. 'float32'.")
+    name = value.strip()
     try:
-        dtype = np.dtype(value.strip())
-    except TypeError as exc:
+        # One plain dtype name only: numpy reads commas and parentheses as structured dtypes, and
+        # raises ValueError (not TypeError) on malformed ones.
+        if not _DTYPE_NAME.fullmatch(name):
+            raise TypeError(name)
+        dtype = np.dtype(name)
+    except (TypeError, ValueError) as exc:
         raise InvalidInferenceInput(
             f"{DTYPE_HEADER} '{value}' is not a numpy dtype name such as 'float32'."
         ) from exc

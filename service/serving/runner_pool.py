@@ -110,6 +110,7 @@ class RunnerPool:
         if engine_id not in self._entries:  # a short id: load (and key) the runner under the full id
             engine_id = self.engines.get(engine_id).id
         entry = self._acquire(engine_id)
+        self.engines.note_use(engine_id)  # an engine served warm is in use: keep it off the LRU end
         try:
             yield entry.runner
         finally:

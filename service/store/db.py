@@ -2,8 +2,9 @@
 
 One connection per process, guarded by a lock: SQLite serializes writers anyway and the service's
 metadata traffic is small. WAL mode lets readers in other processes (a second server, the CLI) read
-while a job writes. The schema version lives in ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades
-from version ``i`` to ``i + 1`` inside one transaction.
+while a job writes; ``synchronous=FULL`` makes every acknowledged commit survive power loss. The
+schema version lives in ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades from version ``i`` to
+``i + 1`` inside one transaction.
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ class Database:
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit returns only once the WAL is on disk, so a row a client was told is stored
+        # survives power loss (NORMAL could lose the last commits, and start-up reconciliation
+        # would then find the row's blob without its row).
+        self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._migrate()
 

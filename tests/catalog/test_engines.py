@@ -11,6 +11,7 @@ from service.backends.base import BackendInfo, ShapeRange
 from service.catalog.engine_keys import BuildConfig, CalibrationOptions, EngineKey
 from service.catalog.engines import CorruptEngine, EngineCache, NewEngine
 from service.store.db import Database
+from service.store.quarantine import quarantined
 
 RTX = BackendInfo(
     name="tensorrt-rtx", version="1.7.1.116", device="ahead-of-time (no GPU)", compute_capability="sm_89"
@@ -110,14 +111,17 @@ def test_least_recently_used_engines_are_evicted_to_fit_the_budget(cache: Engine
     assert cache.total_bytes() == 8000
 
 
-def test_reconcile_drops_rows_without_files_and_files_without_rows(cache: EngineCache) -> None:
+def test_reconcile_drops_rows_without_files_and_quarantines_files_without_rows(cache: EngineCache) -> None:
     kept = cache.store(_new(_key(model="4" * 64), b"kept"))
     lost = cache.store(_new(_key(model="5" * 64), b"lost"))
     cache.plans.path_for(lost.plan_sha256).unlink()
     orphan = cache.plans.put_bytes(b"orphan from a crash between file and row")
-    assert cache.reconcile() == {"dropped_rows": 1, "orphan_files": 1}
+    assert cache.reconcile() == {"dropped_rows": 1, "quarantined_files": 1}
     assert [r.id for r in cache.list()] == [kept.id]
     assert not cache.plans.exists(orphan.sha256)
+    assert [p.read_bytes() for p in quarantined(cache.plans.root)] == [
+        b"orphan from a crash between file and row"
+    ]
 
 
 def test_listeners_hear_every_engine_that_leaves_the_cache(cache: EngineCache) -> None:
@@ -129,3 +133,39 @@ def test_listeners_hear_every_engine_that_leaves_the_cache(cache: EngineCache) -
     time.sleep(0.01)
     cache.store(_new(_key(model="8" * 64), b"f" * 6000))  # over budget: the first is evicted
     assert dropped == [deleted.id, first.id]
+
+
+def test_a_calibration_cache_two_engines_share_stays_until_the_last_one_goes(cache: EngineCache) -> None:
+    def with_cache(key: EngineKey, payload: bytes) -> NewEngine:
+        return NewEngine(
+            key=key,
+            built_model_id=key.model_id,
+            engine_bytes=payload,
+            file_extension=".plan",
+            build_seconds=1.0,
+            report={},
+            calibration_cache=b"TRT-8601-EntropyCalibration2\ninput: 3c010a14\n",
+        )
+
+    first = cache.store(with_cache(_key(model="9" * 64, precision="int8"), b"x" * 100))
+    second = cache.store(with_cache(_key(model="a" * 64, precision="int8"), b"y" * 100))
+    digest = first.calibration_cache_sha256
+    assert digest is not None and digest == second.calibration_cache_sha256
+    cache.delete(first.id)
+    assert cache.artifacts.exists(digest)  # the other engine still has it
+    cache.delete(second.id)
+    assert not cache.artifacts.exists(digest)
+
+
+def test_serving_an_engine_keeps_it_off_the_lru_end_with_few_writes(cache: EngineCache) -> None:
+    served = cache.store(_new(_key(model="b" * 64), b"s" * 4000))
+    time.sleep(0.01)
+    idle = cache.store(_new(_key(model="c" * 64), b"i" * 4000))
+    cache._touched.clear()  # as after a restart: the first use is always recorded
+    cache.note_use(served.id)
+    recorded = cache.get(served.id).last_used_at
+    assert recorded > idle.last_used_at
+    cache.note_use(served.id)  # within the interval: no second write
+    assert cache.get(served.id).last_used_at == recorded
+    cache.store(_new(_key(model="d" * 64), b"n" * 4000))  # over budget: the idle one goes, not the served one
+    assert {r.id for r in cache.list()} >= {served.id} and idle.id not in {r.id for r in cache.list()}

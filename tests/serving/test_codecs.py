@@ -135,6 +135,8 @@ def test_raw_bytes_become_a_zero_copy_view_typed_and_shaped_by_the_headers() -> 
         ({SHAPE_HEADER: "1,2"}, 8, "need an X-Tensor-Dtype header"),
         ({DTYPE_HEADER: "float32"}, 8, "need an X-Tensor-Shape header"),
         ({DTYPE_HEADER: "float33", SHAPE_HEADER: "1,2"}, 8, "not a numpy dtype name"),
+        ({DTYPE_HEADER: "2)t<", SHAPE_HEADER: "1,2"}, 8, "not a numpy dtype name"),  # numpy: ValueError
+        ({DTYPE_HEADER: "f4,(1000000000,)f4", SHAPE_HEADER: "1"}, 8, "not a numpy dtype name"),  # structured
         ({DTYPE_HEADER: "object", SHAPE_HEADER: "1,2"}, 8, "not a numeric or bool dtype"),
         ({DTYPE_HEADER: ">f4", SHAPE_HEADER: "1,2"}, 8, "big-endian"),
         ({DTYPE_HEADER: "float32", SHAPE_HEADER: "1,x"}, 8, "comma-separated whole numbers"),

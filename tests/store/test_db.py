@@ -36,3 +36,10 @@ def test_a_failed_transaction_leaves_no_row(tmp_path: Path) -> None:
         )
         raise RuntimeError("boom")
     assert db.query("SELECT * FROM models") == []
+
+
+def test_commits_are_synced_to_disk_before_they_return(tmp_path: Path) -> None:
+    # synchronous=FULL (2): an acknowledged row survives power loss, not only a process crash.
+    db = Database(tmp_path / "meta.db")
+    assert db.query_one("PRAGMA synchronous")[0] == 2  # type: ignore[index]
+    assert db.query_one("PRAGMA journal_mode")[0] == "wal"  # type: ignore[index]
