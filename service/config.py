@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")
     database_path: Path = Path("engine_service.db")
 
+    # Database and data files 0600, data directories 0700 (umask 077, and existing files at start).
+    # Turn off only where another user must read the volumes (e.g. a sidecar reading engines).
+    private_data: bool = True
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
 
@@ -81,7 +85,10 @@ class Settings(BaseSettings):
     auth_enabled: bool = False
     api_keys_file: Path | None = None
     bootstrap_api_key: SecretStr | None = None
+    # Queued or running jobs one owner may have: each API key with auth on (or the key's own limit),
+    # the one local owner with auth off. Over it: 429 with Retry-After.
     max_concurrent_jobs_per_key: int = Field(default=4, ge=1)
+    max_queued_jobs_per_owner: int = Field(default=16, ge=1)
 
     # Remote build workers (other hosts). On the API server, the worker token turns on the internal
     # worker API (/v1/worker/...); a remote worker presents it and reports to ``api_url``.

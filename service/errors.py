@@ -127,10 +127,20 @@ class Unauthorized(ServiceError):
 
 
 class LimitExceeded(ServiceError):
-    """A per-key quota (concurrent jobs) is exhausted (HTTP 429)."""
+    """A quota (queued or running jobs of one owner) is exhausted (HTTP 429, with Retry-After)."""
 
     code = "limit_exceeded"
     status = 429
+
+    def __init__(
+        self, message: str, *, retry_after_s: int = 10, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, details=details)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class ServerBusy(ServiceError):

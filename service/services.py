@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 from service.auth.keys import KeyRing, KeyStore
 from service.builds.pipeline import BuildPipeline
@@ -36,6 +37,8 @@ from service.reports.synthetic_inputs import TensorBudget
 from service.serving.runner_pool import RunnerPool
 from service.store.blobs import BlobStore
 from service.store.db import Database
+from service.store.file_modes import make_private
+from service.store.owners import Ownership
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,11 @@ class Services:
     # Fails jobs of remote workers that stopped reporting (only when remote workers are enabled).
     lease_sweeper: LeaseSweeper | None = None
 
+    @property
+    def owners(self) -> Ownership:
+        """Who owns which model, set, engine and job (service.store.owners)."""
+        return Ownership(self.db)
+
     def start(self) -> None:
         """Start the background work of a serving process: the job runner and the lease sweeper."""
         self.runner.start()
@@ -84,6 +92,15 @@ def open_services(settings: Settings) -> Services:
     settings.worker_token_value()  # a token too short to be safe stops start-up, before anything opens
     settings.ensure_dirs()
     db = Database(settings.database_path)
+    # The server and worker processes also set umask 077 where they start (service.cli.main); here,
+    # also for in-process users such as `engine-service local`, the roots become 0700 (nothing under
+    # them is reachable by another user) and the database 0600 (its WAL and SHM files take its mode).
+    if settings.private_data:
+        tightened = make_private(
+            (settings.engines_dir, settings.calibration_dir, settings.models_dir), settings.database_path
+        )
+        if tightened:
+            logger.warning("made %d existing data file(s) and folder(s) private (0600/0700)", tightened)
     model_blobs = BlobStore(settings.models_dir, suffix=".onnx")
     jobs = JobStore(db)
     # Seed the bootstrap key and read the keys file only when auth is on; a bad one stops start-up.
@@ -105,8 +122,18 @@ def open_services(settings: Settings) -> Services:
     runner = JobRunner(
         jobs,
         workers=settings.job_workers,
-        max_active_per_owner=settings.max_concurrent_jobs_per_key if settings.auth_enabled else None,
+        # One rule in both modes: queued or running jobs per owner (each key, or the local owner).
+        max_active_per_owner=(
+            settings.max_concurrent_jobs_per_key
+            if settings.auth_enabled
+            else settings.max_queued_jobs_per_owner
+        ),
         owner_limit=keys.job_limit,  # a key's own concurrent-job limit
+        limit_setting=(
+            "ENGINE_SERVICE_MAX_CONCURRENT_JOBS_PER_KEY"
+            if settings.auth_enabled
+            else "ENGINE_SERVICE_MAX_QUEUED_JOBS_PER_OWNER"
+        ),
         queue=queue,
         # Latency jobs run alone among the jobs of every process sharing this engines directory.
         gate=HostGate(settings.engines_dir / HOST_GATE_DIR),
@@ -149,6 +176,9 @@ def open_services(settings: Settings) -> Services:
     ):
         if any(reconciled.values()):
             logger.warning("%s reconciled with the files on disk: %s", what, reconciled)
+    # Recovered rows lost their owner with their row: the local owner holds them (admin keys see them;
+    # `engine-service keys adopt-local` hands them to a key).
+    Ownership(db).adopt_recovered()
     runner_pool = RunnerPool(engines, budget_bytes=settings.runner_cache_bytes)
     engines.add_drop_listener(runner_pool.discard)  # a deleted or evicted engine is never served warm
     metrics.set_loaded_runners_source(lambda: float(len(runner_pool.stats().runners)))
@@ -179,6 +209,8 @@ def open_services(settings: Settings) -> Services:
         report_jobs=report_jobs,
     )
     metrics.set_cache_bytes_source(engines.total_bytes)
+    # An engine that leaves the cache (delete, eviction, damage) leaves every key's list with it.
+    engines.add_drop_listener(partial(Ownership(db).forget, "engine"))
     runner.register(BUILD_JOB, BuildPipeline(LocalBuildStorage(models, calibration_sets, engines)).handle)
     if settings.worker_token is not None:  # remote workers may hold jobs: bound how long a lost one does
         services.lease_sweeper = LeaseSweeper(

@@ -9,8 +9,9 @@ Contract:
   ``Authorization: Bearer``.
 - WebSocket connections are held to the same rule: without an accepted key they are closed (code 1008)
   before the route sees them.
-- ``/healthz`` and ``/readyz`` stay open: orchestrators probe them without credentials, and they reveal
-  nothing but liveness, storage writability and backend names. ``/docs``, ``/openapi.json`` and
+- ``/healthz`` and ``/readyz`` stay open: orchestrators probe them without credentials. Without an
+  accepted key they reveal only liveness and ready / not ready; ``/readyz`` adds its details (storage,
+  backends, versions, devices) for a request with an accepted key. ``/docs``, ``/openapi.json`` and
   ``/metrics`` are protected (fetch the schema and scrape with the key; Prometheus sends it with
   ``authorization: {credentials: <key>}``).
 - The authenticated :class:`~service.auth.keys.ApiKey` is ``request.state.api_key`` and its id
@@ -170,6 +171,13 @@ class ApiKeyMiddleware:
                 await _send_error(send, exc)
                 return
             bind_key_id(key.id)
+        elif self.settings.auth_enabled and presented_token(scope.get("headers", [])) is not None:
+            # A public path with a key: an accepted one unlocks the details (/readyz), any other is
+            # answered as if none was sent.
+            try:
+                key = await _authenticate(scope)
+            except ServiceError:
+                key = None
         state["api_key"] = key
         state["api_key_id"] = key.id if key is not None else None  # read by deps.current_owner
         limit = key.upload_limit(self.settings.max_upload_bytes) if key else self.settings.max_upload_bytes

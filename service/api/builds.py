@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
-from service.api.deps import ServicesDep, current_owner
+from service.api.deps import PrincipalDep, ServicesDep
 from service.api.jobs_common import JobPublic, job_public
+from service.api.tenancy import cancel_owned, grant, owned_job, owned_model, owned_set
 from service.backends.base import ShapeRange
 from service.builds.requests import BuildRequest
-from service.builds.submit import BUILD_JOB, submit_build
+from service.builds.submit import BUILD_JOB, BuildSubmission, submit_build
 from service.catalog.engine_keys import CalibrationOptions
+from service.store.owners import ResourceKind, result_resources
 
 router = APIRouter(prefix="/v1/builds", tags=["builds"])
 
@@ -118,17 +120,9 @@ class BuildAccepted(BaseModel):
     response_model=BuildAccepted,
     responses={200: {"model": BuildAccepted, "description": "Cache hit: the engine exists."}},
 )
-async def create_build(body: BuildCreate, request: Request, services: ServicesDep) -> JSONResponse:
+async def create_build(body: BuildCreate, services: ServicesDep, principal: PrincipalDep) -> JSONResponse:
     """Request an engine: 200 with `cache: hit` when it exists, else 202 with the build job."""
-    submission = await run_in_threadpool(
-        submit_build,
-        body.to_domain(),
-        models=services.models,
-        calibration_sets=services.calibration_sets,
-        engines=services.engines,
-        runner=services.runner,
-        owner=current_owner(request),
-    )
+    submission = await run_in_threadpool(_submit_owned, body, services, principal)
     if submission.engine is not None:
         hit: dict[str, Any] = {
             "cache": "hit",
@@ -150,18 +144,54 @@ async def create_build(body: BuildCreate, request: Request, services: ServicesDe
     return JSONResponse(status_code=202, content=content)
 
 
+def _submit_owned(body: BuildCreate, services: ServicesDep, principal: PrincipalDep) -> BuildSubmission:
+    """Submit with the caller's own model and sets only; the engine (shared through the cache) becomes
+    the caller's as soon as it is asked for, so it is visible the moment the build ends."""
+    body = body.model_copy(
+        update={
+            "model_id": owned_model(services, principal, body.model_id).id,
+            "calibration_set_id": (
+                owned_set(services, principal, body.calibration_set_id).id
+                if body.calibration_set_id
+                else None
+            ),
+            "eval_set_id": owned_set(services, principal, body.eval_set_id).id if body.eval_set_id else None,
+        }
+    )
+    submission = submit_build(
+        body.to_domain(),
+        models=services.models,
+        calibration_sets=services.calibration_sets,
+        engines=services.engines,
+        runner=services.runner,
+        owner=principal.owner,
+    )
+    named: list[tuple[ResourceKind, str]] = []
+    if submission.engine is not None:
+        named.append(("engine", submission.engine.id))
+        if submission.precision_choice is not None:
+            named += result_resources({"precision_choice": submission.precision_choice.to_dict()})
+    elif submission.job is not None and isinstance(submission.job.params.get("engine_id"), str):
+        # Known up front for a concrete precision; a precision "auto" job's engine is linked when it ends.
+        named.append(("engine", submission.job.params["engine_id"]))
+    for kind, resource_id in named:
+        grant(services, principal, kind, resource_id)
+    return submission
+
+
 @router.get("", response_model=list[JobPublic])
 def list_builds(
-    services: ServicesDep, limit: int = Query(default=100, ge=1, le=1000)
+    services: ServicesDep, principal: PrincipalDep, limit: int = Query(default=100, ge=1, le=1000)
 ) -> list[dict[str, Any]]:
-    """Recent build jobs, newest first."""
-    return [job_public(r, log_lines=5) for r in services.jobs.list(kind=BUILD_JOB, limit=limit)]
+    """Your recent build jobs, newest first."""
+    records = services.jobs.list(kind=BUILD_JOB, limit=limit, principal=principal)
+    return [job_public(r, log_lines=5) for r in records]
 
 
 @router.get("/{build_id}", response_model=BuildPublic)
-def read_build(build_id: str, services: ServicesDep) -> dict[str, Any]:
+def read_build(build_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """A build job: status, progress, phase, log tail, error and, when done, engine_id."""
-    record = services.jobs.get(build_id, kind=BUILD_JOB)
+    record = owned_job(services, principal, build_id, kind=BUILD_JOB)
     body = job_public(record)
     if record.status != "succeeded" or not record.result:
         return body
@@ -179,6 +209,9 @@ def read_build(build_id: str, services: ServicesDep) -> dict[str, Any]:
 
 
 @router.delete("/{build_id}", response_model=JobPublic)
-def cancel_build(build_id: str, services: ServicesDep) -> dict[str, Any]:
-    """Cancel a queued or running build (finished builds are left as they are)."""
-    return job_public(services.runner.cancel(build_id, kind=BUILD_JOB))
+def cancel_build(build_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+    """Cancel a queued or running build (finished builds are left as they are; one another key also
+    asked for runs on for it, and is no longer yours)."""
+    return job_public(
+        cancel_owned(services, principal, owned_job(services, principal, build_id, kind=BUILD_JOB))
+    )

@@ -37,7 +37,8 @@ _ERROR_STATUSES = {
     "409": "The request contradicts the current state.",
     "413": "The upload or archive exceeds a configured bound.",
     "422": "The request does not match the schema.",
-    "429": "The server is holding as many request bodies as it may; retry after Retry-After seconds.",
+    "429": "Busy: as many request bodies held as the server may, or as many queued or running jobs as "
+    "this owner may have; retry after Retry-After seconds.",
     "503": "The requested backend cannot be used on this host.",
 }
 

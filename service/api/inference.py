@@ -9,6 +9,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.body_limits import BINARY_DECODE_FACTOR, JSON_DECODE_FACTOR
+from service.api.deps import current_principal
+from service.api.tenancy import owned_engine
 from service.errors import ServiceError, TooLarge
 from service.reports.synthetic_inputs import TensorBudget
 from service.services import Services
@@ -30,6 +32,7 @@ from service.serving.codecs import (
 )
 from service.serving.failures import model_failure
 from service.serving.validation import validate_feeds
+from service.store.owners import Principal
 
 router = APIRouter(prefix="/v1/engines", tags=["inference"])
 
@@ -105,6 +108,7 @@ async def read_body(
 
 def run_inference(
     services: Services,
+    principal: Principal,
     engine_id: str,
     fmt: WireFormat,
     body: bytes,
@@ -113,6 +117,7 @@ def run_inference(
     chosen: str | None,
 ) -> EncodedOutputs:
     """Decode, validate, infer and encode, holding the engine's warm runner for the duration."""
+    engine_id = owned_engine(services, principal, engine_id).id  # another key's engine is a 404
     pool = services.runner_pool
     with pool.lease(engine_id) as runner:
         check_output_choice(answer, [spec.name for spec in runner.outputs], chosen)
@@ -152,6 +157,7 @@ async def infer_engine(engine_id: str, request: Request, output: str | None = No
     # The services are read from the app directly rather than through the sync ServicesDep dependency,
     # which FastAPI would run in the thread pool: one thread hop less on the latency-critical path.
     services: Services = request.app.state.services
+    principal = current_principal(request)
     fmt = request_format(request.headers.get("content-type"))
     answer = response_format(request.headers.get("accept"), fmt)
     settings = services.settings
@@ -172,7 +178,7 @@ async def infer_engine(engine_id: str, request: Request, output: str | None = No
             limit = min(settings.max_upload_bytes, DEFAULT_MAX_INFERENCE_BYTES)
             body = await read_body(request, limit, lease=lease, decode_factor=factor)
         encoded = await run_in_threadpool(
-            run_inference, services, engine_id, fmt, body, request.headers, answer, output
+            run_inference, services, principal, engine_id, fmt, body, request.headers, answer, output
         )
         del body
     return Response(content=encoded.body, media_type=encoded.media_type, headers=dict(encoded.headers))

@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.accuracy.tasks import TaskSpec
 from service.api.auth import effective_upload_limit
-from service.api.deps import ServicesDep
+from service.api.deps import PrincipalDep, ServicesDep
 from service.api.downloads import file_download
+from service.api.tenancy import delete_owned, grant, own_name, own_names, owned_model, visible
 from service.api.uploads import receive_upload, upload_body_schema
 from service.catalog.names import checked_name
 
@@ -91,7 +92,7 @@ class FusionReportPublic(BaseModel):
     responses={200: {"model": ModelPublic, "description": "The same bytes were uploaded before."}},
     openapi_extra=upload_body_schema({"name": {"type": "string"}}),
 )
-async def create_model(request: Request, services: ServicesDep) -> JSONResponse:
+async def create_model(request: Request, services: ServicesDep, principal: PrincipalDep) -> JSONResponse:
     """Upload an ONNX model (multipart `file`, or a raw body with `?name=`)."""
     upload = await receive_upload(
         request,
@@ -107,33 +108,44 @@ async def create_model(request: Request, services: ServicesDep) -> JSONResponse:
     except BaseException:
         upload.staged.discard()
         raise
-    record, created = await run_in_threadpool(services.models.register_staged, upload.staged, name)
-    return JSONResponse(status_code=201 if created else 200, content=record.to_dict())
+    record, _ = await run_in_threadpool(services.models.register_staged, upload.staged, name)
+    # Bytes another key uploaded first are stored once; this key gets its own link (201 when new to it,
+    # so the answer says nothing about other keys' uploads).
+    linked = await run_in_threadpool(grant, services, principal, "model", record.id, name=name)
+    body = await run_in_threadpool(own_name, services, principal, "model", record.to_dict())
+    return JSONResponse(status_code=201 if linked else 200, content=body)
 
 
 @router.get("", response_model=list[ModelPublic])
-def list_models(services: ServicesDep, source: str | None = None) -> list[dict[str, Any]]:
-    """List models, newest first (filter by `source`: upload, quantization, build, recovered)."""
-    return [record.to_dict() for record in services.models.list(source=source)]
+def list_models(
+    services: ServicesDep, principal: PrincipalDep, source: str | None = None
+) -> list[dict[str, Any]]:
+    """List your models, newest first (filter by `source`: upload, quantization, build, recovered)."""
+    records = visible(services, principal, "model", services.models.list(source=source), lambda r: r.id)
+    return own_names(services, principal, "model", (record.to_dict() for record in records))
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
-def read_model(model_id: str, services: ServicesDep) -> dict[str, Any]:
+def read_model(model_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """One model's record."""
-    return services.models.get(model_id).to_dict()
+    return own_name(services, principal, "model", owned_model(services, principal, model_id).to_dict())
 
 
 @router.patch("/{model_id}", response_model=ModelPublic)
-def update_model(model_id: str, body: ModelUpdate, services: ServicesDep) -> dict[str, Any]:
+def update_model(
+    model_id: str, body: ModelUpdate, services: ServicesDep, principal: PrincipalDep
+) -> dict[str, Any]:
     """Name the model's task (classification, detection, segmentation, generic) and its metric options."""
-    return services.models.set_task(model_id, body.task).to_dict()
+    record = services.models.set_task(owned_model(services, principal, model_id).id, body.task)
+    return own_name(services, principal, "model", record.to_dict())
 
 
 @router.get("/{model_id}/onnx", response_class=FileResponse)
-def read_model_onnx(model_id: str, services: ServicesDep) -> FileResponse:
+def read_model_onnx(model_id: str, services: ServicesDep, principal: PrincipalDep) -> FileResponse:
     """Download the exact bytes of the model."""
-    record = services.models.get(model_id)
-    filename = record.name if record.name.endswith(".onnx") else f"{record.name}.onnx"
+    record = owned_model(services, principal, model_id)
+    name = services.owners.name_for("model", record.id, principal) or record.name
+    filename = name if name.endswith(".onnx") else f"{name}.onnx"
     return file_download(
         services.model_blobs.path_for(record.id),
         media_type="application/octet-stream",
@@ -143,11 +155,11 @@ def read_model_onnx(model_id: str, services: ServicesDep) -> FileResponse:
 
 
 @router.get("/{model_id}/fusions", response_model=FusionReportPublic)
-def read_model_fusions(model_id: str, services: ServicesDep) -> dict[str, Any]:
+def read_model_fusions(model_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Static fusion analysis: Conv-BN-ReLU, Conv-BN-Add and friends, with what blocks INT8 fusion."""
     from service.onnx_graph.fusions import analyze_fusions
 
-    record = services.models.get(model_id)
+    record = owned_model(services, principal, model_id)
     analysis = analyze_fusions(services.models.load(record.id))
     return {
         "model_id": record.id,
@@ -157,7 +169,8 @@ def read_model_fusions(model_id: str, services: ServicesDep) -> dict[str, Any]:
 
 
 @router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: str, services: ServicesDep) -> Response:
-    """Delete a model that no engine or active job uses."""
-    services.models.delete(model_id)
+def delete_model(model_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
+    """Delete your model (its bytes go once no other key holds it and no engine or active job uses it)."""
+    record = owned_model(services, principal, model_id)
+    delete_owned(services, principal, "model", record.id, services.models.delete)
     return Response(status_code=204)

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
-from service.api.deps import ServicesDep, current_owner
+from service.api.deps import PrincipalDep, ServicesDep
 from service.api.downloads import file_download
 from service.api.jobs_common import JobPublic, job_public
+from service.api.tenancy import cancel_owned, owned_job, owned_model, owned_set
 from service.builds.quantization_job import QUANTIZATION_JOB
 from service.errors import BadInput, Conflict
 from service.quantize.skip import SkipSpec
 from service.services import Services
+from service.store.owners import Principal
 
 router = APIRouter(prefix="/v1/quantizations", tags=["quantizations"])
 
@@ -63,14 +65,15 @@ class QuantizationPublic(JobPublic):
     qdq_model_id: str | None = None
 
 
-def _validate(body: QuantizationCreate, services: Services) -> QuantizationCreate:
-    """The request with full ids (a unique prefix names the same thing), or a 4xx."""
-    model = services.models.get(body.model_id)
+def _validate(body: QuantizationCreate, services: Services, principal: Principal) -> QuantizationCreate:
+    """The request with full ids of the caller's own model and sets (a unique prefix names the same
+    thing), or a 4xx."""
+    model = owned_model(services, principal, body.model_id)
     body = body.model_copy(
         update={
             "model_id": model.id,
-            "calibration_set_id": services.calibration_sets.get(body.calibration_set_id).id,
-            "eval_set_id": services.calibration_sets.get(body.eval_set_id).id if body.eval_set_id else None,
+            "calibration_set_id": owned_set(services, principal, body.calibration_set_id).id,
+            "eval_set_id": owned_set(services, principal, body.eval_set_id).id if body.eval_set_id else None,
         }
     )
     if model.info.quantization.explicit:
@@ -93,22 +96,24 @@ def _validate(body: QuantizationCreate, services: Services) -> QuantizationCreat
 
 @router.post("", status_code=202, response_model=QuantizationPublic)
 async def create_quantization(
-    body: QuantizationCreate, request: Request, services: ServicesDep
+    body: QuantizationCreate, services: ServicesDep, principal: PrincipalDep
 ) -> JSONResponse:
     """Start calibrating and quantizing an FP32 model; follow it with GET /v1/quantizations/{id}."""
-    body = await run_in_threadpool(_validate, body, services)
+    body = await run_in_threadpool(_validate, body, services, principal)
     params = body.model_dump(exclude={"accuracy_target"})
     params["accuracy_targets"] = [t.model_dump() for t in targets_of(body.accuracy_target)]
-    record, _ = services.runner.submit(QUANTIZATION_JOB, params, owner=current_owner(request))
+    record, _ = await run_in_threadpool(
+        services.runner.submit, QUANTIZATION_JOB, params, owner=principal.owner
+    )
     return JSONResponse(status_code=202, content=job_public(record))
 
 
 @router.get("", response_model=list[QuantizationPublic])
 def list_quantizations(
-    services: ServicesDep, limit: int = Query(default=100, ge=1, le=1000)
+    services: ServicesDep, principal: PrincipalDep, limit: int = Query(default=100, ge=1, le=1000)
 ) -> list[dict[str, Any]]:
-    """Recent quantization jobs, newest first."""
-    return [_public(r) for r in services.jobs.list(kind=QUANTIZATION_JOB, limit=limit)]
+    """Your recent quantization jobs, newest first."""
+    return [_public(r) for r in services.jobs.list(kind=QUANTIZATION_JOB, limit=limit, principal=principal)]
 
 
 def _public(record: Any) -> dict[str, Any]:
@@ -118,21 +123,25 @@ def _public(record: Any) -> dict[str, Any]:
 
 
 @router.get("/{job_id}", response_model=QuantizationPublic)
-def read_quantization(job_id: str, services: ServicesDep) -> dict[str, Any]:
+def read_quantization(job_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Status, progress, phase, log tail; on success the Q/DQ model id, accuracy and sensitivity."""
-    return _public(services.jobs.get(job_id, kind=QUANTIZATION_JOB))
+    return _public(owned_job(services, principal, job_id, kind=QUANTIZATION_JOB))
 
 
 @router.delete("/{job_id}", response_model=QuantizationPublic)
-def cancel_quantization(job_id: str, services: ServicesDep) -> dict[str, Any]:
+def cancel_quantization(job_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Cancel a queued or running quantization."""
-    return _public(services.runner.cancel(job_id, kind=QUANTIZATION_JOB))
+    return _public(
+        cancel_owned(services, principal, owned_job(services, principal, job_id, kind=QUANTIZATION_JOB))
+    )
 
 
 @router.get("/{job_id}/calibration-cache", response_class=FileResponse)
-def read_quantization_calibration_cache(job_id: str, services: ServicesDep) -> FileResponse:
+def read_quantization_calibration_cache(
+    job_id: str, services: ServicesDep, principal: PrincipalDep
+) -> FileResponse:
     """The TensorRT calibration cache (text format read by IInt8EntropyCalibrator2)."""
-    record = services.jobs.get(job_id, kind=QUANTIZATION_JOB)
+    record = owned_job(services, principal, job_id, kind=QUANTIZATION_JOB)
     if record.status != "succeeded" or not record.result:
         raise Conflict(
             f"Quantization {job_id} is {record.status}; its calibration cache exists once it succeeds."

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.api.deps import ServicesDep, current_owner
+from service.api.deps import PrincipalDep, ServicesDep
 from service.api.jobs_common import JobPublic, job_public
+from service.api.tenancy import cancel_owned, owned_engine, owned_set
 from service.errors import Conflict, NotFound
 from service.jobs.records import JobRecord
 from service.reports.benchmark import BENCHMARK_KIND, BenchmarkReport
@@ -20,6 +21,7 @@ from service.reports.jobs import REPORT_KINDS
 from service.reports.latency import MAX_BATCH, MAX_CONCURRENCY, MAX_DURATION_S, MAX_ITERATIONS, MAX_WARMUP
 from service.reports.latency import BenchmarkConfig as BenchmarkConfigValue
 from service.services import Services
+from service.store.owners import Principal
 
 router = APIRouter(tags=["reports"])
 
@@ -85,8 +87,9 @@ def _accepted(record: JobRecord) -> JSONResponse:
     )
 
 
-def _report_record(services: Services, report_id: str) -> JobRecord:
-    record = services.jobs.get(report_id)
+def _report_record(services: Services, principal: Principal, report_id: str) -> JobRecord:
+    missing = f"No report with id '{report_id}'. List reports with GET /v1/reports."
+    record = services.jobs.get(services.owners.resolve("job", report_id, principal, missing=missing))
     if record.kind not in REPORT_KINDS:
         raise NotFound(f"No report with id '{report_id}'. List reports with GET /v1/reports.")
     return record
@@ -107,61 +110,75 @@ def _finished(record: JobRecord) -> dict[str, Any]:
 
 @router.post("/v1/engines/{engine_id}/benchmark", status_code=202, response_model=ReportAccepted)
 async def create_benchmark(
-    engine_id: str, body: BenchmarkOptions, request: Request, services: ServicesDep
+    engine_id: str, body: BenchmarkOptions, services: ServicesDep, principal: PrincipalDep
 ) -> JSONResponse:
     """Measure the engine's latency and throughput per batch size; follow it with GET /v1/reports/{id}."""
     jobs = services.report_jobs
+    engine_id = (await run_in_threadpool(owned_engine, services, principal, engine_id)).id
     record = await run_in_threadpool(
-        jobs.submit_benchmark, engine_id, body.to_domain(), owner=current_owner(request)
+        jobs.submit_benchmark, engine_id, body.to_domain(), owner=principal.owner
     )
     return _accepted(record)
 
 
 @router.post("/v1/engines/{engine_id}/evaluate", status_code=202, response_model=ReportAccepted)
 async def create_evaluation(
-    engine_id: str, body: EvaluationCreate, request: Request, services: ServicesDep
+    engine_id: str, body: EvaluationCreate, services: ServicesDep, principal: PrincipalDep
 ) -> JSONResponse:
     """Compare the engine's outputs with its FP32 reference on a stored set, with per-layer deltas."""
     jobs = services.report_jobs
+    engine_id = (await run_in_threadpool(owned_engine, services, principal, engine_id)).id
+    eval_set_id = (await run_in_threadpool(owned_set, services, principal, body.eval_set_id)).id
     record = await run_in_threadpool(
-        jobs.submit_evaluation, engine_id, body.eval_set_id, body.max_samples, owner=current_owner(request)
+        jobs.submit_evaluation, engine_id, eval_set_id, body.max_samples, owner=principal.owner
     )
     return _accepted(record)
 
 
 @router.post("/v1/reports/comparison", status_code=202, response_model=ReportAccepted)
-async def create_comparison(body: ComparisonCreate, request: Request, services: ServicesDep) -> JSONResponse:
+async def create_comparison(
+    body: ComparisonCreate, services: ServicesDep, principal: PrincipalDep
+) -> JSONResponse:
     """Benchmark engines of one model side by side (e.g. FP32, FP16, INT8) with accuracy and speedup."""
     jobs = services.report_jobs
+    engine_ids, eval_set_id = await run_in_threadpool(_owned_comparison, body, services, principal)
     record = await run_in_threadpool(
-        jobs.submit_comparison,
-        body.engine_ids,
-        body.to_domain(),
-        body.eval_set_id,
-        owner=current_owner(request),
+        jobs.submit_comparison, engine_ids, body.to_domain(), eval_set_id, owner=principal.owner
     )
     return _accepted(record)
 
 
+def _owned_comparison(
+    body: ComparisonCreate, services: Services, principal: Principal
+) -> tuple[list[str], str | None]:
+    """The full ids of the caller's own engines and set named in a comparison request."""
+    engine_ids = [owned_engine(services, principal, engine_id).id for engine_id in body.engine_ids]
+    eval_set_id = owned_set(services, principal, body.eval_set_id).id if body.eval_set_id else None
+    return engine_ids, eval_set_id
+
+
 @router.get("/v1/reports", response_model=list[JobPublic])
 def list_reports(
-    services: ServicesDep, kind: str | None = None, limit: int = Query(default=100, ge=1, le=1000)
+    services: ServicesDep,
+    principal: PrincipalDep,
+    kind: str | None = None,
+    limit: int = Query(default=100, ge=1, le=1000),
 ) -> list[dict[str, Any]]:
     """Recent report jobs, newest first (filter by `kind`: benchmark, evaluation, comparison)."""
     if kind is not None and kind not in REPORT_KINDS:
         raise NotFound(f"No report kind '{kind}'; the kinds are {', '.join(REPORT_KINDS)}.")
     kinds = (kind,) if kind else REPORT_KINDS
-    records = [r for k in kinds for r in services.jobs.list(kind=k, limit=limit)]
+    records = [r for k in kinds for r in services.jobs.list(kind=k, limit=limit, principal=principal)]
     records.sort(key=lambda r: r.created_at, reverse=True)
     return [job_public(r, log_lines=5) for r in records[:limit]]
 
 
 @router.get("/v1/reports/{report_id}.html", response_class=HTMLResponse)
-def read_report_html(report_id: str, services: ServicesDep) -> HTMLResponse:
+def read_report_html(report_id: str, services: ServicesDep, principal: PrincipalDep) -> HTMLResponse:
     """The report as one self-contained HTML page (tables, embedded plot, where it was measured)."""
     from service.reports import html, plots
 
-    record = _report_record(services, report_id)
+    record = _report_record(services, principal, report_id)
     result = _finished(record)
     if record.kind == BENCHMARK_KIND:
         benchmark = BenchmarkReport.from_dict(result)
@@ -179,12 +196,12 @@ def read_report_html(report_id: str, services: ServicesDep) -> HTMLResponse:
 
 
 @router.get("/v1/reports/{report_id}.png", response_class=Response)
-def read_report_png(report_id: str, services: ServicesDep) -> Response:
+def read_report_png(report_id: str, services: ServicesDep, principal: PrincipalDep) -> Response:
     """The report's plot: latency and throughput (benchmark), engines side by side (comparison), or SNR
     per output and worst layers (evaluation). The PNG's `plot-limits` text chunk holds its axis limits."""
     from service.reports import plots
 
-    record = _report_record(services, report_id)
+    record = _report_record(services, principal, report_id)
     result = _finished(record)
     if record.kind == BENCHMARK_KIND:
         png = plots.benchmark_plot_png(BenchmarkReport.from_dict(result))
@@ -196,16 +213,16 @@ def read_report_png(report_id: str, services: ServicesDep) -> Response:
 
 
 @router.get("/v1/reports/{report_id}")
-def read_report(report_id: str, services: ServicesDep) -> dict[str, Any]:
+def read_report(report_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """The report JSON once finished (with `status: succeeded`); the job's status and progress before."""
-    record = _report_record(services, report_id)
+    record = _report_record(services, principal, report_id)
     if record.status == "succeeded" and record.result is not None:
         return {"id": record.id, "status": record.status, **record.result}
     return job_public(record)
 
 
 @router.delete("/v1/reports/{report_id}", response_model=JobPublic)
-def cancel_report(report_id: str, services: ServicesDep) -> dict[str, Any]:
+def cancel_report(report_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Cancel a queued or running report job (finished reports are left as they are)."""
-    record = _report_record(services, report_id)
-    return job_public(services.runner.cancel(record.id, kind=record.kind))
+    record = _report_record(services, principal, report_id)
+    return job_public(cancel_owned(services, principal, record))

@@ -8,9 +8,10 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from service.api.deps import ServicesDep
+from service.api.deps import PrincipalDep, ServicesDep
 from service.api.downloads import file_download
-from service.export.triton import export_for_triton
+from service.api.tenancy import owned_engine
+from service.export.triton import default_model_name, export_for_triton
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
@@ -21,6 +22,7 @@ EXPORTS_DIR = ".exports"  # under the engines root: the same volume, so large ar
 def read_engine_triton_repository(
     engine_id: str,
     services: ServicesDep,
+    principal: PrincipalDep,
     name: Annotated[
         str | None,
         Query(
@@ -29,10 +31,16 @@ def read_engine_triton_repository(
     ] = None,
 ) -> FileResponse:
     """Download a Triton model repository (.tar.gz): `<name>/config.pbtxt` and the engine as version 1."""
+    record = owned_engine(services, principal, engine_id)
+    if name is None:  # the default names the model as this key calls it, never as another key does
+        source_name = services.owners.name_for("model", record.model_id, principal)
+        if source_name is None and services.owners.sees("model", record.model_id, principal):
+            source_name = services.models.get(record.model_id).name
+        name = default_model_name(source_name, record)
     export = export_for_triton(
         services.engines,
         services.models,
-        engine_id,
+        record.id,
         name=name,
         workdir=services.settings.engines_dir / EXPORTS_DIR,
     )

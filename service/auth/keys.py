@@ -67,6 +67,8 @@ class ApiKey:
     max_concurrent_jobs: int | None = None
     revoked: bool = False
     created_at: str | None = None
+    # An admin key sees and manages every key's models, sets, engines, jobs and reports.
+    admin: bool = False
 
     def upload_limit(self, default: int) -> int:
         """The key's own upload limit when it has one (higher or lower than ``default``), else ``default``."""
@@ -81,6 +83,7 @@ class ApiKey:
             "max_concurrent_jobs": self.max_concurrent_jobs,
             "revoked": self.revoked,
             "created_at": self.created_at,
+            "admin": self.admin,
         }
 
 
@@ -119,6 +122,7 @@ def _row_to_key(row: Any) -> ApiKey:
         max_concurrent_jobs=row["max_concurrent_jobs"],
         revoked=bool(row["revoked"]),
         created_at=row["created_at"],
+        admin=bool(row["admin"]),
     )
 
 
@@ -152,17 +156,25 @@ class KeyStore:
         self.db = db
 
     def create(
-        self, name: str, *, max_upload_bytes: int | None = None, max_concurrent_jobs: int | None = None
+        self,
+        name: str,
+        *,
+        max_upload_bytes: int | None = None,
+        max_concurrent_jobs: int | None = None,
+        admin: bool = False,
     ) -> IssuedKey:
-        """Store a new key and return it with its token (shown once; only the hash is kept)."""
+        """Store a new key and return it with its token (shown once; only the hash is kept).
+
+        An ``admin`` key sees every key's resources; any other key sees only what it made or uploaded.
+        """
         name = _check_name(name)
         _check_limits(max_upload_bytes, max_concurrent_jobs)
         token = generate_token()
         key_id = "key_" + secrets.token_hex(8)
         self.db.execute(
             "INSERT INTO api_keys (id, name, key_hash, max_upload_bytes, max_concurrent_jobs, revoked, "
-            "created_at) VALUES (?, ?, ?, ?, ?, 0, ?)",
-            (key_id, name, hash_token(token), max_upload_bytes, max_concurrent_jobs, utc_now()),
+            "created_at, admin) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+            (key_id, name, hash_token(token), max_upload_bytes, max_concurrent_jobs, utc_now(), int(admin)),
         )
         return IssuedKey(key=self.get(key_id), token=token)
 

@@ -32,6 +32,10 @@ def serve(
 
     settings = get_settings()
     limit_malloc_arenas(settings.malloc_arena_max)  # before the thread pools start allocating
+    if settings.private_data:  # this process writes the service's data: every file 0600, folder 0700
+        from service.store.file_modes import private_umask
+
+        private_umask()
     uvicorn.run(
         create_app(settings),
         host=host or settings.host,
@@ -115,6 +119,9 @@ def create_key(
     max_concurrent_jobs: int | None = typer.Option(
         None, min=1, help="This key's queued+running job limit; replaces the server-wide one."
     ),
+    admin: bool = typer.Option(
+        False, "--admin", help="An admin key sees and manages every key's models, sets, engines and jobs."
+    ),
 ) -> None:
     """Create a key and print it once on stdout (only its hash is stored: keep it now)."""
     from service.errors import ServiceError
@@ -122,13 +129,16 @@ def create_key(
     store = _key_store()
     try:
         issued = store.create(
-            name, max_upload_bytes=max_upload_bytes, max_concurrent_jobs=max_concurrent_jobs
+            name, max_upload_bytes=max_upload_bytes, max_concurrent_jobs=max_concurrent_jobs, admin=admin
         )
     except ServiceError as exc:
         raise _fail(exc) from exc
     finally:
         store.db.close()
-    typer.echo(f"created API key {issued.key.id} ({issued.key.name}); it is shown only this once:", err=True)
+    role = "admin " if issued.key.admin else ""
+    typer.echo(
+        f"created {role}API key {issued.key.id} ({issued.key.name}); it is shown only this once:", err=True
+    )
     typer.echo(issued.token)
 
 
@@ -149,7 +159,7 @@ def list_keys(as_json: bool = typer.Option(False, "--json", help="A JSON array i
     for key in keys:
         upload = "-" if key.max_upload_bytes is None else str(key.max_upload_bytes)
         jobs = "-" if key.max_concurrent_jobs is None else str(key.max_concurrent_jobs)
-        state = "revoked" if key.revoked else "active"
+        state = "revoked" if key.revoked else ("admin" if key.admin else "active")
         created = key.created_at or "-"
         typer.echo(f"{key.id:<22} {key.name[:24]:<24} {upload:>14} {jobs:>9} {state:<8} {created}")
 
@@ -167,6 +177,28 @@ def revoke_key(key_id: str = typer.Argument(..., help="The key id from `engine-s
     finally:
         store.db.close()
     typer.echo(f"revoked API key {key.id} ({key.name})")
+
+
+@keys_app.command("adopt-local")
+def adopt_local(
+    key_id: str = typer.Argument(..., help="The key id from `engine-service keys list`."),
+) -> None:
+    """Give a key everything the local owner holds: the data from before auth was on (or before
+    schema 4), which otherwise only admin keys see. The local owner keeps its links too."""
+    from service.errors import ServiceError
+    from service.store.owners import LOCAL_OWNER, Ownership
+
+    store = _key_store()
+    try:
+        key = store.get(key_id)
+        shared = Ownership(store.db).share_all(LOCAL_OWNER, key.id)
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    finally:
+        store.db.close()
+    typer.echo(
+        f"API key {key.id} ({key.name}) now holds {shared} more model(s), set(s), engine(s) and job(s)"
+    )
 
 
 # [client] build|infer|benchmark|models|... talk to a server; `local build` runs without one.

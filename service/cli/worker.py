@@ -45,6 +45,10 @@ def run_worker(
     """
     settings = get_settings()
     configure_logging(settings.log_level, json_lines=settings.log_json, file=settings.log_file)
+    if settings.private_data:  # a worker writes engines, models and calibration data too
+        from service.store.file_modes import private_umask
+
+        private_umask()
     if api_url is not None:
         if not api_url.strip():  # e.g. compose's ${ENGINE_SERVICE_API_URL:-} left unset: never run locally
             logger.error("--api-url is empty: give the API server's URL (ENGINE_SERVICE_API_URL in compose)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from service.errors import NotFound
 from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
+from service.store.owners import LOCAL_OWNER, LOCAL_PRINCIPAL, Principal, grant_job_results, owned_filter
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ACTIVE_STATUSES: tuple[JobStatus, ...] = ("queued", "running")
@@ -28,6 +30,13 @@ INTERRUPTED_REASON = (
     "interrupted: the server stopped while this job was running; nothing it produced was kept. "
     "Submit the same request again to retry."
 )
+
+
+def _link_owner(conn: sqlite3.Connection, job_id: str, owner: str | None) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO ownership (kind, resource_id, owner, created_at) VALUES ('job', ?, ?, ?)",
+        (job_id, owner if owner is not None else LOCAL_OWNER, utc_now()),
+    )
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,9 @@ class JobStore:
                     (dedupe_key,),
                 ).fetchone()
                 if row is not None:
+                    # The caller joins the running job: it becomes one of its owners (it sees it, and
+                    # what it makes), without a second row or a second run.
+                    _link_owner(conn, row["id"], owner)
                     return _row_to_record(row), False
             job_id = uuid.uuid4().hex
             conn.execute(
@@ -106,6 +118,7 @@ class JobStore:
                 "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
                 (job_id, kind, json.dumps(params, sort_keys=True), dedupe_key, owner, utc_now()),
             )
+            _link_owner(conn, job_id, owner)
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return _row_to_record(row), True
 
@@ -118,13 +131,16 @@ class JobStore:
             raise NotFound(f"No {what} with id '{job_id}'.")
         return _row_to_record(row)
 
-    def list(self, *, kind: str | None = None, limit: int = 100) -> builtins.list[JobRecord]:
-        if kind is None:
-            rows = self.db.query("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
-        else:
-            rows = self.db.query(
-                "SELECT * FROM jobs WHERE kind = ? ORDER BY created_at DESC LIMIT ?", (kind, limit)
-            )
+    def list(
+        self, *, kind: str | None = None, limit: int = 100, principal: Principal = LOCAL_PRINCIPAL
+    ) -> builtins.list[JobRecord]:
+        """The newest jobs the principal sees (all of them for an admin), optionally of one kind."""
+        condition, params = owned_filter("job", principal)
+        if kind is not None:
+            condition, params = f"{condition} AND kind = ?", (*params, kind)
+        rows = self.db.query(
+            f"SELECT * FROM jobs WHERE {condition} ORDER BY created_at DESC LIMIT ?", (*params, limit)
+        )
         return [_row_to_record(r) for r in rows]
 
     def running_elsewhere(self, job_id: str) -> builtins.list[str]:
@@ -225,8 +241,27 @@ class JobStore:
         only_if_running: bool = False,
     ) -> bool:
         """Record the final state; with ``only_if_running``, only a running job (atomically), so two
-        reporters of one job's end cannot both win. Returns whether the row changed."""
-        changed = self.db.execute(
+        reporters of one job's end cannot both win. Returns whether the row changed.
+
+        A succeeded job's results (its engine, its Q/DQ model) are linked to every owner of the job in
+        the same transaction, so no owner ever sees a succeeded job whose result it cannot open.
+        """
+        with self.db.transaction() as conn:
+            changed = self._finish(conn, job_id, status, result, error, only_if_running)
+            if changed and status == "succeeded" and result is not None:
+                grant_job_results(conn, job_id, result)
+        return changed
+
+    @staticmethod
+    def _finish(
+        conn: sqlite3.Connection,
+        job_id: str,
+        status: JobStatus,
+        result: dict[str, Any] | None,
+        error: str | None,
+        only_if_running: bool,
+    ) -> bool:
+        changed = conn.execute(
             "UPDATE jobs SET status = ?, result_json = ?, error = ?, finished_at = ?, "
             "progress = CASE WHEN ? = 'succeeded' THEN 1.0 ELSE progress END "
             "WHERE id = ? AND (? = 0 OR status = 'running')",
@@ -239,7 +274,7 @@ class JobStore:
                 job_id,
                 int(only_if_running),
             ),
-        )
+        ).rowcount
         return changed == 1
 
     def request_cancel(self, job_id: str) -> JobRecord:

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from service.errors import JobCancelled, LimitExceeded, ServiceError
 from service.jobs.host_gate import HostGate
 from service.jobs.records import JobRecord, JobStatus, JobStore
+from service.store.owners import LOCAL_OWNER
 
 logger = logging.getLogger(__name__)
 
@@ -340,11 +341,13 @@ class JobRunner(JobExecutor):
         owner_limit: Callable[[str], int | None] | None = None,
         queue: JobQueue | None = None,
         gate: HostGate | None = None,
+        limit_setting: str = "ENGINE_SERVICE_MAX_CONCURRENT_JOBS_PER_KEY",
     ) -> None:
         super().__init__(store, gate=gate)
         self.store = store
         self.workers = workers
         self.max_active_per_owner = max_active_per_owner
+        self.limit_setting = limit_setting  # named in the 429, so an operator knows what to raise
         # Per-owner override of max_active_per_owner (an API key's own limit); None means "use the default".
         self.owner_limit = owner_limit
         self.queue: JobQueue = queue if queue is not None else LocalJobQueue()
@@ -390,9 +393,12 @@ class JobRunner(JobExecutor):
             limit = own_limit if own_limit is not None else self.max_active_per_owner
             active = self.store.count_active(owner=owner)
             if active >= limit:
+                who = "You already have" if owner == LOCAL_OWNER else "This API key already has"
                 raise LimitExceeded(
-                    f"This API key already has {active} queued or running jobs (limit "
-                    f"{limit}); wait for one to finish or cancel one."
+                    f"{who} {active} queued or running jobs (limit {limit}); wait for one to finish "
+                    f"or cancel one, or ask the operator to raise {self.limit_setting}"
+                    + (" or the key's max_concurrent_jobs." if owner != LOCAL_OWNER else "."),
+                    details={"limit": limit, "active": active, "setting": self.limit_setting},
                 )
         record, created = self.store.create(kind, dict(params), dedupe_key=dedupe_key, owner=owner)
         if created:

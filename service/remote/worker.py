@@ -29,6 +29,7 @@ from service.jobs.worker import JobWorker
 from service.remote.client import WorkerApi
 from service.remote.rows import RemoteJobRows
 from service.remote.storage import RemoteBuildStorage, WorkerCache
+from service.store.file_modes import make_private
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,8 @@ def run_remote_worker(
     except ServiceError as exc:
         logger.error("%s", exc.message)
         return 2
+    if settings.private_data:  # the cache holds other people's models and calibration data
+        make_private([settings.worker_cache_dir])  # what an older worker left; run_worker set the umask
     executor = remote_executor(api, WorkerCache(settings.worker_cache_dir, settings.worker_cache_bytes))
     try:
         worker = JobWorker(executor, queue, targets, generic=False, name=name, grace_seconds=grace_seconds)

@@ -100,6 +100,42 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE models ADD COLUMN task_json TEXT;
     """,
+    # 3 -> 4: tenancy (service.store.owners). Content stays shared; each owner holds a link. Rows that
+    # existed before belong to the local owner (auth off; admin keys see them with auth on), and each job
+    # to the key that submitted it, which also keeps the engine, models and sets its job names.
+    """
+    CREATE TABLE ownership (
+        kind TEXT NOT NULL,               -- model | calibration_set | engine | job
+        resource_id TEXT NOT NULL,
+        owner TEXT NOT NULL,              -- API key id, or 'local' with auth off
+        name TEXT,                        -- the owner's own name for it (NULL: the record's name)
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (kind, resource_id, owner)
+    );
+    CREATE INDEX ownership_by_owner ON ownership(owner, kind);
+    ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0;
+    INSERT OR IGNORE INTO ownership SELECT 'model', id, 'local', NULL, created_at FROM models;
+    INSERT OR IGNORE INTO ownership
+        SELECT 'calibration_set', id, 'local', NULL, created_at FROM calibration_sets;
+    INSERT OR IGNORE INTO ownership SELECT 'engine', id, 'local', NULL, created_at FROM engines;
+    INSERT OR IGNORE INTO ownership SELECT 'job', id, COALESCE(owner, 'local'), NULL, created_at FROM jobs;
+    INSERT OR IGNORE INTO ownership
+        SELECT 'engine', json_extract(params_json, '$.engine_id'), owner, NULL, created_at FROM jobs
+        WHERE owner IS NOT NULL AND json_extract(params_json, '$.engine_id') IN (SELECT id FROM engines);
+    INSERT OR IGNORE INTO ownership
+        SELECT 'model', json_extract(params_json, '$.model_id'), owner, NULL, created_at FROM jobs
+        WHERE owner IS NOT NULL AND json_extract(params_json, '$.model_id') IN (SELECT id FROM models);
+    INSERT OR IGNORE INTO ownership
+        SELECT 'calibration_set', json_extract(params_json, '$.calibration_set_id'), owner, NULL,
+            created_at
+        FROM jobs WHERE owner IS NOT NULL
+        AND json_extract(params_json, '$.calibration_set_id') IN (SELECT id FROM calibration_sets);
+    INSERT OR IGNORE INTO ownership
+        SELECT 'calibration_set', json_extract(params_json, '$.eval_set_id'), owner, NULL,
+            created_at
+        FROM jobs WHERE owner IS NOT NULL
+        AND json_extract(params_json, '$.eval_set_id') IN (SELECT id FROM calibration_sets);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

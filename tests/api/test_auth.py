@@ -272,6 +272,9 @@ def test_a_keys_concurrent_job_limit_answers_429(server: AuthServer) -> None:
         assert second.status_code == 429
         assert second.json()["error"]["code"] == "limit_exceeded"
         assert "(limit 1)" in second.json()["error"]["message"]
+        # The same rule and answer as the local owner's bound with auth off: when to retry, what to raise.
+        assert int(second.headers["retry-after"]) > 0
+        assert "ENGINE_SERVICE_MAX_CONCURRENT_JOBS_PER_KEY" in second.json()["error"]["message"]
 
         bootstrap = {"Authorization": f"Bearer {BOOTSTRAP}"}
         owners = [server.client.post("/_test/jobs", headers=bootstrap).json()["owner"] for _ in range(2)]

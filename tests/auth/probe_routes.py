@@ -1,8 +1,8 @@
 """A real server whose app has two extra test routes, for behaviour no production route exposes yet.
 
-- ``POST /_test/jobs`` submits a ``probe`` job through the real runner with the caller's key id as
-  owner; the job runs until :data:`RELEASE` is set. It exercises per-key job limits (429) and the job
-  metrics without a model, a calibration set or a backend.
+- ``POST /_test/jobs`` submits a ``probe`` job through the real runner with the caller's key id (or,
+  with auth off, the local owner) as owner; the job runs until :data:`RELEASE` is set. It exercises
+  job limits (429) and the job metrics without a model, a calibration set or a backend.
 - ``GET /_test/fail`` raises an exception no handler knows, to check the 500 answer and its log line.
 
 Everything else (middleware, auth, runner, database, uvicorn) is the production app unchanged.
@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 import tests.server
-from service.api.auth import current_key_id
+from service.api.deps import current_owner
 from service.config import Settings
 from service.jobs.runner import JobContext
 
@@ -45,7 +45,7 @@ def _with_probe_routes(app: FastAPI) -> FastAPI:
     def submit_probe_job(request: Request) -> JSONResponse:
         services = request.app.state.services
         services.runner.register(PROBE_JOB, _probe_job)
-        record, _ = services.runner.submit(PROBE_JOB, {}, owner=current_key_id(request))
+        record, _ = services.runner.submit(PROBE_JOB, {}, owner=current_owner(request))
         return JSONResponse(status_code=202, content={"id": record.id, "owner": record.owner})
 
     @app.get("/_test/fail")

@@ -30,6 +30,7 @@ from service.errors import BadInput, LimitExceeded, NotFound, Unauthorized
 from service.jobs.records import JobStore
 from service.jobs.runner import JobContext, JobRunner
 from service.store.db import Database
+from service.store.owners import LOCAL_OWNER, Ownership, Principal
 
 BOOTSTRAP = "bootstrap-key-for-tests-0123456789"
 
@@ -297,6 +298,53 @@ def test_cli_prints_a_new_key_once_and_never_lists_it(cli_env: dict[str, str], t
         assert "revoked" in table.stdout and "ci runner" in table.stdout
     finally:
         db.close()
+
+
+def test_cli_creates_admin_keys_and_lists_their_role(cli_env: dict[str, str]) -> None:
+    runner = CliRunner()
+    created = runner.invoke(cli_app, ["keys", "create", "--name", "ops", "--admin"], env=cli_env)
+    assert created.exit_code == 0, created.output
+    assert "created admin API key" in created.stderr
+    plain = runner.invoke(cli_app, ["keys", "create", "--name", "ci"], env=cli_env)
+    assert plain.exit_code == 0, plain.output
+    listed = json.loads(runner.invoke(cli_app, ["keys", "list", "--json"], env=cli_env).stdout)
+    assert {key["name"]: key["admin"] for key in listed} == {"ops": True, "ci": False}
+    table = runner.invoke(cli_app, ["keys", "list"], env=cli_env).stdout
+    rows = {line.split()[1]: line.split()[-2] for line in table.splitlines()[1:]}
+    assert rows == {"ops": "admin", "ci": "active"}
+
+
+def test_cli_adopt_local_gives_a_key_what_the_local_owner_holds(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    db = Database(tmp_path / "cli.db")
+    try:
+        for model_id in ("a" * 64, "b" * 64):
+            db.execute(
+                "INSERT INTO models (id, name, size_bytes, info_json, created_at) "
+                "VALUES (?, 'm', 1, '{}', 't')",
+                (model_id,),
+            )
+            Ownership(db).grant("model", model_id, LOCAL_OWNER, name=f"{model_id[0]}.onnx")
+        key = KeyStore(db).create("owner of the old data")
+    finally:
+        db.close()
+    runner = CliRunner()
+    adopted = runner.invoke(cli_app, ["keys", "adopt-local", key.key.id], env=cli_env)
+    assert adopted.exit_code == 0, adopted.output
+    assert "now holds 2 more" in adopted.stdout
+    db = Database(tmp_path / "cli.db")
+    try:
+        owners = Ownership(db)
+        assert owners.visible_ids("model", Principal(key.key.id)) == {"a" * 64, "b" * 64}
+        assert owners.name_for("model", "a" * 64, Principal(key.key.id)) == "a.onnx"
+        assert owners.owners("model", "a" * 64) == [key.key.id, LOCAL_OWNER]  # the local owner keeps its own
+    finally:
+        db.close()
+    again = runner.invoke(cli_app, ["keys", "adopt-local", key.key.id], env=cli_env)
+    assert "now holds 0 more" in again.stdout
+    missing = runner.invoke(cli_app, ["keys", "adopt-local", "key_missing"], env=cli_env)
+    assert missing.exit_code == 1 and "No API key with id 'key_missing'" in missing.output
 
 
 @pytest.mark.parametrize(
