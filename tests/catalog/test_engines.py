@@ -162,6 +162,7 @@ def test_serving_an_engine_keeps_it_off_the_lru_end_with_few_writes(cache: Engin
     time.sleep(0.01)
     idle = cache.store(_new(_key(model="c" * 64), b"i" * 4000))
     cache._touched.clear()  # as after a restart: the first use is always recorded
+    time.sleep(0.01)  # timestamps have millisecond resolution
     cache.note_use(served.id)
     recorded = cache.get(served.id).last_used_at
     assert recorded > idle.last_used_at
