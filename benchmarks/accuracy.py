@@ -170,8 +170,8 @@ def judged_in_child(which: str, inputs_file: Path, model_path: Path) -> dict[str
 
 def judge(which: str, inputs_file: Path, model_path: Path) -> dict[str, Any]:
     """The INT8 model's task metric and latency against FP32 on the held-out inputs."""
-    from service.reports.accuracy import cpu_session_options, onnxruntime_session
-    from service.reports.reference import ReferenceEvaluator
+    from service.accuracy.outputs import cpu_session_options, onnxruntime_session
+    from service.accuracy.reference import ReferenceEvaluator
 
     model, inputs, batch = load(which, inputs_file)
     _, holdout = split(inputs)

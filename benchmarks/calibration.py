@@ -47,7 +47,7 @@ import numpy as np
 from benchmarks._machine import describe_machine
 
 if TYPE_CHECKING:
-    from service.calibration.preprocess import PreprocessSpec
+    from service.datasets.preprocess import PreprocessSpec
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DETECTOR = "PP-OCRv6_det_small.onnx"
@@ -136,7 +136,7 @@ def detector_path() -> Path:
 
 
 def preprocess_spec(size: int) -> PreprocessSpec:
-    from service.calibration.preprocess import PreprocessSpec
+    from service.datasets.preprocess import PreprocessSpec
 
     return PreprocessSpec.model_validate({"size": [size, size], **PREPROCESS})
 
@@ -165,7 +165,7 @@ def write_archive(path: Path, names: tuple[str, ...]) -> None:
 
 def archive_samples(path: Path, size: int) -> Iterator[np.ndarray]:
     """Each archive image preprocessed exactly as the service preprocesses it, as a [1,3,H,W] batch."""
-    from service.calibration.preprocess import image_to_array
+    from service.datasets.preprocess import image_to_array
 
     spec = preprocess_spec(size)
     with zipfile.ZipFile(path) as archive:
@@ -187,8 +187,8 @@ def run_ours(job: dict[str, Any], phases: dict[str, float]) -> dict[str, Any]:
     """Ingest the calibration images as a set, then ``quantize_model`` with method entropy."""
     import onnx
 
-    from service.calibration.datasets import CalibrationSet, bind_to_model
-    from service.calibration.ingest import ingest_calibration_upload
+    from service.datasets.ingest import ingest_calibration_upload
+    from service.datasets.storage import CalibrationSet, bind_to_model
     from service.onnx_graph.inspect import model_inputs
     from service.quantize.inputs import calibration_inputs
     from service.quantize.pipeline import QuantizationPlan, quantize_model

@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 
 from benchmarks._machine import describe_machine
+from service.accuracy.outputs import evaluate_with_onnxruntime
 from service.backends.base import BuildSpec
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.builds.pipeline import layer_counts
@@ -31,7 +32,6 @@ from service.quantize.ort_placement import plan_ort_qdq
 from service.quantize.ort_prepare import onnxruntime_prepared
 from service.quantize.ort_qdq import insert_ort_qdq
 from service.quantize.pipeline import QuantizationPlan, quantize_model
-from service.reports.accuracy import evaluate_with_onnxruntime
 from tests.data_factory import classifier_samples
 from tests.model_factory import resnet_block_classifier
 from tests.quantize.support import rapidocr_model

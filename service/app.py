@@ -33,7 +33,7 @@ from service.api.middleware import install_observability
 from service.backends.cuda_device import release_devices
 from service.config import Settings, get_settings
 from service.observability.logging import configure_logging
-from service.runtime import open_services
+from service.services import open_services
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

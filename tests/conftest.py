@@ -17,6 +17,30 @@ import pytest
 
 from tests.server import free_port, running_server, settings_for
 
+# The slow tier (`pytest -m slow`; the fast inner loop is `pytest -m "not slow"`): whole-system checks
+# that start extra servers or processes, fuzz, or run trained models end to end on real photos. Node
+# ids under tests/: a directory, a file, or one test (all its parameters).
+SLOW_PATHS = (
+    "robustness/",
+    "restart/",
+    "deploy/",
+    "remote/test_remote_worker.py",
+    "backends/test_ppocr_end_to_end.py",
+    "quantize/test_ppocr_end_to_end.py",
+    "api/test_quantizations.py::test_trained_ppocr_classifier_on_real_photos_keeps_its_predictions",
+    "quantize/test_search.py::test_default_search_keeps_a_trained_classifiers_answers_on_real_photos",
+)
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under :data:`SLOW_PATHS` ``slow``, so that ``-m "not slow"`` leaves them out."""
+    for item in items:
+        relative = Path(str(item.path)).resolve().relative_to(TESTS_DIR).as_posix()
+        node = relative + item.nodeid.partition("::")[1] + item.nodeid.partition("::")[2]
+        if node.startswith(SLOW_PATHS):
+            item.add_marker(pytest.mark.slow)
+
 
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)

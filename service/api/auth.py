@@ -47,12 +47,12 @@ from service.auth.keys import ApiKey, KeyRing
 from service.config import Settings
 from service.errors import NotFound, ServiceError, TooLarge, Unauthorized
 from service.observability.logging import bind_key_id
+from service.remote.protocol import WORKER_PATH_PREFIX, WORKER_TOKEN_HEADER
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 API_KEY_HEADER = "X-API-Key"
-# The internal API remote build workers call (service.api.workers): its own secret, its own upload limit.
-WORKER_PATH_PREFIX = "/v1/worker/"
-WORKER_TOKEN_HEADER = "X-Worker-Token"
+# The internal API remote build workers call (service.api.workers) has its own secret and upload limit;
+# its path prefix and token header live in service.remote.protocol, shared with the workers' client.
 SECURITY_SCHEMES: dict[str, dict[str, str]] = {
     "APIKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER},
     "BearerAuth": {"type": "http", "scheme": "bearer"},

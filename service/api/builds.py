@@ -9,14 +9,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.jobs_common import JobPublic, job_public
 from service.api.tenancy import cancel_owned, grant, owned_job, owned_model, owned_set
 from service.backends.base import ShapeRange
-from service.builds.keys import CalibrationOptions
 from service.builds.requests import BuildRequest
 from service.builds.submit import BUILD_JOB, BuildSubmission, submit_build
-from service.reports.tasks import AccuracyTarget, TaskSpec, targets_of
+from service.catalog.engine_keys import CalibrationOptions
 from service.store.owners import ResourceKind, result_resources
 
 router = APIRouter(prefix="/v1/builds", tags=["builds"])

@@ -12,11 +12,12 @@ from pydantic import ValidationError
 
 from service.api.auth import effective_upload_limit
 from service.api.deps import PrincipalDep, ServicesDep
+from service.api.schemas_engines import CalibrationSetPublic, CalibrationSetValidation
 from service.api.tenancy import delete_owned, grant, own_name, own_names, owned_model, owned_set, visible
 from service.api.uploads import receive_upload, upload_body_schema
-from service.calibration.preprocess import PreprocessSpec
-from service.calibration.preprocess_examples import PREPROCESS_EXAMPLES
 from service.catalog.names import checked_name
+from service.datasets.preprocess import PreprocessSpec
+from service.datasets.preprocess_examples import PREPROCESS_EXAMPLES
 from service.errors import BadInput
 
 router = APIRouter(prefix="/v1/calibration-sets", tags=["calibration sets"])
@@ -53,7 +54,15 @@ def _parse_preprocess(text: str | None) -> PreprocessSpec | None:
         raise BadInput(f"The 'preprocess' field is invalid: {problems}") from exc
 
 
-@router.post("", status_code=201, openapi_extra=upload_body_schema(_FORM_FIELDS))
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra=upload_body_schema(_FORM_FIELDS),
+    responses={
+        201: {"model": CalibrationSetPublic, "description": "The set was stored."},
+        200: {"model": CalibrationSetPublic, "description": "The same set was already stored."},
+    },
+)
 async def create_calibration_set(
     request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> JSONResponse:
@@ -82,10 +91,11 @@ async def create_calibration_set(
     # Stored once however many keys upload it; 201 when the set is new to this key.
     linked = await run_in_threadpool(grant, services, principal, "calibration_set", record.id, name=name)
     body = await run_in_threadpool(own_name, services, principal, "calibration_set", record.to_dict())
-    return JSONResponse(status_code=201 if linked else 200, content=body)
+    public = CalibrationSetPublic.model_validate(body)
+    return JSONResponse(status_code=201 if linked else 200, content=public.model_dump(mode="json"))
 
 
-@router.get("")
+@router.get("", response_model=list[CalibrationSetPublic])
 def list_calibration_sets(services: ServicesDep, principal: PrincipalDep) -> list[dict[str, Any]]:
     """List your calibration sets, newest first."""
     records = visible(
@@ -94,13 +104,13 @@ def list_calibration_sets(services: ServicesDep, principal: PrincipalDep) -> lis
     return own_names(services, principal, "calibration_set", (record.to_dict() for record in records))
 
 
-@router.get("/{set_id}")
+@router.get("/{set_id}", response_model=CalibrationSetPublic)
 def read_calibration_set(set_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """One calibration set: format, samples, per-input shape, dtype and stats."""
     return own_name(services, principal, "calibration_set", owned_set(services, principal, set_id).to_dict())
 
 
-@router.get("/{set_id}/validate")
+@router.get("/{set_id}/validate", response_model=CalibrationSetValidation)
 def validate_calibration_set(
     set_id: str, model_id: str, services: ServicesDep, principal: PrincipalDep
 ) -> dict[str, Any]:

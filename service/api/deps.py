@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.errors import Unauthorized
-from service.runtime import Services
+from service.services import Services
 from service.store.owners import LOCAL_PRINCIPAL, Principal
 
 

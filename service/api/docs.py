@@ -22,8 +22,8 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from service.calibration.preprocess import PreprocessSpec
-from service.calibration.preprocess_examples import openapi_examples
+from service.datasets.preprocess import PreprocessSpec
+from service.datasets.preprocess_examples import openapi_examples
 
 ASSETS_PATH = "/docs-assets"
 DOCS_PATH = "/docs"

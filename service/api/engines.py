@@ -9,12 +9,14 @@ from fastapi.responses import FileResponse
 
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.downloads import file_download
+from service.api.schemas_engines import EngineDetail, EngineFusionsPublic, EngineLayersPublic, EnginePublic
 from service.api.tenancy import delete_owned, forget_ownerless_models, owned_engine, owned_model, visible
+from service.catalog.build_report import BuildReport
 
 router = APIRouter(prefix="/v1/engines", tags=["engines"])
 
 
-@router.get("")
+@router.get("", response_model=list[EnginePublic])
 def list_engines(
     services: ServicesDep, principal: PrincipalDep, model_id: str | None = None
 ) -> list[dict[str, Any]]:
@@ -25,25 +27,26 @@ def list_engines(
     return [record.to_dict() for record in records]
 
 
-@router.get("/{engine_id}")
+@router.get("/{engine_id}", response_model=EngineDetail)
 def read_engine(engine_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Backend, version, device, precision, build config, size, layer counts, fusions and accuracy."""
     record = owned_engine(services, principal, engine_id)
+    report = BuildReport.from_dict(record.report)
     body = record.to_dict()
-    body["preparation"] = record.report.get("preparation", [])
-    body["kept_layers"] = record.report.get("kept_layers", [])
-    body["quantization"] = record.report.get("quantization")
+    body["preparation"] = list(report.preparation)
+    body["kept_layers"] = list(report.kept_layers)
+    body["quantization"] = report.quantization
     return body
 
 
-@router.get("/{engine_id}/layers")
+@router.get("/{engine_id}/layers", response_model=EngineLayersPublic, response_model_exclude_unset=True)
 def read_engine_layers(engine_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Every engine layer with its type, precision, tensor types and the ONNX nodes fused into it."""
     record = owned_engine(services, principal, engine_id)
-    return {"engine_id": record.id, **record.report.get("layers", {})}
+    return {"engine_id": record.id, **BuildReport.from_dict(record.report).layers}
 
 
-@router.get("/{engine_id}/fusions")
+@router.get("/{engine_id}/fusions", response_model=EngineFusionsPublic, response_model_exclude_unset=True)
 def read_engine_fusions(engine_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
     """Static fusion patterns checked against the built engine's layers."""
     record = owned_engine(services, principal, engine_id)
@@ -51,7 +54,7 @@ def read_engine_fusions(engine_id: str, services: ServicesDep, principal: Princi
         "engine_id": record.id,
         "backend": record.backend,
         "device": record.device,
-        **record.report.get("fusions", {}),
+        **BuildReport.from_dict(record.report).fusions,
     }
 
 

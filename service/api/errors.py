@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import ServiceError
+from service.errors import InvalidRequest, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +107,9 @@ def install_error_handlers(app: FastAPI) -> None:
         summary = "; ".join(f"{'.'.join(map(str, p['location']))}: {p['message']}" for p in problems[:5])
         body = {
             "error": {
-                "code": "invalid_request",
+                "code": InvalidRequest.code,
                 "message": f"The request does not match the schema: {summary}",
                 "details": {"problems": problems},
             }
         }
-        return JSONResponse(status_code=422, content=body)
+        return JSONResponse(status_code=InvalidRequest.status, content=body)

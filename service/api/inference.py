@@ -11,10 +11,9 @@ from fastapi.concurrency import run_in_threadpool
 from service.api.body_limits import BINARY_DECODE_FACTOR, JSON_DECODE_FACTOR
 from service.api.deps import current_principal
 from service.api.tenancy import owned_engine
-from service.errors import BackendUnavailable, ServiceError, TooLarge
+from service.errors import ServiceError, TooLarge
 from service.reports.synthetic_inputs import TensorBudget
-from service.runtime import Services
-from service.serving import RUNNER_POOL
+from service.services import Services
 from service.serving.body_budget import BodyBudget, BodyLease
 from service.serving.codecs import (
     DEFAULT_MAX_INFERENCE_BYTES,
@@ -32,7 +31,6 @@ from service.serving.codecs import (
     response_format,
 )
 from service.serving.failures import model_failure
-from service.serving.runner_pool import RunnerPool
 from service.serving.validation import validate_feeds
 from service.store.owners import Principal
 
@@ -70,13 +68,6 @@ _BODY_SCHEMA: dict[str, Any] = {
         },
     ],
 }
-
-
-def runner_pool(services: Services) -> RunnerPool:
-    pool = services.extras.get(RUNNER_POOL)
-    if not isinstance(pool, RunnerPool):
-        raise BackendUnavailable("Inference is not set up on this server (no runner pool was registered).")
-    return pool
 
 
 async def read_body(
@@ -127,7 +118,7 @@ def run_inference(
 ) -> EncodedOutputs:
     """Decode, validate, infer and encode, holding the engine's warm runner for the duration."""
     engine_id = owned_engine(services, principal, engine_id).id  # another key's engine is a 404
-    pool = runner_pool(services)
+    pool = services.runner_pool
     with pool.lease(engine_id) as runner:
         check_output_choice(answer, [spec.name for spec in runner.outputs], chosen)
         raw = decode_inputs(fmt, body, headers, [spec.name for spec in runner.inputs])

@@ -9,13 +9,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.accuracy.tasks import TaskSpec
 from service.api.auth import effective_upload_limit
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.downloads import file_download
 from service.api.tenancy import delete_owned, grant, own_name, own_names, owned_model, visible
 from service.api.uploads import receive_upload, upload_body_schema
 from service.catalog.names import checked_name
-from service.reports.tasks import TaskSpec
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -9,15 +9,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.downloads import file_download
 from service.api.jobs_common import JobPublic, job_public
 from service.api.tenancy import cancel_owned, owned_job, owned_model, owned_set
+from service.builds.quantization_job import QUANTIZATION_JOB
 from service.errors import BadInput, Conflict
-from service.quantize.job import QUANTIZATION_JOB
 from service.quantize.skip import SkipSpec
-from service.reports.tasks import AccuracyTarget, TaskSpec, targets_of
-from service.runtime import Services
+from service.services import Services
 from service.store.owners import Principal
 
 router = APIRouter(prefix="/v1/quantizations", tags=["quantizations"])

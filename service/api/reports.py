@@ -12,15 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.jobs_common import JobPublic, job_public
 from service.api.tenancy import cancel_owned, owned_engine, owned_set
-from service.errors import BackendUnavailable, Conflict, NotFound
+from service.errors import Conflict, NotFound
 from service.jobs.records import JobRecord
 from service.reports.benchmark import BENCHMARK_KIND, BenchmarkReport
 from service.reports.comparison import COMPARISON_KIND, MAX_ENGINES, ComparisonReport
 from service.reports.evaluation import EVALUATION_KIND, EvaluationReport
-from service.reports.jobs import REPORT_JOBS, REPORT_KINDS, ReportJobs
+from service.reports.jobs import REPORT_KINDS
 from service.reports.latency import MAX_BATCH, MAX_CONCURRENCY, MAX_DURATION_S, MAX_ITERATIONS, MAX_WARMUP
 from service.reports.latency import BenchmarkConfig as BenchmarkConfigValue
-from service.runtime import Services
+from service.services import Services
 from service.store.owners import Principal
 
 router = APIRouter(tags=["reports"])
@@ -81,15 +81,6 @@ class ReportAccepted(BaseModel):
     status: str
 
 
-def _report_jobs(services: Services) -> ReportJobs:
-    jobs = services.extras.get(REPORT_JOBS)
-    if not isinstance(jobs, ReportJobs):
-        raise BackendUnavailable(
-            "Reports are not set up on this server (the report jobs were not registered)."
-        )
-    return jobs
-
-
 def _accepted(record: JobRecord) -> JSONResponse:
     return JSONResponse(
         status_code=202, content={"id": record.id, "kind": record.kind, "status": record.status}
@@ -122,7 +113,7 @@ async def create_benchmark(
     engine_id: str, body: BenchmarkOptions, services: ServicesDep, principal: PrincipalDep
 ) -> JSONResponse:
     """Measure the engine's latency and throughput per batch size; follow it with GET /v1/reports/{id}."""
-    jobs = _report_jobs(services)
+    jobs = services.report_jobs
     engine_id = (await run_in_threadpool(owned_engine, services, principal, engine_id)).id
     record = await run_in_threadpool(
         jobs.submit_benchmark, engine_id, body.to_domain(), owner=principal.owner
@@ -135,7 +126,7 @@ async def create_evaluation(
     engine_id: str, body: EvaluationCreate, services: ServicesDep, principal: PrincipalDep
 ) -> JSONResponse:
     """Compare the engine's outputs with its FP32 reference on a stored set, with per-layer deltas."""
-    jobs = _report_jobs(services)
+    jobs = services.report_jobs
     engine_id = (await run_in_threadpool(owned_engine, services, principal, engine_id)).id
     eval_set_id = (await run_in_threadpool(owned_set, services, principal, body.eval_set_id)).id
     record = await run_in_threadpool(
@@ -149,7 +140,7 @@ async def create_comparison(
     body: ComparisonCreate, services: ServicesDep, principal: PrincipalDep
 ) -> JSONResponse:
     """Benchmark engines of one model side by side (e.g. FP32, FP16, INT8) with accuracy and speedup."""
-    jobs = _report_jobs(services)
+    jobs = services.report_jobs
     engine_ids, eval_set_id = await run_in_threadpool(_owned_comparison, body, services, principal)
     record = await run_in_threadpool(
         jobs.submit_comparison, engine_ids, body.to_domain(), eval_set_id, owner=principal.owner

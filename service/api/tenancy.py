@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from service.builds.cache import EngineRecord
 from service.catalog.calibration_sets import CalibrationSetRecord
+from service.catalog.engines import EngineRecord
 from service.catalog.models import ModelRecord
 from service.errors import Conflict, NotFound
 from service.jobs.records import JobRecord
-from service.runtime import Services
+from service.services import Services
 from service.store.owners import Principal, ResourceKind
 
 T = TypeVar("T")

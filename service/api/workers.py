@@ -2,7 +2,7 @@
 
 A worker on another host cannot open the service database, so everything it would read or write there
 goes through these routes (:mod:`service.remote` is the other end). The edge middleware lets only
-holders of the worker token in (:data:`service.api.auth.WORKER_PATH_PREFIX`); the routes are left out
+holders of the worker token in (:data:`service.remote.protocol.WORKER_PATH_PREFIX`); the routes are left out
 of the public OpenAPI schema because they are a protocol between this server and its own workers.
 
 The server stays the judge of every transition: a job is claimed once (queued -> running), progress
@@ -24,12 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service import __version__
 from service.api.deps import ServicesDep
 from service.api.downloads import file_download
-from service.builds.keys import PREPARATION_VERSION
 from service.builds.pipeline import build_job_keys, engine_key_from_params
 from service.builds.storage import BuildOutput, LocalBuildStorage
 from service.builds.submit import BUILD_JOB
+from service.catalog.build_report import BuildReport
+from service.catalog.engine_keys import PREPARATION_VERSION
 from service.errors import BadInput, Conflict, NotFound, Unauthorized
 from service.jobs.records import JobRecord
+from service.remote.protocol import WORKER_ROUTE_PREFIX
 
 WORKER_LOG_CHUNK_CHARS = 64_000
 _FILE_EXTENSION = re.compile(r"^\.[a-z0-9]{1,12}$")
@@ -43,7 +45,10 @@ def _require_worker(request: Request) -> None:
 
 
 router = APIRouter(
-    prefix="/v1/worker", tags=["workers"], include_in_schema=False, dependencies=[Depends(_require_worker)]
+    prefix=WORKER_ROUTE_PREFIX,
+    tags=["workers"],
+    include_in_schema=False,
+    dependencies=[Depends(_require_worker)],
 )
 
 
@@ -299,7 +304,7 @@ def upload_engine(
         if meta.key_digest not in job_keys:
             raise Conflict(f"Job {job_id} builds none of the engine key {meta.key_digest}.")
         key = job_keys[meta.key_digest]
-    built_for = meta.report.get("backend") or {}
+    built_for = BuildReport.from_dict(meta.report).backend
     identity = {
         "name": key.backend.name,
         "version": key.backend.version,

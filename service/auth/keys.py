@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from service.errors import BadInput, NotFound, Unauthorized
-from service.jobs.records import utc_now
+from service.store.clock import utc_now
 from service.store.db import Database
 
 logger = logging.getLogger(__name__)

@@ -110,7 +110,7 @@ def calibrator_for(
     written: dict[str, bytes],
 ) -> Any:
     """Attach an entropy calibrator (and, for dynamic inputs, a calibration profile) to ``config``."""
-    from service.calibration.trt_calibrator import CalibrationBatcher, make_entropy_calibrator
+    from service.backends.trt_calibrator import CalibrationBatcher, make_entropy_calibrator
 
     plan = calibration_plan(network_inputs(trt, network), spec.calibration_batch_size)
     notes.extend(plan.notes)

@@ -44,13 +44,13 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from service.backends._trt_common import capturing_logger, error_messages
-from service.backends.base import IOSpec, ShapeRange, StageTimings
+from service.backends.base import IOSpec, RunnerBase, ShapeRange, StageTimings
 from service.backends.cuda_device import CudaDevice
 from service.errors import BackendUnavailable, EngineNotRunnableHere, InvalidInferenceInput
 
@@ -69,7 +69,7 @@ class _Buffer:
         return self.host[: math.prod(shape)].reshape(shape)
 
 
-class TrtRunner:
+class TrtRunner(RunnerBase):
     """A loaded TensorRT / TensorRT-RTX engine on ``device``."""
 
     def __init__(
@@ -150,17 +150,6 @@ class TrtRunner:
         self._runtime_cache = cache
         return self._engine.create_execution_context(config)
 
-    @property
-    def inputs(self) -> tuple[IOSpec, ...]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[IOSpec, ...]:
-        return self._outputs
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.infer_timed(feeds)[0]
-
     def infer_timed(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], StageTimings]:
         device = self._device
         with self._lock, device.activate():
@@ -202,14 +191,6 @@ class TrtRunner:
                 if self._runtime_cache is not None:
                     self._save_runtime_cache()
                 self._release_resources()
-
-    def __enter__(self) -> TrtRunner:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _release_resources(self) -> None:
         """Free everything this runner created; the caller has the context pushed."""

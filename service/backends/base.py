@@ -8,13 +8,16 @@ host; ``available()`` says why not when a backend cannot be used here.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, Self, runtime_checkable
 
 import numpy as np
+
+from service.backends.capabilities import BackendCapabilities, capabilities_of
 
 Precision = Literal["int8", "fp16", "fp32"]
 LayerPrecision = Literal["int8", "fp16", "fp32", "mixed", "other"]
@@ -38,6 +41,11 @@ class BackendInfo:
     device: str  # e.g. "NVIDIA H100 80GB HBM3 (sm_90)" or "CPU (x86_64, 2 cores)" or "ahead-of-time (no GPU)"
     compute_capability: str | None = None
     strongly_typed: bool = True
+
+    @property
+    def capabilities(self) -> BackendCapabilities:
+        """What this backend can do (declared by name in :mod:`service.backends.capabilities`)."""
+        return capabilities_of(self.name)
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,42 @@ class StageTimings:
     @property
     def total_ms(self) -> float:
         return self.h2d_ms + self.compute_ms + self.d2h_ms
+
+
+class RunnerBase(ABC):
+    """What every runner of this package shares: its I/O specs, ``infer`` as the outputs of
+    ``infer_timed``, and closing as a context manager. A subclass sets ``_inputs`` and ``_outputs``
+    when it opens and implements :meth:`infer_timed` and :meth:`close` (idempotent)."""
+
+    _inputs: tuple[IOSpec, ...]
+    _outputs: tuple[IOSpec, ...]
+
+    @property
+    def inputs(self) -> tuple[IOSpec, ...]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[IOSpec, ...]:
+        return self._outputs
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.infer_timed(feeds)[0]
+
+    @abstractmethod
+    def infer_timed(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], StageTimings]:
+        """The outputs of one inference call and where it spent its time."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the runner's memory; later calls raise, a second close does nothing."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 @runtime_checkable

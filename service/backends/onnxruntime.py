@@ -34,7 +34,7 @@ import time
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from types import ModuleType, TracebackType
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,7 @@ from service.backends.base import (
     BuiltEngine,
     IOSpec,
     Runner,
+    RunnerBase,
     ShapeRange,
     StageTimings,
 )
@@ -173,7 +174,7 @@ class OnnxRuntimeBackend:
         return OrtRunner(ort, engine_bytes, intra_op_threads=self.intra_op_threads, shapes=shapes)
 
 
-class OrtRunner:
+class OrtRunner(RunnerBase):
     """A CPU inference session over an engine; ``infer`` may be called from many threads at once
     (``InferenceSession.run`` is thread-safe)."""
 
@@ -201,17 +202,6 @@ class OrtRunner:
         self._outputs = tuple(_io_spec(arg, None) for arg in self._session.get_outputs())
         self._output_names = [spec.name for spec in self._outputs]
 
-    @property
-    def inputs(self) -> tuple[IOSpec, ...]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> tuple[IOSpec, ...]:
-        return self._outputs
-
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.infer_timed(feeds)[0]
-
     def infer_timed(self, feeds: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], StageTimings]:
         session = self._session  # a local reference keeps the session alive through a concurrent close()
         if session is None:
@@ -234,14 +224,6 @@ class OrtRunner:
 
     def close(self) -> None:
         self._session = None
-
-    def __enter__(self) -> OrtRunner:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 @lru_cache(maxsize=8)

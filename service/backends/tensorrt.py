@@ -4,7 +4,7 @@ TensorRT 10 (implicit precision, ``BackendInfo.strongly_typed`` False):
 
 - ``fp16``: ``BuilderFlag.FP16``. ``int8``: ``BuilderFlag.INT8`` + ``FP16``, and then
   - a model with Q/DQ nodes is explicitly quantized (its scales are used; calibration inputs ignored),
-  - otherwise TensorRT's ``IInt8EntropyCalibrator2`` (``service.calibration.trt_calibrator``) reads
+  - otherwise TensorRT's ``IInt8EntropyCalibrator2`` (``service.backends.trt_calibrator``) reads
     ``spec.calibration_cache`` and/or calibrates on ``spec.calibration_batches``; the cache it writes
     is returned in ``BuiltEngine.calibration_cache``. INT8 with neither is BadInput.
 - ``keep_layers``: the network layers made from those ONNX nodes (matched by the parser's
@@ -56,7 +56,7 @@ from service.backends.layer_report import layer_report_from_inspector_json, onnx
 from service.errors import BackendUnavailable, BadInput, BuildFailed, EngineNotRunnableHere
 
 if TYPE_CHECKING:
-    from service.calibration.trt_calibrator import CalibratorState
+    from service.backends.trt_calibrator import CalibratorState
 
 NAME = "tensorrt"
 LABEL = "TensorRT"

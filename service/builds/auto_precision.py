@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from service.backends.capabilities import capabilities_of
 from service.builds.speed import MIN_SPEEDUP
 
 ChosenPrecision = Literal["int8", "fp16", "fp32"]
@@ -72,7 +73,7 @@ class PrecisionChoice:
 
 def fallback_precision(backend_name: str) -> FallbackPrecision:
     """FP16 where the backend has FP16 kernels worth having (TensorRT family), else FP32."""
-    return "fp32" if backend_name == "onnxruntime" else "fp16"
+    return "fp16" if capabilities_of(backend_name).fp16 else "fp32"
 
 
 def choose_precision(int8: Int8Evidence, fallback: FallbackPrecision) -> PrecisionChoice:

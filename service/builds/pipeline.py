@@ -14,12 +14,16 @@ from typing import Any
 import numpy as np
 import onnx
 
+from service.accuracy.tasks import AccuracyTarget, TaskSpec
 from service.backends.base import Backend, BackendInfo, BuildSpec, BuiltEngine, LayerReport
+from service.backends.capabilities import capabilities_of
 from service.backends.registry import get_backend
 from service.builds.auto_precision import Int8Evidence, choose_precision, fallback_precision
-from service.builds.keys import BuildConfig, EngineKey
+from service.builds.fusion_report import verify_fusions
 from service.builds.speed import SpeedCheck, int8_speed_vs_fp32
 from service.builds.storage import BuildOutput, BuildStorage
+from service.catalog.build_report import BuildReport
+from service.catalog.engine_keys import BuildConfig, EngineKey
 from service.jobs.runner import JobContext
 from service.onnx_graph.fusions import analyze_fusions
 from service.onnx_graph.inspect import model_inputs
@@ -27,8 +31,6 @@ from service.quantize.fp16 import fp16_model_from
 from service.quantize.inputs import batch_size_for, calibration_inputs
 from service.quantize.pipeline import QuantizationOutcome, QuantizationPlan, quantize_model
 from service.quantize.placement import PlacementTarget
-from service.reports.fusion_report import verify_fusions
-from service.reports.tasks import AccuracyTarget, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -138,9 +140,8 @@ class BuildPipeline:
         report = self.evidence(model, prepared, built)
         speed = self.speed_check(ctx, backend, model, built, key, prepared)
         if speed is not None:
-            report["speed"] = speed.to_dict()
+            report = report.with_speed(speed.to_dict(), speed.warning)
             if speed.warning:
-                report["warnings"] = [*report["warnings"], speed.warning]
                 ctx.log(f"warning: {speed.warning}")
         ctx.phase("store", 0.97)
         engine_id = self.storage.store(
@@ -151,7 +152,7 @@ class BuildPipeline:
                 engine_bytes=built.engine_bytes,
                 file_extension=built.file_extension,
                 build_seconds=built.build_seconds,
-                report=report,
+                report=report.to_dict(),
                 calibration_cache=prepared.quantization.calibration_cache if prepared.quantization else None,
             )
         )
@@ -159,12 +160,12 @@ class BuildPipeline:
             "engine_id": engine_id,
             "cache": "miss",
             "build_seconds": built.build_seconds,
-            "task": report["task"],
-            "target_met": report["target_met"],
-            "int8_share": report["int8_share"],
+            "task": report.task,
+            "target_met": report.target_met,
+            "int8_share": report.int8_share,
             "speedup_vs_fp32": speed.speedup_vs_fp32 if speed is not None else None,
             "speed": speed.to_dict() if speed is not None else None,
-            "warnings": report["warnings"],
+            "warnings": list(report.warnings),
         }
 
     @staticmethod
@@ -216,7 +217,7 @@ class BuildPipeline:
             steps.append("explicitly quantized model used as uploaded")
         # FP16 typing is for TensorRT-family strongly typed builders; ONNX Runtime's CPU kernels gain
         # nothing from FP16, so its hybrid engines keep FP32 outside INT8.
-        if backend.strongly_typed and config.precision in ("int8", "fp16") and backend.name != "onnxruntime":
+        if backend.strongly_typed and config.precision in ("int8", "fp16") and backend.capabilities.fp16:
             ctx.phase("fp16", 0.75)
             prepared = fp16_model_from(prepared)
             steps.append("layers outside INT8 typed FP16")
@@ -290,7 +291,8 @@ class BuildPipeline:
         model: onnx.ModelProto,
         prepared: PreparedModel,
         built: BuiltEngine,
-    ) -> dict[str, Any]:
+    ) -> BuildReport:
+        """The build's evidence: fusions verified against the engine's layers, accuracy, preparation."""
         analysis = analyze_fusions(model)
         verification = verify_fusions(analysis, built.layer_report, backend=built.info.name)
         accuracy: dict[str, Any] | None = None
@@ -307,49 +309,37 @@ class BuildPipeline:
                 "compared": "FP32 model vs the Q/DQ model built into this engine, on held-out samples",
                 **outcome.accuracy.to_dict(),
             }
-        return {
-            # What a user decides on comes first: the task metric, the verdict, the warnings.
-            "task": accuracy["task"] if accuracy else None,
-            "target_met": outcome.target_met if outcome is not None else None,
-            "int8_share": outcome.search.int8_share if outcome is not None and outcome.search else None,
-            "warnings": list(outcome.warnings) if outcome is not None else [],
-            "backend": {
+        return BuildReport(
+            task=accuracy["task"] if accuracy else None,
+            target_met=outcome.target_met if outcome is not None else None,
+            int8_share=outcome.search.int8_share if outcome is not None and outcome.search else None,
+            warnings=tuple(outcome.warnings) if outcome is not None else (),
+            backend={
                 "name": built.info.name,
                 "version": built.info.version,
                 "device": built.info.device,
                 "compute_capability": built.info.compute_capability,
             },
-            "preparation": list(prepared.steps),
-            "kept_layers": list(prepared.keep_layers),
-            "layer_counts": layer_counts(built.layer_report),
-            "layers": layer_report_dict(built.layer_report),
-            "fusions": verification.to_dict(),
-            "accuracy": accuracy,
-            "quantization": prepared.quantization.summary() if prepared.quantization else None,
-            "build_log_tail": built.build_log.splitlines()[-60:],
-        }
+            preparation=tuple(prepared.steps),
+            kept_layers=tuple(prepared.keep_layers),
+            layer_counts=layer_counts(built.layer_report),
+            layers=layer_report_dict(built.layer_report),
+            fusions=verification.to_dict(),
+            accuracy=accuracy,
+            quantization=prepared.quantization.summary() if prepared.quantization else None,
+            build_log_tail=tuple(built.build_log.splitlines()[-60:]),
+        )
 
 
 def placement_target(backend_name: str) -> PlacementTarget:
     """Whose Q/DQ placement a backend's INT8 build gets: ONNX Runtime's own for ``onnxruntime``
     (its CPU integer kernels need whole node units), TensorRT's for every TensorRT-family backend."""
-    return "onnxruntime" if backend_name == "onnxruntime" else "tensorrt"
+    return capabilities_of(backend_name).placement_target
 
 
 def engine_key_from_params(params: dict[str, Any]) -> EngineKey:
-    canonical = params["key"]
-    backend = BackendInfo(
-        name=canonical["backend"],
-        version=canonical["backend_version"],
-        device=canonical["device"],
-        compute_capability=canonical.get("compute_capability"),
-    )
-    return EngineKey(
-        model_id=canonical["model_sha256"],
-        config=BuildConfig.from_dict(canonical["build_config"]),
-        calibration_set_id=canonical.get("calibration_set_id"),
-        backend=backend,
-    )
+    """The engine key a build job's params carry (``params["key"]``, its canonical form)."""
+    return EngineKey.from_canonical(params["key"])
 
 
 def build_job_keys(params: dict[str, Any]) -> dict[str, EngineKey]:

@@ -10,11 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from service.accuracy.tasks import AccuracyTarget, TaskSpec
 from service.backends.base import BackendInfo, Precision, ShapeRange
-from service.builds.keys import BuildConfig, CalibrationOptions, EngineKey
+from service.catalog.engine_keys import BuildConfig, CalibrationOptions, EngineKey
 from service.errors import BadInput
 from service.onnx_graph.inspect import ModelInfo
-from service.reports.tasks import AccuracyTarget, TaskSpec
 
 # "auto": the fastest engine that meets the accuracy target (service.builds.auto_precision).
 RequestedPrecision = Literal["int8", "fp16", "fp32", "auto"]

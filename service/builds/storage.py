@@ -14,11 +14,11 @@ from typing import Any, Protocol
 
 import onnx
 
-from service.builds.cache import EngineCache, NewEngine
-from service.builds.keys import EngineKey
-from service.calibration.datasets import CalibrationSet
 from service.catalog.calibration_sets import CalibrationCatalog
+from service.catalog.engine_keys import EngineKey
+from service.catalog.engines import EngineCache, NewEngine
 from service.catalog.models import ModelCatalog
+from service.datasets.storage import CalibrationSet
 from service.onnx_graph.inspect import TensorSpec
 
 

@@ -8,14 +8,15 @@ from functools import partial
 from typing import Any
 
 from service.backends.base import Backend, BackendInfo
+from service.backends.capabilities import capabilities_of
 from service.backends.registry import resolve_backend
 from service.backends.shapes import shape_ranges_for
 from service.builds.auto_precision import Int8Evidence, PrecisionChoice, choose_precision, fallback_precision
-from service.builds.cache import EngineCache, EngineRecord
-from service.builds.keys import EngineKey
 from service.builds.requests import BuildRequest, build_config_from_request, engine_key
 from service.builds.targets import build_target
 from service.catalog.calibration_sets import CalibrationCatalog
+from service.catalog.engine_keys import EngineKey
+from service.catalog.engines import EngineCache, EngineRecord
 from service.catalog.models import ModelCatalog, ModelRecord
 from service.errors import BadInput
 from service.jobs.records import JobRecord
@@ -93,14 +94,15 @@ def _validated_key(
     calibration_sets: CalibrationCatalog,
 ) -> EngineKey:
     """The engine key of a concrete-precision request, after every check that can fail it early."""
-    if backend.name == "onnxruntime" and request.precision == "fp16":
+    capabilities = capabilities_of(backend.name)
+    if not capabilities.fp16 and request.precision == "fp16":
         raise BadInput(
             "The onnxruntime backend builds CPU engines, where FP16 brings no speed; "
             "ask for fp32 or int8, or use backend 'tensorrt-rtx' for an FP16 GPU engine."
         )
     config = build_config_from_request(request, model.info, model.task)
     # TensorRT-family builders need a range for every dynamic input; ONNX Runtime takes any shape.
-    shape_ranges_for(model.info.inputs, request.shapes, complete=backend.name != "onnxruntime")
+    shape_ranges_for(model.info.inputs, request.shapes, complete=capabilities.complete_shape_ranges)
     if request.keep:
         SkipSpec.parse(list(request.keep)).resolve(models.load(request.model_id))  # unknown names -> 400
     if config.calibration is not None:

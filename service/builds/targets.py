@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from service.backends.base import Backend, BackendInfo
+from service.backends.base import Availability, Backend, BackendInfo
 from service.errors import BackendUnavailable, BadInput
 from service.jobs.runner import JobTarget
 
@@ -102,3 +102,24 @@ def _target_dict(info: BackendInfo, where: str) -> dict[str, str | None]:
         "compute_capability": info.compute_capability,
         "built_by": where,
     }
+
+
+def targets_from_statuses(
+    statuses: Sequence[tuple[BackendInfo | None, Availability]], *, backends: Sequence[str] = ()
+) -> tuple[JobTarget, ...]:
+    """The targets of the backends that can build here (optionally only those named in ``backends``)."""
+    targets = []
+    for info, availability in statuses:
+        if info is None or not availability.can_build:
+            continue
+        if backends and info.name not in backends:
+            continue
+        targets.append(JobTarget(info.name, info.version, info.device, info.compute_capability))
+    return tuple(targets)
+
+
+def local_targets(backends: Sequence[str] = ()) -> tuple[JobTarget, ...]:
+    """What this host can build, from the backend registry."""
+    from service.backends.registry import backend_statuses
+
+    return targets_from_statuses(backend_statuses(), backends=backends)

@@ -3,7 +3,7 @@
 A set's id is the sha256 of the uploaded bytes, extended with the canonical preprocessing JSON when
 images were preprocessed (the same archive preprocessed two ways is two sets). The stored form lives
 in ``<calibration_dir>/<id>/`` (one memory-mappable ``.npy`` per input plus ``info.json``), written
-by :func:`service.calibration.ingest.ingest_calibration_upload` into a temporary directory and
+by :func:`service.datasets.ingest.ingest_calibration_upload` into a temporary directory and
 renamed into place, so a failed ingest leaves neither files nor a row.
 """
 
@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.calibration.datasets import CalibrationSet, bind_to_model
-from service.calibration.ingest import ingest_calibration_upload
-from service.calibration.preprocess import UNBOUNDED_PREPROCESS, PreprocessLimits, PreprocessSpec
-from service.calibration.set_info import INFO_FILE, CalibrationSetInfo
-from service.calibration.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
+from service.datasets.ingest import ingest_calibration_upload
+from service.datasets.preprocess import UNBOUNDED_PREPROCESS, PreprocessLimits, PreprocessSpec
+from service.datasets.set_info import INFO_FILE, CalibrationSetInfo
+from service.datasets.storage import CalibrationSet, bind_to_model
+from service.datasets.zip_stream import UNBOUNDED_MEMBERS, ExpansionLimits
 from service.errors import Conflict, NotFound
-from service.jobs.records import utc_now
 from service.onnx_graph.inspect import TensorSpec
 from service.store.blobs import StagedUpload
+from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
 from service.store.keyed_locks import KeyedLocks

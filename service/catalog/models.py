@@ -16,13 +16,13 @@ from typing import Any
 
 import onnx
 
+from service.accuracy.tasks import TaskSpec
 from service.errors import Conflict, InvalidModel, NotFound, ServiceError
-from service.jobs.records import utc_now
 from service.onnx_graph.graph_limits import GraphLimits, check_graph_size
 from service.onnx_graph.inspect import ModelInfo, model_info
 from service.onnx_graph.loading import model_from_bytes
-from service.reports.tasks import TaskSpec
 from service.store.blobs import BlobStore, StagedUpload
+from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
 from service.store.keyed_locks import KeyedLocks

@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from service.calibration.preprocess_examples import cli_help
 from service.cli.client_api import DEFAULT_URL
 from service.cli.client_job_commands import register_job_commands
 from service.cli.client_options import (
@@ -39,6 +38,7 @@ from service.cli.client_options import (
 from service.cli.client_report_commands import register_report_commands
 from service.cli.client_resources import register_resource_commands
 from service.cli.local import LOCAL_PANEL, local_app
+from service.datasets.preprocess_examples import cli_help
 
 client_app = typer.Typer(no_args_is_help=True)
 

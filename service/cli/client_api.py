@@ -11,7 +11,7 @@ Contract:
   server.
 - Downloads stream to a temporary file beside the destination, hashing as they write, and are
   renamed into place only when the hash equals the server's ``X-Content-SHA256``; otherwise the
-  partial file is removed and :class:`IntegrityError` is raised.
+  partial file is removed and :class:`~service.errors.DownloadDamaged` is raised.
 - Resource documents (models, engines, reports) are returned as the server's JSON; the values the
   CLI acts on (jobs, build tickets, downloads) are small frozen dataclasses.
 """
@@ -19,16 +19,16 @@ Contract:
 from __future__ import annotations
 
 import email.message
-import hashlib
 import io
-import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
+
+from service.errors import ApiError, DownloadDamaged, ServerUnreachable
+from service.http_client import CHUNK_BYTES, error_fields, write_verified
 
 if TYPE_CHECKING:
     import httpx
@@ -38,7 +38,7 @@ Document = dict[str, Any]
 JobKind = Literal["build", "quantization", "report"]
 DEFAULT_URL = "http://127.0.0.1:8000"
 NPZ_MEDIA = "application/x-npz"
-CHUNK_BYTES = 1024 * 1024
+
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 # Where each kind of job is read and cancelled; reports are read at /v1/reports/{id}.
 JOB_COLLECTIONS: dict[JobKind, str] = {
@@ -46,37 +46,6 @@ JOB_COLLECTIONS: dict[JobKind, str] = {
     "quantization": "/v1/quantizations",
     "report": "/v1/reports",
 }
-
-
-class ClientError(Exception):
-    """Base of the errors the CLI reports; ``message`` is what a person reads."""
-
-    exit_code = 1
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class ApiError(ClientError):
-    """The server answered with an error status."""
-
-    def __init__(self, message: str, *, status: int, code: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class ServerUnreachable(ClientError):
-    """No answer from the server at all (refused, unresolvable, timed out)."""
-
-    exit_code = 3
-
-
-class IntegrityError(ClientError):
-    """Downloaded bytes do not hash to what the server said they are."""
-
-    exit_code = 4
 
 
 @dataclass(frozen=True)
@@ -164,10 +133,9 @@ def _error_from_response(response: httpx.Response, *, has_key: bool) -> ApiError
         body = response.json()
     except ValueError:
         body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict) and error.get("message"):
-        message = str(error["message"])
-        code = str(error.get("code") or "error")
+    fields = error_fields(response)
+    if fields is not None:
+        code, message = fields
     elif status in (404, 405) and isinstance(body, dict) and "detail" in body:
         # FastAPI's own answer for a path the server has no route for: an older server, most likely.
         message = (
@@ -416,28 +384,15 @@ class ApiClient:
                 target = destination / name
             else:
                 target = destination
-            target.parent.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            size = 0
-            handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed below, renamed or removed
-                dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False
-            )
-            try:
-                with handle:
-                    for chunk in response.iter_bytes(CHUNK_BYTES):
-                        handle.write(chunk)
-                        digest.update(chunk)
-                        size += len(chunk)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                actual = digest.hexdigest()
+
+            def check(actual: str, size: int) -> None:
                 if expected and actual != expected.strip().lower():
-                    raise IntegrityError(
+                    raise DownloadDamaged(
                         f"The download of {path} is corrupt: its sha256 is {actual} but the server "
                         f"sent X-Content-SHA256 {expected}. Nothing was written; try again."
                     )
-                os.replace(handle.name, target)
-            except BaseException:
-                Path(handle.name).unlink(missing_ok=True)
-                raise
-        return DownloadedFile(path=target, sha256=actual, size_bytes=size, verified=bool(expected))
+
+            written = write_verified(response.iter_bytes(CHUNK_BYTES), target, check)
+        return DownloadedFile(
+            path=target, sha256=written.sha256, size_bytes=written.size_bytes, verified=bool(expected)
+        )

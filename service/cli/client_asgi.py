@@ -21,16 +21,10 @@ import anyio
 import httpx
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from service.errors import ServiceError
+from service.errors import InProcessStartFailed
 
 # Only the local mode imports this module (lazily), so httpx and anyio load at its top.
 ASGIApp = Any  # an ASGI 3 callable: (scope, receive, send) -> awaitable
-
-
-class InProcessStartFailed(ServiceError):
-    """The app's lifespan startup failed, so the in-process service never started."""
-
-    code = "in_process_start_failed"
 
 
 class PortalTransport(httpx.BaseTransport):

@@ -3,7 +3,7 @@
 Contract: every function takes an :class:`~service.cli.client_api.ApiClient` (remote, or the
 in-process app of the local mode) and an :class:`~service.cli.render.Output`, makes the same HTTP
 calls either way, renders progress while it waits, and returns frozen values. Failures surface as
-:class:`~service.cli.client_api.ClientError` (server, transport, job) or
+:class:`~service.errors.ClientError` (server, transport, job) or
 :class:`~service.errors.ServiceError` (local input), which the command layer prints.
 """
 

@@ -6,8 +6,8 @@ infer`` into one array per model input:
 - ``.npz``: every array by its name (a lone unnamed ``arr_0`` goes to a single-input model);
 - ``.npy``: one array, for ``NAME`` or the model's only input;
 - ``.png``/``.jpg``/``.jpeg``: decoded and preprocessed exactly as calibration images are
-  (:func:`service.calibration.preprocess.image_to_array` with a
-  :class:`~service.calibration.preprocess.PreprocessSpec`); several images for one input are
+  (:func:`service.datasets.preprocess.image_to_array` with a
+  :class:`~service.datasets.preprocess.PreprocessSpec`); several images for one input are
   stacked into a batch. Without ``--preprocess`` the spec is derived from the input's static shape
   (NCHW or NHWC, its height and width, 1/255 scaling).
 
@@ -30,7 +30,7 @@ from service.errors import BadInput
 if TYPE_CHECKING:
     import numpy as np
 
-    from service.calibration.preprocess import PreprocessSpec
+    from service.datasets.preprocess import PreprocessSpec
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
@@ -80,7 +80,7 @@ def parse_preprocess(value: str | None) -> PreprocessSpec | None:
     """A PreprocessSpec from ``--preprocess`` (JSON or ``@file``), with the server's error wording."""
     from pydantic import ValidationError
 
-    from service.calibration.preprocess import PreprocessSpec
+    from service.datasets.preprocess import PreprocessSpec
 
     text = preprocess_text(value)
     if not text:
@@ -96,7 +96,7 @@ def parse_preprocess(value: str | None) -> PreprocessSpec | None:
 
 def default_preprocess(spec: InputSpec) -> PreprocessSpec:
     """The spec that feeds an image to ``spec`` as is: its layout, height and width, scaled by 1/255."""
-    from service.calibration.preprocess import PreprocessSpec
+    from service.datasets.preprocess import PreprocessSpec
 
     shape = spec.shape
     if len(shape) == 4 and shape[1] in (1, 3):  # channels right after the batch axis
@@ -205,7 +205,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_image(path: Path, spec: PreprocessSpec) -> np.ndarray:
-    from service.calibration.preprocess import image_to_array
+    from service.datasets.preprocess import image_to_array
 
     try:
         data = path.read_bytes()

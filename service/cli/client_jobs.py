@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from service.cli.client_api import ApiClient, ClientError, JobKind, JobState
+from service.cli.client_api import ApiClient, JobKind, JobState
 from service.cli.render import JobProgress
+from service.errors import JobInterrupted, JobUnsuccessful
 
 InterruptPolicy = Literal["ask", "cancel", "detach"]
 FIRST_POLL_S = 0.2
@@ -44,24 +45,6 @@ class JobRef:
     @property
     def follow_command(self) -> str:
         return FOLLOW_COMMANDS[self.kind].format(id=self.id)
-
-
-class JobUnsuccessful(ClientError):
-    """The job ended failed or cancelled."""
-
-    def __init__(self, message: str, state: JobState) -> None:
-        super().__init__(message)
-        self.state = state
-
-
-class JobInterrupted(ClientError):
-    """Ctrl-C while following a job: it was cancelled, or left running (detached)."""
-
-    exit_code = 130
-
-    def __init__(self, message: str, *, cancelled: bool) -> None:
-        super().__init__(message)
-        self.cancelled = cancelled
 
 
 def stdin_is_interactive() -> bool:

@@ -3,9 +3,10 @@
 Contract: commands declare ``url: UrlOption = DEFAULT_URL``, ``api_key: ApiKeyOption = None`` and
 ``as_json: JsonOption = False`` and open :func:`client_session`, which yields an
 :class:`~service.cli.client_api.ApiClient` and an :class:`~service.cli.render.Output` and turns every
-:class:`~service.cli.client_api.ClientError` and :class:`~service.errors.ServiceError` into the message
-on stderr and the error's exit code. Exit codes: 0 success, 1 the server or the input said no,
-2 usage, 3 no server answered, 4 a download failed its sha256 check, 130 interrupted.
+:class:`~service.errors.ServiceError` (the CLI's own :class:`~service.errors.ClientError` family
+included) into the message on stderr and the error's exit code. Exit codes: 0 success, 1 the server
+or the input said no, 2 usage, 3 no server answered, 4 a download failed its sha256 check,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -108,18 +109,15 @@ def accuracy_fields(task: str | None, targets: list[str] | None) -> dict[str, ob
 
 @contextmanager
 def reported_errors(out: Output) -> Iterator[None]:
-    """Print ClientError / ServiceError messages on stderr and exit with their code."""
-    from service.cli.client_api import ClientError
+    """Print ServiceError messages (the CLI's own client errors included) on stderr and exit with their
+    ``exit_code``."""
     from service.errors import ServiceError
 
     try:
         yield
-    except ClientError as exc:
-        out.error(exc.message)
-        raise typer.Exit(exc.exit_code) from exc
     except ServiceError as exc:
         out.error(exc.message)
-        raise typer.Exit(1) from exc
+        raise typer.Exit(exc.exit_code) from exc
 
 
 @contextmanager

@@ -13,7 +13,6 @@ from typing import Annotated, Literal
 
 import typer
 
-from service.calibration.preprocess_examples import cli_help
 from service.cli.client_api import DEFAULT_URL
 from service.cli.client_options import (
     CLIENT_PANEL,
@@ -23,6 +22,7 @@ from service.cli.client_options import (
     UrlOption,
     client_session,
 )
+from service.datasets.preprocess_examples import cli_help
 
 models_app = typer.Typer(help="Upload, list, show, download and delete ONNX models.", no_args_is_help=True)
 calib_app = typer.Typer(help="Upload, list, show and delete calibration sets.", no_args_is_help=True)

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from service.calibration.preprocess_examples import cli_help
 from service.cli.client_options import (
     PRECISION_HELP,
     AccuracyTargetOption,
@@ -37,6 +36,7 @@ from service.cli.client_options import (
     accuracy_fields,
     reported_errors,
 )
+from service.datasets.preprocess_examples import cli_help
 
 if TYPE_CHECKING:
     from service.cli.client_api import ApiClient, Document

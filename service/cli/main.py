@@ -69,7 +69,7 @@ def worker(
 ) -> None:
     """Run jobs from Redis for the targets this host can build (needs ENGINE_SERVICE_QUEUE_BACKEND=redis)."""
     try:
-        from service.jobs.worker import run_worker
+        from service.cli.worker import run_worker
     except ImportError as exc:  # rq and redis are the optional 'redis' extra
         typer.echo(
             f"error: the worker needs the 'redis' extra (pip install 'engine-service[redis]'): {exc}",

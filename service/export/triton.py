@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Literal
 
 from service.backends.base import ShapeRange
+from service.backends.capabilities import capabilities_of
 from service.backends.shapes import shape_ranges_for
-from service.builds.cache import EngineCache, EngineRecord
+from service.catalog.engines import EngineCache, EngineRecord
 from service.catalog.models import ModelCatalog
 from service.errors import BadInput, Conflict, NotFound
 from service.onnx_graph.inspect import TensorSpec
@@ -275,7 +276,7 @@ def _provenance_notes(record: EngineRecord) -> tuple[str, ...]:
         f"Exported by engine-service from engine {record.id}: {record.precision} engine built by "
         f"{record.backend} {record.backend_version} for {record.device}."
     )
-    if record.backend == "tensorrt-rtx":
+    if not capabilities_of(record.backend).loads_in_stock_triton:
         runtime = (
             f"This is a TensorRT-RTX plan: it loads only with the TensorRT-RTX {record.backend_version} "
             "runtime, on the GPUs it targets. Triton's stock TensorRT backend links enterprise TensorRT "

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from service.errors import NotFound
+from service.store.clock import utc_now
 from service.store.db import Database
 from service.store.ids import resolve_id
 from service.store.owners import LOCAL_OWNER, LOCAL_PRINCIPAL, Principal, grant_job_results, owned_filter
@@ -36,10 +37,6 @@ def _link_owner(conn: sqlite3.Connection, job_id: str, owner: str | None) -> Non
         "INSERT OR IGNORE INTO ownership (kind, resource_id, owner, created_at) VALUES ('job', ?, ?, ?)",
         (job_id, owner if owner is not None else LOCAL_OWNER, utc_now()),
     )
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ The job rows (:mod:`service.jobs.records`) stay the source of truth for status, 
 cancellation and single-flight; Redis only carries "job <id> is waiting" to a worker that can run it.
 Jobs are routed by :class:`~service.jobs.runner.JobTarget`: a build for backend B, version V on
 device D waits in the RQ queue ``builds:B:V:<hash of D>``, every other job in ``jobs``. A worker
-(:mod:`service.jobs.worker`) listens on the queues of the targets it can build, plus ``jobs``.
+(:mod:`service.jobs.worker`, started by ``engine-service worker``) listens on the queues of the
+targets it can build, plus ``jobs``.
 
 Each RQ job calls ``service.jobs.worker.execute_job(<row id>)`` and carries the row's id as its own,
 so queueing the same row twice is refused atomically by RQ (``unique``). Jobs are JSON-serialized

@@ -1,11 +1,11 @@
-"""Build workers: take jobs from Redis for the targets this host can build, and run them here.
+"""Build workers: take jobs from Redis for given targets and run them on a job executor here.
 
-``engine-service worker`` works out which targets it can build from the backend registry and runs an RQ
-worker on those targets' queues plus the generic one (:mod:`service.jobs.redis_queue`). On the API
-server's machine it opens the same storage (data roots and metadata database from the settings) and
-runs jobs through a :class:`~service.jobs.runner.JobRunner`; on another host (``--api-url``) it opens
-no database and runs builds through the API server instead (:mod:`service.remote.worker`). Either way
-handlers, progress, logs, cancellation and the shutdown grace period behave as in the embedded runner.
+A :class:`JobWorker` runs an RQ worker on its targets' queues plus, optionally, the generic one
+(:mod:`service.jobs.redis_queue`), and runs every job it takes through a
+:class:`~service.jobs.runner.JobExecutor`: the API server's own runner on its machine, or a remote
+executor on another host. The ``engine-service worker`` command (:mod:`service.cli.worker`) picks which.
+Either way handlers, progress, logs, cancellation and the shutdown grace period behave as in the
+embedded runner.
 
 RQ's ``SimpleWorker`` runs each job in this process rather than in a forked child: a CUDA context
 does not survive ``fork``, backends keep loaded libraries between builds, and the SQLite connection
@@ -39,7 +39,6 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import SimpleWorker, WorkerStatus
 
-from service.backends.base import Availability, BackendInfo
 from service.errors import NotFound
 from service.jobs.redis_queue import GENERIC_QUEUE, RedisJobQueue, queue_name
 from service.jobs.runner import JobExecutor, JobTarget
@@ -115,27 +114,6 @@ def job_failed(
     )
     rows.append_log(job.id, f"{time.strftime('%H:%M:%S')} {reason}\n")
     rows.finish(job.id, "failed", error=reason)
-
-
-def targets_from_statuses(
-    statuses: Sequence[tuple[BackendInfo | None, Availability]], *, backends: Sequence[str] = ()
-) -> tuple[JobTarget, ...]:
-    """The targets of the backends that can build here (optionally only those named in ``backends``)."""
-    targets = []
-    for info, availability in statuses:
-        if info is None or not availability.can_build:
-            continue
-        if backends and info.name not in backends:
-            continue
-        targets.append(JobTarget(info.name, info.version, info.device, info.compute_capability))
-    return tuple(targets)
-
-
-def local_targets(backends: Sequence[str] = ()) -> tuple[JobTarget, ...]:
-    """What this host can build, from the backend registry."""
-    from service.backends.registry import backend_statuses
-
-    return targets_from_statuses(backend_statuses(), backends=backends)
 
 
 PUBSUB_WAIT_S = 0.5  # how long RQ's command channel blocks per read (see _RqWorker.subscribe)
@@ -266,81 +244,3 @@ class JobWorker:
         threading.Thread(
             target=self.runner.stop, args=(self.grace_seconds,), name="worker-shutdown", daemon=True
         ).start()
-
-
-def run_worker(
-    *,
-    backends: Sequence[str] = (),
-    generic: bool = True,
-    burst: bool = False,
-    grace_seconds: float = 240.0,
-    name: str | None = None,
-    api_url: str | None = None,
-) -> int:
-    """The ``engine-service worker`` command; returns the process exit code.
-
-    With an API URL (``api_url`` or ``ENGINE_SERVICE_API_URL``) this is a remote worker
-    (:mod:`service.remote.worker`), which runs builds only (``generic`` does not apply); otherwise it
-    shares the API server's database on this host.
-    """
-    from service.backends.registry import backend_names
-    from service.config import get_settings
-    from service.errors import ServiceError
-    from service.observability.logging import configure_logging
-    from service.runtime import open_services
-
-    settings = get_settings()
-    configure_logging(settings.log_level, json_lines=settings.log_json, file=settings.log_file)
-    if settings.private_data:  # a worker writes engines, models and calibration data too
-        from service.store.file_modes import private_umask
-
-        private_umask()
-    if api_url is not None:
-        if not api_url.strip():  # e.g. compose's ${ENGINE_SERVICE_API_URL:-} left unset: never run locally
-            logger.error("--api-url is empty: give the API server's URL (ENGINE_SERVICE_API_URL in compose)")
-            return 2
-        settings = settings.model_copy(update={"api_url": api_url.strip()})
-    if not settings.redis_url.strip():
-        logger.error("ENGINE_SERVICE_REDIS_URL is empty: give the Redis the API server queues jobs in")
-        return 2
-    if settings.queue_backend != "redis":
-        logger.error(
-            "ENGINE_SERVICE_QUEUE_BACKEND is '%s': the API server runs jobs itself and queues none in Redis. "
-            "Set it to 'redis' for the server and for every worker.",
-            settings.queue_backend,
-        )
-        return 2
-    try:
-        queue = RedisJobQueue.connect(settings.redis_url)
-        targets = local_targets(backends)
-    except ServiceError as exc:
-        logger.error("%s", exc.message)
-        return 2
-    unknown = sorted(set(backends) - set(backend_names()))
-    if unknown:
-        logger.error("unknown backend(s) %s; choose from %s", unknown, ", ".join(backend_names()))
-        return 2
-    if backends and not targets:
-        logger.error("none of the backends %s can build on this host", list(backends))
-        return 2
-    if settings.api_url:  # on another host than the API server: everything goes through its API
-        from service.remote.worker import run_remote_worker
-
-        return run_remote_worker(
-            settings, queue, targets, burst=burst, grace_seconds=grace_seconds, name=name
-        )
-    if not targets and not generic:
-        logger.error(
-            "no backend can build on this host and --no-generic was given: this worker would take nothing"
-        )
-        return 2
-    services = open_services(settings)
-    try:
-        worker = JobWorker(
-            services.runner, queue, targets, generic=generic, name=name, grace_seconds=grace_seconds
-        )
-        logger.info("%s listens on %s", worker.label, ", ".join(worker.queue_names))
-        worker.run(burst=burst)
-    finally:
-        services.close(grace_seconds)
-    return 0

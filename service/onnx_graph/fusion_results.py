@@ -6,7 +6,7 @@ matching machinery.
 
 One vocabulary for what becomes of a pattern (:data:`OUTCOMES`), used by the static analysis (what to
 expect of an INT8 build, ``expected``), by the engine report (what the build did, ``status`` in
-:mod:`service.reports.fusion_report`), by the CLI and by the API, each with its reason:
+:mod:`service.builds.fusion_report`), by the CLI and by the API, each with its reason:
 
 ``fused``
     every node of the pattern runs in one kernel;

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.calibration.datasets import CalibrationSet
+from service.datasets.storage import CalibrationSet
 from service.errors import BadInput
 from service.onnx_graph.inspect import TensorSpec
 

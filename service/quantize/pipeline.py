@@ -18,6 +18,8 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from service.accuracy.outputs import AccuracyReport, evaluate_with_onnxruntime
+from service.accuracy.tasks import AccuracyTarget, TaskSpec
 from service.calibration.algorithms import thresholds_from_histograms
 from service.calibration.collect import collect_histograms
 from service.calibration.trt_cache import calibration_cache_from_scales
@@ -27,8 +29,6 @@ from service.quantize.qdq import qdq_model_from_scales
 from service.quantize.search import CONCRETE_METHODS, SearchOutcome, SearchPlan, search_quantization
 from service.quantize.sensitivity import rank_layer_sensitivity, select_layers_to_keep
 from service.quantize.skip import SkipSpec
-from service.reports.accuracy import AccuracyReport, evaluate_with_onnxruntime
-from service.reports.tasks import AccuracyTarget, TaskSpec
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 SensitivityMode = Literal["off", "rank", "auto"]

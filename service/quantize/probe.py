@@ -29,10 +29,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from service.accuracy.outputs import cpu_session_options, onnxruntime_session
 from service.errors import JobCancelled
 from service.quantize._graph import GraphIndex, NameAllocator, WeightedLayer
 from service.quantize.encoding import activation_scale, ort_activation_encoding, quantize_weight
-from service.reports.accuracy import cpu_session_options, onnxruntime_session
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 

@@ -32,6 +32,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from service.accuracy.outputs import AccuracyReport
+from service.accuracy.reference import ReferenceEvaluator
+from service.accuracy.tasks import DEFAULT_TARGETS, AccuracyTarget, TaskSpec
 from service.backends.cpu_isa import host_int8_weight_max
 from service.calibration.algorithms import thresholds_from_histograms
 from service.calibration.histograms import AbsHistogram
@@ -44,9 +47,6 @@ from service.quantize.probe import LayerProbe, ProbeEncoding, probe_layer_errors
 from service.quantize.qdq import QdqResult, qdq_model_from_scales
 from service.quantize.sensitivity import rank_layer_sensitivity
 from service.quantize.skip import SkipSpec
-from service.reports.accuracy import AccuracyReport
-from service.reports.reference import ReferenceEvaluator
-from service.reports.tasks import DEFAULT_TARGETS, AccuracyTarget, TaskSpec
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 CONCRETE_METHODS: tuple[str, ...] = ("entropy", "max", "percentile", "mse")

@@ -13,7 +13,7 @@ ranking needs (the usual layer-wise sensitivity profiling of post-training quant
 deep network the errors of all other layers dominate every variant and the differences between
 layers drown in them; it is there for models where the greedy selection stalls.
 Each variant's score is its worst output (lowest SNR, then lowest cosine), measured against the
-FP32 model by :class:`~service.reports.accuracy.AccuracyAccumulator`.
+FP32 model by :class:`~service.accuracy.outputs.AccuracyAccumulator`.
 
 Cost is bounded: the FP32 reference outputs are computed once and cached (with a fingerprint of each
 input batch; ``eval_batches`` must replay the same batches on every call, or BadInput), all ONNX Runtime
@@ -35,12 +35,12 @@ from typing import Any
 import numpy as np
 import onnx
 
+from service.accuracy.reference import ReferenceEvaluator
 from service.errors import BadInput, JobCancelled
 from service.quantize._graph import GraphIndex, canonical_model
 from service.quantize.placement import QDQ_MIN_OPSET, PlacementTarget, placement_summary, plan_qdq
 from service.quantize.qdq import QdqResult, qdq_model_from_scales, quantize_weight
 from service.quantize.skip import SkipSpec
-from service.reports.reference import ReferenceEvaluator
 
 DEFAULT_MAX_LAYERS = 64
 

@@ -15,65 +15,28 @@ Contract:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import tempfile
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 
-from service.api.auth import WORKER_TOKEN_HEADER
-from service.errors import (
-    BackendUnavailable,
-    BadInput,
-    Conflict,
-    LimitExceeded,
-    NotFound,
-    ServiceError,
-    TooLarge,
-    Unauthorized,
-)
+from service.errors import ApiUnreachable, DownloadDamaged, NotFound, ServiceError, error_class_for_status
+from service.http_client import CHUNK_BYTES, call_with_retries, error_fields, write_verified
+from service.remote.protocol import WORKER_ROUTE_PREFIX, WORKER_TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_CHUNK_BYTES = 1024 * 1024
 _RETRY_STATUSES = frozenset({502, 503, 504})
-_ERRORS: dict[int, type[ServiceError]] = {
-    400: BadInput,
-    401: Unauthorized,
-    404: NotFound,
-    409: Conflict,
-    413: TooLarge,
-    422: BadInput,
-    429: LimitExceeded,
-    503: BackendUnavailable,
-}
-
-
-class ApiUnreachable(BackendUnavailable):
-    """The API server did not answer within the retry window."""
-
-    code = "api_unreachable"
-
-
-class IntegrityError(ServiceError):
-    """A download did not arrive as the server described it."""
-
-    code = "download_damaged"
 
 
 def _error_from(response: httpx.Response) -> ServiceError:
-    try:
-        message = str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:500] or response.reason_phrase
-    error = _ERRORS.get(response.status_code, ServiceError)
+    fields = error_fields(response)
+    message = fields[1] if fields is not None else (response.text[:500] or response.reason_phrase)
+    error = error_class_for_status(response.status_code)
     return error(f"API server: {message} (HTTP {response.status_code})")
 
 
@@ -103,59 +66,63 @@ class WorkerApi:
 
     def hello(self) -> dict[str, Any]:
         """The server's version and preparation version; raises Unauthorized for a wrong token."""
-        return self._json("GET", "/v1/worker/hello")
+        return self._json("GET", f"{WORKER_ROUTE_PREFIX}/hello")
 
     # -- jobs -----------------------------------------------------------------------------------
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/worker/jobs/{job_id}")
+        return self._json("GET", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}")
 
     def claim(self, job_id: str, claimant: str) -> dict[str, Any]:
         """Take a queued job; retried safely, since the server answers the same claimant again."""
-        return self._json("POST", f"/v1/worker/jobs/{job_id}/claim", json={"claimant": claimant})
+        return self._json("POST", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/claim", json={"claimant": claimant})
 
     def progress(self, job_id: str, progress: float, phase: str | None) -> bool:
         """Record progress; returns whether cancellation was requested."""
         body = self._json(
-            "POST", f"/v1/worker/jobs/{job_id}/progress", json={"progress": progress, "phase": phase}
+            "POST",
+            f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/progress",
+            json={"progress": progress, "phase": phase},
         )
         return bool(body["cancel_requested"])
 
     def heartbeat(self, job_id: str) -> bool:
         """Renew the job's lease; returns whether cancellation was requested (409 once it ended)."""
-        return bool(self._json("POST", f"/v1/worker/jobs/{job_id}/heartbeat")["cancel_requested"])
+        return bool(self._json("POST", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/heartbeat")["cancel_requested"])
 
     def append_log(self, job_id: str, text: str) -> bool:
-        body = self._json("POST", f"/v1/worker/jobs/{job_id}/log", json={"text": text})
+        body = self._json("POST", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/log", json={"text": text})
         return bool(body["cancel_requested"])
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self._json("GET", f"/v1/worker/jobs/{job_id}/cancel")["cancel_requested"])
+        return bool(self._json("GET", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/cancel")["cancel_requested"])
 
     def finish(
         self, job_id: str, status: str, *, result: Mapping[str, Any] | None, error: str | None
     ) -> dict[str, Any]:
         body = {"status": status, "result": dict(result) if result is not None else None, "error": error}
-        return self._json("POST", f"/v1/worker/jobs/{job_id}/finish", json=body)
+        return self._json("POST", f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/finish", json=body)
 
     # -- inputs and outputs ---------------------------------------------------------------------
 
     def cached_engine_id(self, key_digest: str) -> str | None:
         try:
-            return str(self._json("GET", f"/v1/worker/engines/{key_digest}")["engine_id"])
+            return str(self._json("GET", f"{WORKER_ROUTE_PREFIX}/engines/{key_digest}")["engine_id"])
         except NotFound:
             return None
 
     def download_model(self, model_id: str, destination: Path) -> None:
         """Fetch a model's bytes; the model id is their sha256, so the copy is checked against it."""
-        self._download(f"/v1/worker/models/{model_id}", destination, sha256=model_id)
+        self._download(f"{WORKER_ROUTE_PREFIX}/models/{model_id}", destination, sha256=model_id)
 
     def calibration_files(self, set_id: str) -> list[tuple[str, int]]:
-        body = self._json("GET", f"/v1/worker/calibration-sets/{set_id}")
+        body = self._json("GET", f"{WORKER_ROUTE_PREFIX}/calibration-sets/{set_id}")
         return [(str(f["name"]), int(f["size_bytes"])) for f in body["files"]]
 
     def download_calibration_file(self, set_id: str, name: str, size: int, destination: Path) -> None:
-        self._download(f"/v1/worker/calibration-sets/{set_id}/files/{name}", destination, size=size)
+        self._download(
+            f"{WORKER_ROUTE_PREFIX}/calibration-sets/{set_id}/files/{name}", destination, size=size
+        )
 
     def upload_engine(
         self,
@@ -174,7 +141,7 @@ class WorkerApi:
             files["calibration_cache"] = ("calibration.cache", calibration_cache, "application/octet-stream")
         return self._json(
             "POST",
-            f"/v1/worker/jobs/{job_id}/engine",
+            f"{WORKER_ROUTE_PREFIX}/jobs/{job_id}/engine",
             data={"metadata": json.dumps(dict(metadata))},
             files=files,
             timeout=httpx.Timeout(600.0, connect=10.0),
@@ -194,29 +161,16 @@ class WorkerApi:
     def _download(
         self, path: str, destination: Path, *, size: int | None = None, sha256: str | None = None
     ) -> None:
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        def check(actual_sha256: str, received: int) -> None:
+            if size is not None and received != size:
+                raise DownloadDamaged(f"{path}: received {received} bytes, expected {size}.")
+            if sha256 is not None and actual_sha256 != sha256:
+                raise DownloadDamaged(f"{path}: the bytes hash to {actual_sha256}, expected {sha256}.")
 
         def fetch() -> None:
-            handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=".download-")
-            digest = hashlib.sha256()
-            received = 0
-            try:
-                with os.fdopen(handle, "wb") as out, self._http.stream("GET", path) as response:
-                    self._raise_for(response)
-                    for chunk in response.iter_bytes(_CHUNK_BYTES):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                if size is not None and received != size:
-                    raise IntegrityError(f"{path}: received {received} bytes, expected {size}.")
-                if sha256 is not None and digest.hexdigest() != sha256:
-                    raise IntegrityError(
-                        f"{path}: the bytes hash to {digest.hexdigest()}, expected {sha256}."
-                    )
-                os.replace(temporary, destination)
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
+            with self._http.stream("GET", path) as response:
+                self._raise_for(response)
+                write_verified(response.iter_bytes(CHUNK_BYTES), destination, check)
 
         self._retrying(fetch, f"GET {path}")
 
@@ -229,20 +183,19 @@ class WorkerApi:
         raise _error_from(response)
 
     def _retrying(self, call: Callable[[], T], what: str) -> T:
-        deadline = time.monotonic() + self.retry_seconds
-        delay = 0.5
-        while True:
-            try:
-                return call()
-            except (httpx.TransportError, _Transient) as exc:
-                if time.monotonic() + delay > deadline:
-                    raise ApiUnreachable(
-                        f"The API server at {self.base_url} did not answer {what} for "
-                        f"{self.retry_seconds:.0f} s ({exc}); check ENGINE_SERVICE_API_URL and that it runs."
-                    ) from exc
-                logger.warning("API server unreachable for %s (%s); retrying in %.1f s", what, exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        def give_up(exc: BaseException) -> ApiUnreachable:
+            return ApiUnreachable(
+                f"The API server at {self.base_url} did not answer {what} for "
+                f"{self.retry_seconds:.0f} s ({exc}); check ENGINE_SERVICE_API_URL and that it runs."
+            )
+
+        return call_with_retries(
+            call,
+            retry_seconds=self.retry_seconds,
+            transient=(httpx.TransportError, _Transient),
+            give_up=give_up,
+            what=what,
+        )
 
 
 class _Transient(Exception):

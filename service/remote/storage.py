@@ -24,11 +24,11 @@ from pathlib import Path
 import onnx
 
 from service.builds.storage import BuildOutput
-from service.calibration.datasets import CalibrationSet, bind_to_model
-from service.errors import BadInput
+from service.datasets.storage import CalibrationSet, bind_to_model
+from service.errors import BadInput, DownloadDamaged
 from service.onnx_graph.inspect import TensorSpec
 from service.onnx_graph.loading import model_from_bytes
-from service.remote.client import IntegrityError, WorkerApi
+from service.remote.client import WorkerApi
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class WorkerCache:
         try:
             for name, size in api.calibration_files(set_id):
                 if not _FILE_NAME.match(name):
-                    raise IntegrityError(
+                    raise DownloadDamaged(
                         f"The API server listed an unsafe file name '{name}' in set {set_id}."
                     )
                 api.download_calibration_file(set_id, name, size, staging / name)
@@ -175,7 +175,7 @@ class RemoteBuildStorage:
             calibration_cache=output.calibration_cache,
         )
         if stored.get("built_model_id") != model_sha:
-            raise IntegrityError(
+            raise DownloadDamaged(
                 f"The API server stored the built model as {stored.get('built_model_id')}, not {model_sha}."
             )
         return str(stored["engine_id"])

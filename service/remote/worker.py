@@ -17,14 +17,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from service import __version__
-from service.builds.keys import PREPARATION_VERSION
 from service.builds.pipeline import BuildPipeline
 from service.builds.submit import BUILD_JOB
+from service.catalog.engine_keys import PREPARATION_VERSION
 from service.config import Settings
 from service.errors import ServiceError
 from service.jobs.leases import HEARTBEAT_INTERVAL_S
 from service.jobs.redis_queue import RedisJobQueue
 from service.jobs.runner import JobContext, JobExecutor, JobTarget
+from service.jobs.worker import JobWorker
 from service.remote.client import WorkerApi
 from service.remote.rows import RemoteJobRows
 from service.remote.storage import RemoteBuildStorage, WorkerCache
@@ -98,8 +99,6 @@ def run_remote_worker(
     name: str | None,
 ) -> int:
     """Run builds for ``targets`` from ``queue`` for the API server in the settings; the exit code."""
-    from service.jobs.worker import JobWorker
-
     if not targets:
         logger.error("no backend can build on this host, and a remote worker runs only builds")
         return 2

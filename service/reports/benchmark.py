@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.backends.base import BackendInfo, Runner, ShapeRange
-from service.builds.cache import EngineRecord
-from service.jobs.records import utc_now
+from service.catalog.engines import EngineRecord
 from service.reports.latency import (
     BatchResult,
     BenchmarkConfig,
@@ -28,6 +27,7 @@ from service.reports.latency import (
 )
 from service.reports.run_conditions import ConditionsWatch, RunConditions
 from service.reports.synthetic_inputs import UNBOUNDED_TENSORS, TensorBudget
+from service.store.clock import utc_now
 
 BENCHMARK_KIND = "benchmark"
 

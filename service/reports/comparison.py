@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.builds.cache import EngineRecord
+from service.catalog.engines import EngineRecord
 from service.errors import BadInput
-from service.jobs.records import utc_now
 from service.reports.benchmark import BenchmarkReport
+from service.store.clock import utc_now
 
 COMPARISON_KIND = "comparison"
 MAX_ENGINES = 8

@@ -2,7 +2,7 @@
 
 ``evaluate_engine`` runs the engine's runner and the FP32 reference model (ONNX Runtime, CPU) on the
 same batches of a stored calibration set and accumulates per-output cosine similarity, maximum
-absolute error, SNR and, for class-score outputs, top-1 agreement (:mod:`service.reports.accuracy`).
+absolute error, SNR and, for class-score outputs, top-1 agreement (:mod:`service.accuracy.outputs`).
 
 The reference (:func:`reference_model_for`):
 
@@ -31,15 +31,15 @@ from typing import Any
 import numpy as np
 import onnx
 
+from service.accuracy.outputs import AccuracyAccumulator, onnxruntime_session, run_session
 from service.backends.base import IOSpec, Runner
-from service.builds.cache import EngineRecord
+from service.catalog.engines import EngineRecord
 from service.catalog.models import ModelCatalog
 from service.errors import BadInput, JobCancelled
-from service.jobs.records import utc_now
-from service.reports.accuracy import AccuracyAccumulator, onnxruntime_session, run_session
 from service.reports.benchmark import MeasuredEngine
 from service.reports.layer_deltas import LayerDeltas, layer_deltas
 from service.serving.validation import validate_feeds
+from service.store.clock import utc_now
 
 EVALUATION_KIND = "evaluation"
 DEFAULT_EVAL_BATCH = 8

@@ -14,6 +14,8 @@ import html
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from service.backends.capabilities import capabilities_of
+
 if TYPE_CHECKING:
     from service.reports.benchmark import BenchmarkReport, MeasuredEngine
     from service.reports.comparison import ComparisonReport
@@ -56,7 +58,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Cell]]) -> str:
 
 
 def is_cpu_measurement(backend: str, device: str) -> bool:
-    return backend == "onnxruntime" or device.strip().lower().startswith("cpu")
+    return capabilities_of(backend).runs_on_cpu or device.strip().lower().startswith("cpu")
 
 
 def banner(backend: str, backend_version: str, device: str) -> str:

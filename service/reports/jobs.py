@@ -7,20 +7,23 @@ handlers lease the engine's warm runner from the :class:`RunnerPool` (shared wit
 a benchmark on an engine that also serves traffic measures that contention too) and store the
 report's ``to_dict()`` as the job result. Reports are job records: ``GET /v1/reports/{id}``.
 
-Start-up: call :func:`register` once after ``open_services`` and before ``services.start()``.
+The composition root (:func:`service.services.open_services`) creates the one :class:`ReportJobs` and
+registers its handlers for the report job kinds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from service.backends.base import BackendInfo, IOSpec
-from service.builds.cache import EngineCache, EngineRecord
+from service.backends.capabilities import capabilities_of
+from service.catalog.build_report import BuildReport
 from service.catalog.calibration_sets import CalibrationCatalog
+from service.catalog.engines import EngineCache, EngineRecord
 from service.catalog.models import ModelCatalog
 from service.errors import BadInput, EngineNotRunnableHere
 from service.jobs.records import JobRecord, JobStore
@@ -48,13 +51,9 @@ from service.reports.synthetic_inputs import UNBOUNDED_TENSORS, TensorBudget, ch
 from service.serving.runnable import BackendLookup, default_backend_lookup, require_runnable
 from service.serving.runner_pool import RunnerPool
 
-if TYPE_CHECKING:
-    from service.runtime import Services
-
 logger = logging.getLogger(__name__)
 
 REPORT_KINDS = (BENCHMARK_KIND, EVALUATION_KIND, COMPARISON_KIND)
-REPORT_JOBS = "report_jobs"
 _RECENT_EVALUATIONS = 500
 
 
@@ -269,7 +268,11 @@ class ReportJobs:
             samples=dataset.samples,
             batches=lambda batch_size, stop: dataset.batches(batch_size, stop=stop, bind=binding),
         )
-        built = self.models.load(record.built_model_id) if record.backend == "onnxruntime" else None
+        built = (
+            self.models.load(record.built_model_id)
+            if capabilities_of(record.backend).engine_is_onnx
+            else None
+        )
         with self.pool.lease(record.id) as runner:
             report = evaluate_engine(
                 runner,
@@ -292,36 +295,8 @@ class ReportJobs:
         for job in self.jobs.list(kind=EVALUATION_KIND, limit=_RECENT_EVALUATIONS):
             if job.status == "succeeded" and job.params.get("engine_id") == record.id and job.result:
                 return summarize_accuracy(job.result.get("accuracy", {}), f"evaluation report {job.id}")
-        built_check = record.report.get("accuracy")
-        if isinstance(built_check, Mapping):
+        built_check = BuildReport.from_dict(record.report).accuracy
+        if built_check is not None:
             compared = built_check.get("compared") or "FP32 model vs the Q/DQ model, on held-out samples"
             return summarize_accuracy(built_check, f"the build's accuracy check ({compared})")
         return None
-
-
-def register(services: Services) -> ReportJobs:
-    """Create the runner pool and the report handlers, and register the report job kinds.
-
-    Call once at start-up, after ``open_services`` and before ``services.start()``.
-    """
-    from service.serving import register as register_serving
-
-    pool = register_serving(services)
-    handlers = ReportJobs(
-        engines=services.engines,
-        models=services.models,
-        calibration_sets=services.calibration_sets,
-        jobs=services.jobs,
-        runner=services.runner,
-        pool=pool,
-        budget=TensorBudget(
-            one_input=services.settings.max_input_tensor_bytes,
-            all_inputs=services.settings.max_benchmark_input_bytes,
-        ),
-    )
-    # Latency is measured alone on the host (HostGate): other jobs would be measured along with the engine.
-    services.runner.register(BENCHMARK_KIND, handlers.benchmark, exclusive=True)
-    services.runner.register(EVALUATION_KIND, handlers.evaluation)
-    services.runner.register(COMPARISON_KIND, handlers.comparison, exclusive=True)
-    services.extras[REPORT_JOBS] = handlers
-    return handlers

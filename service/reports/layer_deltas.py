@@ -4,7 +4,7 @@
 the same name (node outputs that are not graph outputs) as extra outputs, runs both models with ONNX
 Runtime on the CPU over the same batches, and accumulates per tensor: cosine similarity, maximum
 absolute error and signal-to-noise ratio (10·log10(Σref² / Σ(ref−cand)²), in dB, clamped to ±300 dB as
-in :mod:`service.reports.accuracy`) over all samples.
+in :mod:`service.accuracy.outputs`) over all samples.
 The worst tensors by SNR say where quantization error enters the network.
 
 Matching by name is meaningful because the service's preparation steps keep tensor names: BN
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from service.accuracy.outputs import cpu_session_options, onnxruntime_session, snr_db
 from service.calibration.collect import model_with_outputs
-from service.reports.accuracy import cpu_session_options, onnxruntime_session, snr_db
 
 DEFAULT_WORST = 10
 

@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 
 from service.backends.base import Availability, Backend
-from service.builds.cache import EngineCache, EngineRecord
+from service.catalog.engines import EngineCache, EngineRecord
 from service.errors import EngineNotRunnableHere, ServiceError
 
 BackendLookup = Callable[[str], Backend]

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from service.backends.base import Runner, RuntimeCacheLoader
-from service.builds.cache import EngineCache
+from service.catalog.engines import EngineCache
 from service.errors import BackendUnavailable
 from service.serving.runnable import BackendLookup, default_backend_lookup, require_runnable
 

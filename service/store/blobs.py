@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from service.errors import NotFound, TooLarge
+from service.errors import CorruptBlob, NotFound, TooLarge
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TMP_PREFIX = ".tmp-"
@@ -30,10 +30,6 @@ class StoredBlob:
     sha256: str
     size_bytes: int
     path: Path
-
-
-class CorruptBlob(Exception):
-    """A stored file does not match its digest (damaged or partially written by something else)."""
 
 
 class StagedUpload:

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from service.errors import SchemaTooNew
+
 MIGRATIONS: tuple[str, ...] = (
     # v1: models, calibration sets, jobs, engines, API keys.
     """
@@ -137,10 +139,6 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class SchemaTooNew(RuntimeError):
-    """The database was written by a newer version of the service."""
 
 
 class Database:

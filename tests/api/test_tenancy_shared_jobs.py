@@ -14,7 +14,7 @@ import pytest
 from service.api.tenancy import cancel_owned, owned_job
 from service.builds.submit import BUILD_JOB
 from service.errors import NotFound
-from service.runtime import Services, open_services
+from service.services import Services, open_services
 from service.store.owners import Principal
 from tests.server import settings_for
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 from service.backends import _trt_common as common
 from service.backends._trt_calibration import NetworkInput, calibration_plan, network_inputs
 from service.backends.tensorrt import _load_timing_cache, engine_then_calibration_failure
-from service.calibration.trt_calibrator import CalibrationBatcher, CalibratorState
+from service.backends.trt_calibrator import CalibrationBatcher, CalibratorState
 from service.errors import BadInput, BuildFailed, InvalidCalibrationSet, JobCancelled
 
 trt = pytest.importorskip("tensorrt_rtx")

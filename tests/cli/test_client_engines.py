@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import Result
 
-from service.calibration.preprocess import PreprocessSpec, image_to_array
+from service.datasets.preprocess import PreprocessSpec, image_to_array
 from tests.cli.conftest import CLASSIFIER, Cli, errors_of, json_of
 from tests.data_factory import classifier_samples, npz_bytes, photo
 from tests.model_factory import model_bytes

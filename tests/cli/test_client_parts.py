@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cli.client_api import ApiClient, IntegrityError, JobState, filename_from_disposition
+from service.cli.client_api import ApiClient, JobState, filename_from_disposition
 from service.cli.client_flows import parse_shape_ranges
 from service.cli.client_inputs import InputFile, InputSpec, default_preprocess, load_inputs, parse_preprocess
 from service.cli.render import new_log_lines
-from service.errors import BadInput
+from service.errors import BadInput, DownloadDamaged
 
 PAYLOAD = b"engine bytes " * 1000
 
@@ -191,7 +191,7 @@ def test_a_download_whose_checksum_matches_is_renamed_into_place(file_server: st
 def test_a_download_whose_checksum_differs_leaves_no_file_behind(file_server: str, tmp_path: Path) -> None:
     with (
         ApiClient.connect(file_server, None) as api,
-        pytest.raises(IntegrityError, match="is corrupt: its sha256"),
+        pytest.raises(DownloadDamaged, match="is corrupt: its sha256"),
     ):
         api.download("/bad", tmp_path / "engine.plan", default_name="x")
 

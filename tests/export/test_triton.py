@@ -23,8 +23,8 @@ from google.protobuf import text_format
 
 from service.backends.base import BuildSpec, BuiltEngine, ShapeRange
 from service.backends.registry import get_backend
-from service.builds.cache import CorruptEngine, EngineCache, EngineRecord, NewEngine
-from service.builds.keys import BuildConfig, EngineKey
+from service.catalog.engine_keys import BuildConfig, EngineKey
+from service.catalog.engines import CorruptEngine, EngineCache, EngineRecord, NewEngine
 from service.catalog.models import ModelCatalog, ModelRecord
 from service.errors import BadInput, Conflict, NotFound
 from service.export.triton import (

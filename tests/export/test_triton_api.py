@@ -19,8 +19,8 @@ from google.protobuf import text_format
 
 from service.backends.base import BuildSpec, ShapeRange
 from service.backends.registry import get_backend
-from service.builds.cache import EngineCache, NewEngine
-from service.builds.keys import BuildConfig, EngineKey
+from service.catalog.engine_keys import BuildConfig, EngineKey
+from service.catalog.engines import EngineCache, NewEngine
 from service.config import Settings
 from service.store.db import Database
 from tests.model_factory import model_bytes, resnet_block_classifier

@@ -30,13 +30,9 @@ from service.store.db import Database
 redis = pytest.importorskip("redis", reason="the 'redis' extra (rq, redis) is not installed")
 pytest.importorskip("rq", reason="the 'redis' extra (rq, redis) is not installed")
 
+from service.builds.targets import local_targets, targets_from_statuses  # noqa: E402
 from service.jobs.redis_queue import GENERIC_QUEUE, RedisJobQueue, queue_name  # noqa: E402
-from service.jobs.worker import (  # noqa: E402
-    ABANDONED_REASON,
-    JobWorker,
-    local_targets,
-    targets_from_statuses,
-)
+from service.jobs.worker import ABANDONED_REASON, JobWorker  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU = JobTarget("onnxruntime", "1.31.1", "CPU (test, avx2, 2 cores)")
@@ -424,7 +420,7 @@ def test_the_worker_command_names_the_redis_it_cannot_reach(tmp_path: Path) -> N
 def test_the_worker_command_builds_a_real_engine_queued_by_the_api(tmp_path: Path, redis_url: str) -> None:
     from service.builds.requests import BuildRequest
     from service.builds.submit import submit_build
-    from service.runtime import open_services
+    from service.services import open_services
     from tests.model_factory import resnet_block_classifier
     from tests.server import settings_for
 

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from service.accuracy.outputs import evaluate_with_onnxruntime
 from service.backends.base import BuildSpec, BuiltEngine
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.builds.pipeline import layer_counts, placement_target
@@ -22,7 +23,6 @@ from service.quantize.pipeline import QuantizationPlan, quantize_model
 from service.quantize.placement import tensors_to_calibrate
 from service.quantize.qdq import QdqResult, qdq_model_from_scales
 from service.quantize.sensitivity import rank_layer_sensitivity
-from service.reports.accuracy import evaluate_with_onnxruntime
 from tests.data_factory import classifier_samples
 from tests.model_factory import resnet_block_classifier
 from tests.quantize import graphs

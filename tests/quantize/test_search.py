@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
+from service.accuracy.tasks import AccuracyTarget, TaskSpec
 from service.quantize.pipeline import QuantizationPlan, quantize_model
-from service.reports.tasks import AccuracyTarget, TaskSpec
 from tests.data_factory import classifier_samples
 from tests.model_factory import resnet_block_classifier
 from tests.trained_models import ppocr_cls_inputs, rapidocr_model

@@ -140,8 +140,9 @@ def test_a_remote_worker_refuses_to_start_without_the_token_or_with_a_wrong_one(
 def test_cancelling_a_build_on_the_api_host_stops_it_on_the_remote_worker(
     remote_setup: RemoteSetup, tmp_path: Path
 ) -> None:
+    from service.builds.targets import local_targets
     from service.jobs.redis_queue import RedisJobQueue
-    from service.jobs.worker import JobWorker, local_targets
+    from service.jobs.worker import JobWorker
     from service.remote.client import WorkerApi
     from service.remote.storage import WorkerCache
     from service.remote.worker import remote_executor
@@ -247,7 +248,8 @@ _DOOMED_REMOTE_WORKER = """
 import sys, time
 from pathlib import Path
 from service.jobs.redis_queue import RedisJobQueue
-from service.jobs.worker import JobWorker, local_targets
+from service.builds.targets import local_targets
+from service.jobs.worker import JobWorker
 from service.remote.client import WorkerApi
 from service.remote.storage import WorkerCache
 from service.remote.worker import remote_executor
@@ -271,8 +273,9 @@ JobWorker(executor, queue, local_targets(["onnxruntime"]), generic=False, name="
 def test_a_build_whose_remote_host_was_lost_is_failed_through_the_api_by_the_next_worker(
     remote_setup: RemoteSetup, tmp_path: Path
 ) -> None:
+    from service.builds.targets import local_targets
     from service.jobs.redis_queue import RedisJobQueue
-    from service.jobs.worker import ABANDONED_REASON, JobWorker, local_targets
+    from service.jobs.worker import ABANDONED_REASON, JobWorker
     from service.remote.client import WorkerApi
     from service.remote.storage import WorkerCache
     from service.remote.worker import remote_executor
@@ -350,9 +353,10 @@ def test_an_empty_api_url_or_redis_url_stops_the_worker_instead_of_running_it_lo
 def test_a_remote_worker_keeps_the_lease_of_a_job_that_reports_nothing_for_longer_than_the_lease(
     tmp_path: Path, redis_url: str
 ) -> None:
+    from service.builds.targets import local_targets
     from service.errors import BadInput
     from service.jobs.redis_queue import RedisJobQueue
-    from service.jobs.worker import JobWorker, local_targets
+    from service.jobs.worker import JobWorker
     from service.remote.client import WorkerApi
     from service.remote.storage import WorkerCache
     from service.remote.worker import remote_executor

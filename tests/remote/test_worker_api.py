@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.runtime import open_services
+from service.services import open_services
 from tests.remote.conftest import WORKER_TOKEN, RemoteSetup, short_lease_server
 from tests.server import running_server, settings_for
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import BadInput
-from service.remote.client import ApiUnreachable, WorkerApi
+from service.errors import ApiUnreachable, BadInput
+from service.remote.client import WorkerApi
 from service.remote.rows import RemoteJobRows
 from service.remote.storage import WorkerCache
 from tests.server import free_port

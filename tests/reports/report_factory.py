@@ -6,8 +6,8 @@ from pathlib import Path
 
 from service.backends.base import BackendInfo
 from service.backends.registry import get_backend
-from service.builds.cache import EngineRecord
-from service.builds.keys import BuildConfig
+from service.catalog.engine_keys import BuildConfig
+from service.catalog.engines import EngineRecord
 from service.reports.benchmark import BenchmarkReport, HostInfo, MeasuredEngine, benchmark_runner
 from service.reports.latency import (
     BatchResult,

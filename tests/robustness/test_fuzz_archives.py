@@ -32,10 +32,10 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from PIL import Image
 
-from service.calibration.archives import unsafe_reason
-from service.calibration.ingest import ingest_calibration_upload
-from service.calibration.preprocess import PreprocessSpec
-from service.calibration.set_info import CalibrationSetInfo
+from service.datasets.archives import unsafe_reason
+from service.datasets.ingest import ingest_calibration_upload
+from service.datasets.preprocess import PreprocessSpec
+from service.datasets.set_info import CalibrationSetInfo
 from service.errors import InvalidCalibrationSet, TooLarge, UnsafeArchive
 from tests.data_factory import npy_bytes, npz_bytes, photo
 

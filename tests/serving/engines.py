@@ -10,8 +10,8 @@ import onnx
 
 from service.backends.base import BuildSpec, ShapeRange
 from service.backends.registry import get_backend
-from service.builds.cache import EngineCache, EngineRecord, NewEngine
-from service.builds.keys import BuildConfig, EngineKey
+from service.catalog.engine_keys import BuildConfig, EngineKey
+from service.catalog.engines import EngineCache, EngineRecord, NewEngine
 from service.catalog.models import ModelCatalog
 from service.store.blobs import BlobStore
 from service.store.db import Database

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import NotFound, TooLarge
-from service.store.blobs import BlobStore, CorruptBlob
+from service.errors import CorruptBlob, NotFound, TooLarge
+from service.store.blobs import BlobStore
 
 
 def test_put_bytes_stores_under_the_sha256_and_reads_back(tmp_path: Path) -> None:

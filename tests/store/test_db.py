@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.store.db import SCHEMA_VERSION, Database, SchemaTooNew
+from service.errors import SchemaTooNew
+from service.store.db import SCHEMA_VERSION, Database
 
 
 def test_a_new_database_is_migrated_to_the_current_schema(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from service.runtime import open_services
+from service.services import open_services
 from service.store.file_modes import make_private
 from tests.data_factory import classifier_samples, npz_bytes
 from tests.model_factory import model_bytes, resnet_block_classifier

@@ -1,0 +1,202 @@
+"""submit_build and the BuildPipeline steps, on real stores: SQLite catalogs, the engine cache, a job
+runner (not started: jobs are run here with ``execute``) and the real ONNX Runtime and TensorRT-RTX
+builders. The HTTP route around them is covered by tests/api/test_builds.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import pytest
+
+from service.backends.base import BackendInfo
+from service.builds.pipeline import BuildPipeline, PreparedModel, engine_key_from_params
+from service.builds.requests import BuildRequest
+from service.builds.storage import LocalBuildStorage
+from service.builds.submit import BUILD_JOB, BuildSubmission, submit_build
+from service.catalog.calibration_sets import CalibrationCatalog
+from service.catalog.engine_keys import BuildConfig, EngineKey
+from service.catalog.engines import EngineCache
+from service.catalog.models import ModelCatalog, ModelRecord
+from service.errors import BadInput, NotFound
+from service.jobs.records import JobStore
+from service.jobs.runner import JobContext, JobRunner
+from service.store.blobs import BlobStore
+from service.store.db import Database
+from tests.model_factory import model_bytes, resnet_block_classifier
+
+
+@dataclass
+class Stores:
+    models: ModelCatalog
+    calibration_sets: CalibrationCatalog
+    engines: EngineCache
+    jobs: JobStore
+    runner: JobRunner
+    model: ModelRecord
+
+    def submit(self, request: BuildRequest) -> BuildSubmission:
+        return submit_build(
+            request,
+            models=self.models,
+            calibration_sets=self.calibration_sets,
+            engines=self.engines,
+            runner=self.runner,
+        )
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[Stores]:
+    db = Database(tmp_path / "db.sqlite")
+    models = ModelCatalog(db, BlobStore(tmp_path / "models", suffix=".onnx"))
+    calibration_sets = CalibrationCatalog(
+        db, tmp_path / "calibration", max_archive_members=1000, max_archive_uncompressed_bytes=10**9
+    )
+    engines = EngineCache(db, tmp_path / "engines", budget_bytes=10**9)
+    jobs = JobStore(db)
+    runner = JobRunner(jobs)
+    runner.register(BUILD_JOB, BuildPipeline(LocalBuildStorage(models, calibration_sets, engines)).handle)
+    model, _ = models.add_model(model_bytes(resnet_block_classifier(seed=3)), "block.onnx", source="upload")
+    yield Stores(models, calibration_sets, engines, jobs, runner, model)
+    db.close()
+
+
+def _ctx(stores: Stores, job_id: str, params: dict[str, object]) -> JobContext:
+    return JobContext(job_id, BUILD_JOB, dict(params), stores.jobs, threading.Event())
+
+
+# submit_build ------------------------------------------------------------------------------------
+
+
+def test_a_new_request_queues_one_build_job_named_by_its_engine_key(stores: Stores) -> None:
+    submission = stores.submit(
+        BuildRequest(model_id=stores.model.id, precision="fp32", backend="onnxruntime")
+    )
+    assert submission.engine is None and submission.job is not None and submission.created
+    params = submission.job.params
+    key = engine_key_from_params(params)
+    assert params["engine_id"] == key.digest and key.model_id == stores.model.id
+    assert (key.config.precision, key.backend.name, key.calibration_set_id) == ("fp32", "onnxruntime", None)
+    assert [job.id for job in stores.jobs.list(kind=BUILD_JOB)] == [submission.job.id]
+
+
+def test_the_same_request_again_joins_the_queued_job(stores: Stores) -> None:
+    request = BuildRequest(model_id=stores.model.id, precision="fp32", backend="onnxruntime")
+    first = stores.submit(request)
+    second = stores.submit(
+        BuildRequest(model_id=stores.model.id[:16], precision="fp32", backend="onnxruntime")
+    )
+    assert first.job is not None and second.job is not None
+    assert second.job.id == first.job.id and not second.created  # a short id names the same engine
+    assert len(stores.jobs.list(kind=BUILD_JOB)) == 1
+
+
+def test_a_built_engine_answers_the_next_request_from_the_cache(stores: Stores) -> None:
+    request = BuildRequest(model_id=stores.model.id, precision="fp32", backend="onnxruntime")
+    queued = stores.submit(request)
+    assert queued.job is not None
+    assert stores.runner.execute(queued.job.id)
+    finished = stores.jobs.get(queued.job.id)
+    assert finished.status == "succeeded", finished.error
+    hit = stores.submit(request)
+    assert hit.job is None and hit.engine is not None
+    assert hit.engine.id == queued.job.params["engine_id"] == finished.result["engine_id"]  # type: ignore[index]
+    assert stores.engines.read_plan(hit.engine.id)  # the stored plan reads back verified
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "error", "message"),
+    [
+        ({"precision": "fp16", "backend": "onnxruntime"}, BadInput, "FP16 brings no speed"),
+        ({"precision": "int8", "backend": "onnxruntime"}, BadInput, "needs a calibration_set_id"),
+        (
+            {"precision": "fp32", "backend": "onnxruntime", "keep": ("no_such_node",)},
+            BadInput,
+            "no_such_node",
+        ),
+        (
+            {"precision": "fp32", "backend": "onnxruntime", "calibration_set_id": "f" * 64},
+            NotFound,
+            "f" * 12,
+        ),
+    ],
+)
+def test_a_request_that_cannot_build_is_refused_before_any_job_exists(
+    stores: Stores, request_fields: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        stores.submit(BuildRequest(model_id=stores.model.id, **request_fields))  # type: ignore[arg-type]
+    assert stores.jobs.list() == []
+
+
+def test_an_unknown_model_is_not_found_and_queues_nothing(stores: Stores) -> None:
+    with pytest.raises(NotFound):
+        stores.submit(BuildRequest(model_id="0" * 64, precision="fp32", backend="onnxruntime"))
+    assert stores.jobs.list() == []
+
+
+# BuildPipeline steps -----------------------------------------------------------------------------
+
+
+def _key(stores: Stores, precision: str, backend: BackendInfo) -> EngineKey:
+    config = BuildConfig(precision=precision, keep=(), shapes=(), calibration=None)  # type: ignore[arg-type]
+    return EngineKey(model_id=stores.model.id, config=config, calibration_set_id=None, backend=backend)
+
+
+def _prepared(stores: Stores, precision: str, backend: BackendInfo) -> PreparedModel:
+    model = stores.models.load(stores.model.id)
+    job, _ = stores.runner.submit(BUILD_JOB, {"probe": True})  # a real row for the context to report to
+    pipeline = BuildPipeline(LocalBuildStorage(stores.models, stores.calibration_sets, stores.engines))
+    return pipeline.prepare(_ctx(stores, job.id, {}), model, _key(stores, precision, backend), backend, {})
+
+
+ORT = BackendInfo("onnxruntime", "1", "CPU", strongly_typed=True)
+RTX = BackendInfo("tensorrt-rtx", "1", "ahead-of-time (no GPU)", strongly_typed=True)
+TRT10 = BackendInfo("tensorrt", "10", "GPU", compute_capability="8.6", strongly_typed=False)
+
+
+def test_prepare_leaves_an_fp32_model_as_uploaded(stores: Stores) -> None:
+    prepared = _prepared(stores, "fp32", ORT)
+    assert prepared.steps == () and prepared.quantization is None and prepared.sample is None
+    assert prepared.model == stores.models.load(stores.model.id)
+
+
+def test_prepare_types_fp16_only_for_strongly_typed_tensorrt_builders(stores: Stores) -> None:
+    typed = _prepared(stores, "fp16", RTX)
+    assert typed.steps == ("layers outside INT8 typed FP16",)
+    float16 = onnx.TensorProto.FLOAT16
+    assert any(init.data_type == float16 for init in typed.model.graph.initializer)
+    implicit = _prepared(stores, "fp16", TRT10)  # TensorRT 10 types FP16 with its builder flag instead
+    assert implicit.steps == () and implicit.model == stores.models.load(stores.model.id)
+
+
+def test_build_spec_carries_the_config_and_what_preparation_kept(stores: Stores) -> None:
+    prepared = PreparedModel(
+        model=stores.models.load(stores.model.id),
+        steps=(),
+        keep_layers=("head",),
+        quantization=None,
+        sample=None,
+    )
+    config = BuildConfig(precision="fp16", keep=(), shapes=(), calibration=None, workspace_bytes=1 << 20)
+    spec = BuildPipeline.build_spec(config, prepared)
+    assert (spec.precision, spec.keep_layers, spec.calibration_cache, spec.workspace_bytes) == (
+        "fp16",
+        ("head",),
+        None,
+        1 << 20,
+    )
+
+
+def test_engine_keys_survive_the_round_trip_through_job_params(stores: Stores) -> None:
+    key = _key(stores, "fp32", RTX)
+    again = EngineKey.from_canonical(key.canonical())
+    assert again == key and again.digest == key.digest
+    assert engine_key_from_params({"key": key.canonical()}) == key
+    # The key names a backend by identity only (name, version, device, capability): how a backend
+    # types its network is not part of it, so a TensorRT 10 key reads back with the same digest.
+    implicit = _key(stores, "fp32", TRT10)
+    assert EngineKey.from_canonical(implicit.canonical()).digest == implicit.digest
