@@ -271,12 +271,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--inputs", type=int, default=64)
-    parser.add_argument("--child", choices=("ours", "ort", "judge"))
+    parser.add_argument("--child", choices=("ours", "ort", "judge", "inputs"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--inputs-file", type=Path, help="(children) the .npy the parent wrote")
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="where to write accuracy.{json,md}")
     parser.add_argument("--name", default="accuracy", help="file name stem of the results")
     args = parser.parse_args()
+    if args.child == "inputs":
+        np.save(args.out, make_inputs(args.models, args.inputs))
+        return
     if args.child == "judge":
         print(json.dumps(judge(args.models, args.inputs_file, args.out)))
         return
@@ -297,7 +300,13 @@ def main() -> None:
             count = args.inputs if which != "layout" else min(args.inputs, 32)
             results["models"][which] = {}
             inputs_file = Path(scratch) / f"{which}-inputs.npy"
-            np.save(inputs_file, make_inputs(which, count))
+            # Made in a child: Linux keeps a forked child's pre-exec RSS in its ru_maxrss, so a parent
+            # that made ~1 GB of crops would lend every later child that peak.
+            subprocess.run(
+                [sys.executable, "-m", "benchmarks.accuracy", "--child", "inputs", "--models", which,
+                 "--inputs", str(count), "--out", str(inputs_file)],
+                check=True,
+            )  # fmt: skip
             for side in ("ours", "ort"):
                 out = Path(scratch) / f"{which}-{side}.onnx"
                 try:
