@@ -48,6 +48,9 @@ class BuildOutcome:
             "engine_id": (self.engine or {}).get("id") or self.ticket.engine_id,
             "build_id": self.ticket.job_id,
             "joined_existing": self.ticket.joined_existing,
+            "precision_choice": (self.job.result or {}).get("precision_choice")
+            if self.job
+            else self.ticket.precision_choice,
             "job": self.job.document if self.job else None,
             "engine": self.engine,
         }

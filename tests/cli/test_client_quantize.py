@@ -79,3 +79,19 @@ def test_a_malformed_accuracy_target_is_refused_before_anything_runs(
 ) -> None:
     result = cli("quantize", classifier_id, "--calib", calib_id, "--accuracy-target", "top1")
     assert result.exit_code != 0 and any("METRIC=MIN" in line for line in errors_of(result))
+
+
+def test_build_precision_auto_says_what_it_chose_and_why(cli: Cli, classifier_id: str, calib_id: str) -> None:
+    built = cli(
+        "build", classifier_id, "--precision", "auto", "--calib", calib_id, "--backend", "onnxruntime"
+    )
+
+    assert built.exit_code == 0, built.output
+    assert "queued for precision auto" in built.stderr and "precision auto chose " in built.stderr
+
+    again = cli("build", classifier_id, "--precision", "auto", "--calib", calib_id,
+                "--backend", "onnxruntime", "--json")  # fmt: skip
+    outcome = json_of(again)
+    choice = outcome["precision_choice"]
+    assert outcome["cache"] == "hit" and outcome["engine"]["precision"] == choice["chosen"]
+    assert f"precision auto chose {choice['chosen']}: {choice['reason']}" in built.stderr
