@@ -13,19 +13,21 @@ import onnx
 import pytest
 
 from service.backends.base import BackendInfo
+from service.backends.registry import get_backend
 from service.builds.pipeline import BuildPipeline, PreparedModel, engine_key_from_params
 from service.builds.requests import BuildRequest
 from service.builds.storage import LocalBuildStorage
 from service.builds.submit import BUILD_JOB, BuildSubmission, submit_build
 from service.catalog.calibration_sets import CalibrationCatalog
-from service.catalog.engine_keys import BuildConfig, EngineKey
+from service.catalog.engine_keys import BuildConfig, CalibrationOptions, EngineKey
 from service.catalog.engines import EngineCache
 from service.catalog.models import ModelCatalog, ModelRecord
 from service.errors import BadInput, NotFound
 from service.jobs.records import JobStore
 from service.jobs.runner import JobContext, JobRunner
-from service.store.blobs import BlobStore
+from service.store.blobs import BlobStore, StagedUpload
 from service.store.db import Database
+from tests.data_factory import classifier_samples, npz_bytes
 from tests.model_factory import model_bytes, resnet_block_classifier
 
 
@@ -200,3 +202,45 @@ def test_engine_keys_survive_the_round_trip_through_job_params(stores: Stores) -
     # types its network is not part of it, so a TensorRT 10 key reads back with the same digest.
     implicit = _key(stores, "fp32", TRT10)
     assert EngineKey.from_canonical(implicit.canonical()).digest == implicit.digest
+
+
+def _calibration_set(stores: Stores, tmp_path: Path) -> str:
+    staged = StagedUpload(tmp_path / "staging", max_bytes=10**8)
+    staged.write(npz_bytes(input=classifier_samples(24, seed=5)))
+    record, _ = stores.calibration_sets.register_staged(staged, "calib.npz", preprocess=None)
+    return record.id
+
+
+def test_an_int8_onnx_runtime_build_calibrates_proves_itself_and_times_itself(
+    stores: Stores, tmp_path: Path
+) -> None:
+    """calibrate -> build -> evidence -> speed_check on a real calibration set and real ORT builds."""
+    backend = get_backend("onnxruntime")
+    info = backend.describe()
+    set_id = _calibration_set(stores, tmp_path)
+    config = BuildConfig(
+        precision="int8", calibration=CalibrationOptions(method="max", holdout_fraction=0.25)
+    )
+    key = EngineKey(model_id=stores.model.id, config=config, calibration_set_id=set_id, backend=info)
+    model = stores.models.load(stores.model.id)
+    job, _ = stores.runner.submit(BUILD_JOB, {"probe": True})
+    ctx = _ctx(stores, job.id, {})
+    pipeline = BuildPipeline(LocalBuildStorage(stores.models, stores.calibration_sets, stores.engines))
+
+    outcome, sample = pipeline.calibrate(ctx, model, key, {})
+    assert outcome.method == "max" and outcome.accuracy is not None
+    assert sample["input"].shape == (1, 3, 16, 16)  # one sample: the speed check's batch
+    assert any(n.op_type == "QuantizeLinear" for n in outcome.qdq_model.graph.node)
+
+    prepared = pipeline.prepare(ctx, model, key, info, {})
+    built = backend.build(prepared.model.SerializeToString(), pipeline.build_spec(config, prepared))
+    report = pipeline.evidence(model, prepared, built)
+    assert report.target_met is outcome.target_met and report.backend["name"] == "onnxruntime"
+    assert report.accuracy is not None and "this engine's kernels" in report.accuracy["measured_with"]
+    assert report.layer_counts["int8"] > 0
+
+    speed = pipeline.speed_check(ctx, backend, model, built, key, prepared)
+    assert speed is not None and speed.int8_ms > 0 and speed.fp32_ms > 0 and speed.pairs >= 3
+    assert (speed.warning is not None) is (speed.speedup_vs_fp32 <= 1.0)
+    fp32_key = _key(stores, "fp32", info)
+    assert pipeline.speed_check(ctx, backend, model, built, fp32_key, prepared) is None  # INT8 only
