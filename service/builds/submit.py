@@ -154,9 +154,10 @@ def _submit_auto(
     )
     int8_key = check(replace(request, precision="int8"))
     fallback_key = check(replace(request, precision=fallback, calibration_set_id=None, eval_set_id=None))
+    evidence: Int8Evidence | None = None
     cached_int8 = engines.lookup(int8_key.digest)
-    evidence = Int8Evidence.from_report(cached_int8.id, cached_int8.report) if cached_int8 else None
-    if cached_int8 is not None and evidence is not None:  # the INT8 engine's evidence decides
+    if cached_int8 is not None:  # the INT8 engine's own evidence decides
+        evidence = Int8Evidence.from_report(cached_int8.id, cached_int8.report)
         choice = choose_precision(evidence, fallback)
         chosen = cached_int8 if choice.chosen == "int8" else engines.lookup(fallback_key.digest)
         if chosen is not None:
