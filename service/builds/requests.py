@@ -65,13 +65,13 @@ def build_config_from_request(
             or calibration.accuracy_targets,
         )
     # The held-out set can change the engine (method "auto" and sensitivity pick by accuracy on it).
-    extra = (("eval_set_id", request.eval_set_id),) if calibration is not None and request.eval_set_id else ()
+    eval_set_id = request.eval_set_id if calibration is not None and request.eval_set_id else None
     return BuildConfig(
         precision=precision,
         keep=tuple(sorted(set(request.keep))),
         shapes=tuple(sorted(request.shapes.items())),
         calibration=calibration,
-        extra=extra,
+        eval_set_id=eval_set_id,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from service.backends.base import BackendInfo, Precision, ShapeRange
@@ -45,14 +45,19 @@ class CalibrationOptions:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Everything about a build except the model, calibration set and backend identity."""
+    """Everything about a build except the model, calibration set and backend identity.
+
+    ``eval_set_id`` is the held-out set of an INT8 build the service calibrates (None otherwise): it can
+    change the engine (method "auto" and sensitivity choose by accuracy on it), so it is part of the key.
+    In the canonical form it sits under ``"extra"`` as it always did, so no existing digest changes.
+    """
 
     precision: Precision
     keep: tuple[str, ...] = ()
     shapes: tuple[tuple[str, ShapeRange], ...] = ()
     calibration: CalibrationOptions | None = None
     workspace_bytes: int | None = None
-    extra: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    eval_set_id: str | None = None
 
     def shape_map(self) -> dict[str, ShapeRange]:
         return dict(self.shapes)
@@ -67,11 +72,18 @@ class BuildConfig:
             },
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "workspace_bytes": self.workspace_bytes,
-            "extra": dict(sorted(self.extra)),
+            # The name "extra" is kept from the first key format: renaming it would change every digest.
+            "extra": {"eval_set_id": self.eval_set_id} if self.eval_set_id is not None else {},
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        """The config whose :meth:`to_dict` is ``data``; ValueError for an ``"extra"`` entry it does not
+        know (dropping one silently would change the key's digest)."""
+        extra = dict(data.get("extra") or {})
+        eval_set_id = extra.pop("eval_set_id", None)
+        if extra:
+            raise ValueError(f"unknown build config entries {sorted(extra)}: only 'eval_set_id' is known")
         shapes = tuple(
             (name, ShapeRange(tuple(r["min"]), tuple(r["opt"]), tuple(r["max"])))
             for name, r in sorted(data.get("shapes", {}).items())
@@ -83,7 +95,7 @@ class BuildConfig:
             shapes=shapes,
             calibration=CalibrationOptions.from_dict(calibration) if calibration else None,
             workspace_bytes=data.get("workspace_bytes"),
-            extra=tuple(sorted(data.get("extra", {}).items())),
+            eval_set_id=eval_set_id,
         )
 
 
