@@ -177,6 +177,14 @@ class BuildFailed(ServiceError):
     status = 500
 
 
+class InvalidJobParams(ServiceError):
+    """A stored job's params are not what its kind reads (garbled, or written by an unknown version):
+    the job fails with this message instead of a KeyError deep inside its handler."""
+
+    code = "invalid_job_params"
+    status = 500
+
+
 class JobCancelled(ServiceError):
     """Raised inside a job when its cancellation was requested; the runner records `cancelled`."""
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.api.deps import PrincipalDep, ServicesDep
-from service.api.jobs_common import JobPublic, job_public
+from service.api.jobs_common import BuildPublic, JobPublic, job_public
 from service.api.tenancy import cancel_owned, grant, owned_job, owned_model, owned_set
 from service.backends.base import ShapeRange
 from service.builds.requests import BuildRequest
@@ -93,15 +93,6 @@ class BuildCreate(BaseModel):
         )
 
 
-class BuildPublic(JobPublic):
-    engine_id: str | None = None
-    engine_state: Literal["available", "evicted", "deleted", "damaged"] | None = Field(
-        default=None,
-        description="Once succeeded: whether engine_id can be fetched now, or why it left the cache.",
-    )
-    engine_message: str | None = None
-
-
 class BuildAccepted(BaseModel):
     cache: Literal["hit", "miss"]
     engine_id: str | None = Field(description="None for a precision 'auto' job: known when it has chosen.")
@@ -132,11 +123,11 @@ async def create_build(body: BuildCreate, services: ServicesDep, principal: Prin
         if submission.precision_choice is not None:
             hit["precision_choice"] = submission.precision_choice.to_dict()
         return JSONResponse(status_code=200, content=hit)
-    job = submission.job
-    assert job is not None
+    job, params = submission.job, submission.params
+    assert job is not None and params is not None
     content = {
         "cache": "miss",
-        "engine_id": job.params["engine_id"],
+        "engine_id": params.engine_id,
         "id": job.id,
         "status": job.status,
         "joined_existing": not submission.created,
@@ -171,47 +162,32 @@ def _submit_owned(body: BuildCreate, services: ServicesDep, principal: Principal
         named.append(("engine", submission.engine.id))
         if submission.precision_choice is not None:
             named += result_resources({"precision_choice": submission.precision_choice.to_dict()})
-    elif submission.job is not None and isinstance(submission.job.params.get("engine_id"), str):
+    elif submission.params is not None and submission.params.engine_id is not None:
         # Known up front for a concrete precision; a precision "auto" job's engine is linked when it ends.
-        named.append(("engine", submission.job.params["engine_id"]))
+        named.append(("engine", submission.params.engine_id))
     for kind, resource_id in named:
         grant(services, principal, kind, resource_id)
     return submission
 
 
-@router.get("", response_model=list[JobPublic])
+@router.get("", response_model=list[BuildPublic])
 def list_builds(
     services: ServicesDep, principal: PrincipalDep, limit: int = Query(default=100, ge=1, le=1000)
-) -> list[dict[str, Any]]:
+) -> list[JobPublic]:
     """Your recent build jobs, newest first."""
     records = services.jobs.list(kind=BUILD_JOB, limit=limit, principal=principal)
-    return [job_public(r, log_lines=5) for r in records]
+    return [job_public(r, services.engines, log_lines=5) for r in records]
 
 
 @router.get("/{build_id}", response_model=BuildPublic)
-def read_build(build_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+def read_build(build_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
     """A build job: status, progress, phase, log tail, error and, when done, engine_id."""
-    record = owned_job(services, principal, build_id, kind=BUILD_JOB)
-    body = job_public(record)
-    if record.status != "succeeded" or not record.result:
-        return body
-    engine_id = record.result.get("engine_id")
-    body["engine_id"] = engine_id
-    if engine_id and services.engines.exists(engine_id):  # rebuilt since it was removed, or never was
-        body["engine_state"] = "available"
-        return body
-    removed = record.result.get("engine_removed") or {}
-    body["engine_state"] = removed.get("reason", "damaged")
-    body["engine_message"] = removed.get(
-        "message", "The engine is no longer stored; send the same build request again to rebuild it."
-    )
-    return body
+    return job_public(owned_job(services, principal, build_id, kind=BUILD_JOB), services.engines)
 
 
-@router.delete("/{build_id}", response_model=JobPublic)
-def cancel_build(build_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+@router.delete("/{build_id}", response_model=BuildPublic)
+def cancel_build(build_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
     """Cancel a queued or running build (finished builds are left as they are; one another key also
     asked for runs on for it, and is no longer yours)."""
-    return job_public(
-        cancel_owned(services, principal, owned_job(services, principal, build_id, kind=BUILD_JOB))
-    )
+    record = cancel_owned(services, principal, owned_job(services, principal, build_id, kind=BUILD_JOB))
+    return job_public(record, services.engines)

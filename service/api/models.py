@@ -26,7 +26,7 @@ class TensorSpecPublic(BaseModel):
     shape: list[int | str]
 
 
-class QuantizationPublic(BaseModel):
+class ModelQuantizationPublic(BaseModel):
     explicit: bool
     qdq_pairs: int
     per_channel_weights: int
@@ -46,7 +46,7 @@ class ModelPublic(BaseModel):
     inputs: list[TensorSpecPublic]
     outputs: list[TensorSpecPublic]
     op_counts: dict[str, int]
-    quantization: QuantizationPublic
+    quantization: ModelQuantizationPublic
     task: TaskSpec | None = None
 
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.downloads import file_download
-from service.api.jobs_common import JobPublic, job_public
+from service.api.jobs_common import JobPublic, QuantizationPublic, job_public
 from service.api.tenancy import cancel_owned, owned_job, owned_model, owned_set
 from service.builds.quantization_job import QUANTIZATION_JOB
+from service.builds.quantization_params import QuantizationJobParams
 from service.errors import BadInput, Conflict
 from service.quantize.skip import SkipSpec
 from service.services import Services
@@ -61,10 +62,6 @@ class QuantizationCreate(BaseModel):
         return self
 
 
-class QuantizationPublic(JobPublic):
-    qdq_model_id: str | None = None
-
-
 def _validate(body: QuantizationCreate, services: Services, principal: Principal) -> QuantizationCreate:
     """The request with full ids of the caller's own model and sets (a unique prefix names the same
     thing), or a 4xx."""
@@ -97,43 +94,41 @@ def _validate(body: QuantizationCreate, services: Services, principal: Principal
 @router.post("", status_code=202, response_model=QuantizationPublic)
 async def create_quantization(
     body: QuantizationCreate, services: ServicesDep, principal: PrincipalDep
-) -> JSONResponse:
+) -> JobPublic:
     """Start calibrating and quantizing an FP32 model; follow it with GET /v1/quantizations/{id}."""
     body = await run_in_threadpool(_validate, body, services, principal)
-    params = body.model_dump(exclude={"accuracy_target"})
-    params["accuracy_targets"] = [t.model_dump() for t in targets_of(body.accuracy_target)]
-    record, _ = await run_in_threadpool(
-        services.runner.submit, QUANTIZATION_JOB, params, owner=principal.owner
+    params = QuantizationJobParams(
+        **body.model_dump(exclude={"accuracy_target", "skip", "task"}),
+        skip=tuple(body.skip),
+        task=body.task,
+        accuracy_targets=targets_of(body.accuracy_target),
     )
-    return JSONResponse(status_code=202, content=job_public(record))
+    record, _ = await run_in_threadpool(
+        services.runner.submit, QUANTIZATION_JOB, params.to_json(), owner=principal.owner
+    )
+    return job_public(record, services.engines)
 
 
 @router.get("", response_model=list[QuantizationPublic])
 def list_quantizations(
     services: ServicesDep, principal: PrincipalDep, limit: int = Query(default=100, ge=1, le=1000)
-) -> list[dict[str, Any]]:
+) -> list[JobPublic]:
     """Your recent quantization jobs, newest first."""
-    return [_public(r) for r in services.jobs.list(kind=QUANTIZATION_JOB, limit=limit, principal=principal)]
-
-
-def _public(record: Any) -> dict[str, Any]:
-    body = job_public(record)
-    body["qdq_model_id"] = (record.result or {}).get("qdq_model_id")
-    return body
+    records = services.jobs.list(kind=QUANTIZATION_JOB, limit=limit, principal=principal)
+    return [job_public(r, services.engines) for r in records]
 
 
 @router.get("/{job_id}", response_model=QuantizationPublic)
-def read_quantization(job_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+def read_quantization(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
     """Status, progress, phase, log tail; on success the Q/DQ model id, accuracy and sensitivity."""
-    return _public(owned_job(services, principal, job_id, kind=QUANTIZATION_JOB))
+    return job_public(owned_job(services, principal, job_id, kind=QUANTIZATION_JOB), services.engines)
 
 
 @router.delete("/{job_id}", response_model=QuantizationPublic)
-def cancel_quantization(job_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+def cancel_quantization(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
     """Cancel a queued or running quantization."""
-    return _public(
-        cancel_owned(services, principal, owned_job(services, principal, job_id, kind=QUANTIZATION_JOB))
-    )
+    record = cancel_owned(services, principal, owned_job(services, principal, job_id, kind=QUANTIZATION_JOB))
+    return job_public(record, services.engines)
 
 
 @router.get("/{job_id}/calibration-cache", response_class=FileResponse)

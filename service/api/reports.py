@@ -163,14 +163,14 @@ def list_reports(
     principal: PrincipalDep,
     kind: str | None = None,
     limit: int = Query(default=100, ge=1, le=1000),
-) -> list[dict[str, Any]]:
+) -> list[JobPublic]:
     """Recent report jobs, newest first (filter by `kind`: benchmark, evaluation, comparison)."""
     if kind is not None and kind not in REPORT_KINDS:
         raise NotFound(f"No report kind '{kind}'; the kinds are {', '.join(REPORT_KINDS)}.")
     kinds = (kind,) if kind else REPORT_KINDS
     records = [r for k in kinds for r in services.jobs.list(kind=k, limit=limit, principal=principal)]
     records.sort(key=lambda r: r.created_at, reverse=True)
-    return [job_public(r, log_lines=5) for r in records[:limit]]
+    return [job_public(r, services.engines, log_lines=5) for r in records[:limit]]
 
 
 @router.get("/v1/reports/{report_id}.html", response_class=HTMLResponse)
@@ -218,11 +218,11 @@ def read_report(report_id: str, services: ServicesDep, principal: PrincipalDep) 
     record = _report_record(services, principal, report_id)
     if record.status == "succeeded" and record.result is not None:
         return {"id": record.id, "status": record.status, **record.result}
-    return job_public(record)
+    return job_public(record, services.engines).model_dump()
 
 
 @router.delete("/v1/reports/{report_id}", response_model=JobPublic)
-def cancel_report(report_id: str, services: ServicesDep, principal: PrincipalDep) -> dict[str, Any]:
+def cancel_report(report_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
     """Cancel a queued or running report job (finished reports are left as they are)."""
     record = _report_record(services, principal, report_id)
-    return job_public(cancel_owned(services, principal, record))
+    return job_public(cancel_owned(services, principal, record), services.engines)

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service import __version__
 from service.api.deps import ServicesDep
 from service.api.downloads import file_download
-from service.builds.pipeline import build_job_keys, engine_key_from_params
+from service.api.jobs_common import JobState, job_state
+from service.builds.job_params import BuildJobParams
 from service.builds.storage import BuildOutput, LocalBuildStorage
 from service.builds.submit import BUILD_JOB
 from service.catalog.build_report import BuildReport
@@ -52,38 +53,15 @@ router = APIRouter(
 )
 
 
-class WorkerJob(BaseModel):
+class WorkerJob(JobState):
     """A job row as a worker sees it (the log is left out: a worker only appends to it)."""
 
-    id: str
-    kind: str
-    status: str
-    phase: str
-    progress: float
-    params: dict[str, Any]
     result: dict[str, Any] | None
-    error: str | None
     cancel_requested: bool
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
 
     @classmethod
     def of(cls, record: JobRecord) -> WorkerJob:
-        return cls(
-            id=record.id,
-            kind=record.kind,
-            status=record.status,
-            phase=record.phase,
-            progress=record.progress,
-            params=record.params,
-            result=record.result,
-            error=record.error,
-            cancel_requested=record.cancel_requested,
-            created_at=record.created_at,
-            started_at=record.started_at,
-            finished_at=record.finished_at,
-        )
+        return cls(**job_state(record), result=record.result, cancel_requested=record.cancel_requested)
 
 
 class ProgressIn(BaseModel):
@@ -215,7 +193,7 @@ def finish_job(job_id: str, body: FinishIn, services: ServicesDep) -> WorkerJob:
     record = _running(services, job_id)
     if body.status == "succeeded" and record.kind == BUILD_JOB:
         engine_id = (body.result or {}).get("engine_id")
-        allowed = build_job_keys(record.params)  # its own key; an auto build's fallback too
+        allowed = BuildJobParams.from_json(record.params).keys()  # its own key; an auto build's fallback too
         if engine_id not in allowed or services.engines.lookup(str(engine_id)) is None:
             raise Conflict(
                 f"Build {job_id} cannot succeed before its engine {' or '.join(allowed)} is uploaded "
@@ -298,8 +276,9 @@ def upload_engine(
         raise BadInput(f"The upload's metadata is not valid: {exc}") from exc
     if not _FILE_EXTENSION.match(meta.file_extension):
         raise BadInput(f"file_extension '{meta.file_extension}' is not a plain extension such as '.plan'.")
-    job_keys = build_job_keys(record.params)
-    key = engine_key_from_params(record.params)
+    params = BuildJobParams.from_json(record.params)
+    job_keys = params.keys()
+    key = params.key
     if meta.key_digest is not None:
         if meta.key_digest not in job_keys:
             raise Conflict(f"Job {job_id} builds none of the engine key {meta.key_digest}.")

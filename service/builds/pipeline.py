@@ -20,6 +20,7 @@ from service.backends.capabilities import capabilities_of
 from service.backends.registry import get_backend
 from service.builds.auto_precision import Int8Evidence, choose_precision, fallback_precision
 from service.builds.fusion_report import verify_fusions
+from service.builds.job_params import AutoChoiceParams, BuildJobParams
 from service.builds.speed import SpeedCheck, int8_speed_vs_fp32
 from service.builds.storage import BuildOutput, BuildStorage
 from service.catalog.build_report import BuildReport
@@ -79,24 +80,22 @@ class BuildPipeline:
         self.storage = storage
 
     def handle(self, ctx: JobContext) -> dict[str, Any]:
-        params = ctx.params
-        key = engine_key_from_params(params)
-        if params.get("auto"):
-            return self.choose_and_build(ctx, key, params)
-        return self.build_one(ctx, key, params)
+        params = BuildJobParams.from_json(ctx.params)
+        if params.auto is not None:
+            return self.choose_and_build(ctx, params.key, params.auto)
+        return self.build_one(ctx, params.key)
 
     def choose_and_build(
-        self, ctx: JobContext, int8_key: EngineKey, params: dict[str, Any]
+        self, ctx: JobContext, int8_key: EngineKey, auto: AutoChoiceParams
     ) -> dict[str, Any]:
         """``precision: "auto"``: the INT8 engine first, then the fallback when INT8 is not the answer."""
-        auto = params["auto"]
-        fallback_key = engine_key_from_params({"key": auto["fallback_key"]})
+        fallback_key = auto.fallback_key
         int8_result: dict[str, Any] | None = None
-        if auto.get("int8_evidence"):  # the INT8 engine was in the cache when the request came
-            evidence = Int8Evidence(**auto["int8_evidence"])
+        if auto.int8_evidence is not None:  # the INT8 engine was in the cache when the request came
+            evidence = auto.int8_evidence
         else:
             # No cache check: a hit here would carry no evidence; rebuilding is the rare race's cost.
-            int8_result = self.build_one(ctx, int8_key, params, use_cache=False)
+            int8_result = self.build_one(ctx, int8_key, use_cache=False)
             evidence = Int8Evidence.from_report(int8_result["engine_id"], int8_result)
         fallback = fallback_precision(fallback_key.backend.name)
         choice = choose_precision(evidence, fallback)
@@ -105,7 +104,7 @@ class BuildPipeline:
             assert int8_result is not None  # evidence from the cache only comes when INT8 lost
             return {**int8_result, "precision": "int8", "precision_choice": choice.to_dict()}
         ctx.check_cancelled()
-        result = self.build_one(ctx, fallback_key, params)
+        result = self.build_one(ctx, fallback_key)
         # FP32 is the reference, so it meets any target; FP16 is not measured on this host.
         target_met = True if fallback == "fp32" else None
         return {
@@ -116,9 +115,7 @@ class BuildPipeline:
             "warnings": [f"precision auto delivers {fallback.upper()}, not INT8: {choice.reason}"],
         }
 
-    def build_one(
-        self, ctx: JobContext, key: EngineKey, params: dict[str, Any], *, use_cache: bool = True
-    ) -> dict[str, Any]:
+    def build_one(self, ctx: JobContext, key: EngineKey, *, use_cache: bool = True) -> dict[str, Any]:
         """Build and store the engine of ``key`` (or name the cached one); returns the job result."""
         cached = self.storage.cached_engine_id(key.digest) if use_cache else None
         if cached is not None:  # an identical build finished between the request and this job
@@ -127,7 +124,7 @@ class BuildPipeline:
         backend = get_backend(key.backend.name)
         ctx.phase("load", 0.02)
         model = self.storage.load_model(key.model_id)
-        prepared = self.prepare(ctx, model, key, backend.describe(), params)
+        prepared = self.prepare(ctx, model, key, backend.describe())
         ctx.check_cancelled()
         ctx.phase("build", 0.8)
         built_model = prepared.model.SerializeToString()
@@ -196,7 +193,6 @@ class BuildPipeline:
         model: onnx.ModelProto,
         key: EngineKey,
         backend: BackendInfo,
-        params: dict[str, Any],
     ) -> PreparedModel:
         config = key.config
         steps: list[str] = []
@@ -206,7 +202,7 @@ class BuildPipeline:
         prepared = model
         if config.precision == "int8" and config.calibration is not None:
             ctx.phase("calibrate", 0.05)
-            outcome, sample = self.calibrate(ctx, model, key, params)
+            outcome, sample = self.calibrate(ctx, model, key)
             keep = tuple(sorted(set(keep) | set(outcome.kept_layers)))
             if backend.strongly_typed:
                 prepared = outcome.qdq_model
@@ -226,14 +222,16 @@ class BuildPipeline:
         )
 
     def calibrate(
-        self, ctx: JobContext, model: onnx.ModelProto, key: EngineKey, params: dict[str, Any]
+        self, ctx: JobContext, model: onnx.ModelProto, key: EngineKey
     ) -> tuple[QuantizationOutcome, dict[str, np.ndarray]]:
-        """The quantization outcome, and the first calibration sample (for the speed check)."""
+        """The quantization outcome, and the first calibration sample (for the speed check).
+
+        The held-out set is the key's own (``config.eval_set_id``): it is part of what the key builds."""
         options = key.config.calibration
         assert options is not None and key.calibration_set_id is not None  # guaranteed by prepare()
         inputs = model_inputs(model)
         dataset, binding = self.storage.calibration_set(key.calibration_set_id, inputs)
-        eval_id = params.get("eval_set_id")
+        eval_id = key.config.eval_set_id
         eval_set, eval_binding = self.storage.calibration_set(eval_id, inputs) if eval_id else (None, None)
         data = calibration_inputs(
             inputs,
@@ -335,16 +333,3 @@ def placement_target(backend_name: str) -> PlacementTarget:
     """Whose Q/DQ placement a backend's INT8 build gets: ONNX Runtime's own for ``onnxruntime``
     (its CPU integer kernels need whole node units), TensorRT's for every TensorRT-family backend."""
     return capabilities_of(backend_name).placement_target
-
-
-def engine_key_from_params(params: dict[str, Any]) -> EngineKey:
-    """The engine key a build job's params carry (``params["key"]``, its canonical form)."""
-    return EngineKey.from_canonical(params["key"])
-
-
-def build_job_keys(params: dict[str, Any]) -> dict[str, EngineKey]:
-    """Every engine key a build job may store, by digest: its own, and an auto build's fallback."""
-    keys = [engine_key_from_params(params)]
-    if params.get("auto"):
-        keys.append(engine_key_from_params({"key": params["auto"]["fallback_key"]}))
-    return {key.digest: key for key in keys}

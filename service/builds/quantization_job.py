@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
+from service.builds.quantization_params import QuantizationJobParams
 from service.catalog.calibration_sets import CalibrationCatalog
 from service.catalog.models import ModelCatalog
 from service.jobs.runner import JobContext
@@ -25,21 +25,21 @@ class QuantizationJob:
     artifacts: BlobStore
 
     def handle(self, ctx: JobContext) -> dict[str, Any]:
-        params = ctx.params
+        params = QuantizationJobParams.from_json(ctx.params)
         ctx.phase("load", 0.01)
-        record = self.models.get(params["model_id"])
+        record = self.models.get(params.model_id)
         model = self.models.load(record.id)
         inputs = model_inputs(model)
-        set_id, eval_id = params["calibration_set_id"], params.get("eval_set_id")
+        set_id, eval_id = params.calibration_set_id, params.eval_set_id
         data = calibration_inputs(
             inputs,
             self.calibration_sets.open(set_id),
             self.calibration_sets.bind(set_id, inputs),
             eval_set=self.calibration_sets.open(eval_id) if eval_id else None,
             eval_binding=self.calibration_sets.bind(eval_id, inputs) if eval_id else None,
-            holdout_fraction=params.get("holdout_fraction", 0.2),
-            max_samples=params.get("max_samples"),
-            holdout_seed=params.get("holdout_seed", 0),
+            holdout_fraction=params.holdout_fraction,
+            max_samples=params.max_samples,
+            holdout_seed=params.holdout_seed,
         )
         ctx.log(
             f"{data.calibration_samples} calibration and {data.holdout_samples} held-out samples, "
@@ -50,20 +50,16 @@ class QuantizationJob:
                 else ""
             )
         )
-        target = params.get("target", "tensorrt")
-        task = params.get("task") or (record.task.model_dump() if record.task else None)
         plan = QuantizationPlan(
-            method=params.get("method", "auto"),
-            percentile=params.get("percentile", 99.99),
-            skip=tuple(params.get("skip", ())),
-            sensitivity=params.get("sensitivity", "off"),
-            min_snr_db=params.get("min_snr_db"),
-            min_cosine=params.get("min_cosine"),
-            target=target,
-            task=TaskSpec.model_validate(task) if task else None,
-            accuracy_targets=targets_of(
-                [AccuracyTarget.model_validate(t) for t in params.get("accuracy_targets") or []]
-            ),
+            method=params.method,
+            percentile=params.percentile,
+            skip=params.skip,
+            sensitivity=params.sensitivity,
+            min_snr_db=params.min_snr_db,
+            min_cosine=params.min_cosine,
+            target=params.target,
+            task=params.task or record.task,
+            accuracy_targets=params.accuracy_targets,
         )
         outcome = quantize_model(
             model,

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
 
 from service.backends.base import Backend, BackendInfo
 from service.backends.capabilities import capabilities_of
 from service.backends.registry import resolve_backend
 from service.backends.shapes import shape_ranges_for
 from service.builds.auto_precision import Int8Evidence, PrecisionChoice, choose_precision, fallback_precision
+from service.builds.job_params import AutoChoiceParams, BuildJobParams
 from service.builds.requests import BuildRequest, build_config_from_request, engine_key
 from service.builds.targets import build_target
 from service.catalog.calibration_sets import CalibrationCatalog
@@ -28,12 +28,14 @@ BUILD_JOB = "build"
 
 @dataclass(frozen=True)
 class BuildSubmission:
-    """Either a cache hit (``engine``) or a build job (``job``, ``created`` False when joined)."""
+    """Either a cache hit (``engine``) or a build job (``job`` with its ``params``, ``created`` False
+    when joined)."""
 
     engine: EngineRecord | None = None
     job: JobRecord | None = None
     created: bool = False
     precision_choice: PrecisionChoice | None = None  # precision "auto" answered from the cache
+    params: BuildJobParams | None = None
 
 
 def submit_build(
@@ -73,15 +75,9 @@ def submit_build(
     cached = engines.lookup(key.digest)
     if cached is not None:
         return BuildSubmission(engine=cached)
-    params: dict[str, Any] = {
-        "key": key.canonical(),
-        "engine_id": key.digest,
-        "model_id": request.model_id,
-        "calibration_set_id": key.calibration_set_id,
-        "eval_set_id": request.eval_set_id,
-    }
-    job, created = runner.submit(BUILD_JOB, params, dedupe_key=key.digest, owner=owner)
-    return BuildSubmission(job=job, created=created)
+    params = BuildJobParams(key=key, eval_set_id=request.eval_set_id)
+    job, created = runner.submit(BUILD_JOB, params.to_json(), dedupe_key=key.digest, owner=owner)
+    return BuildSubmission(job=job, created=created, params=params)
 
 
 def _validated_key(
@@ -162,17 +158,11 @@ def _submit_auto(
         chosen = cached_int8 if choice.chosen == "int8" else engines.lookup(fallback_key.digest)
         if chosen is not None:
             return BuildSubmission(engine=chosen, precision_choice=choice)
-    params: dict[str, Any] = {
-        "key": int8_key.canonical(),
-        "engine_id": None,  # known when the job has chosen
-        "model_id": request.model_id,
-        "calibration_set_id": int8_key.calibration_set_id,
-        "eval_set_id": request.eval_set_id,
-        "auto": {
-            "fallback_key": fallback_key.canonical(),
-            "int8_evidence": asdict(evidence) if evidence is not None else None,
-        },
-    }
+    params = BuildJobParams(
+        key=int8_key,
+        eval_set_id=request.eval_set_id,
+        auto=AutoChoiceParams(fallback_key=fallback_key, int8_evidence=evidence),
+    )
     dedupe = hashlib.sha256(f"auto:{int8_key.digest}:{fallback_key.digest}".encode()).hexdigest()
-    job, created = runner.submit(BUILD_JOB, params, dedupe_key=dedupe, owner=owner)
-    return BuildSubmission(job=job, created=created)
+    job, created = runner.submit(BUILD_JOB, params.to_json(), dedupe_key=dedupe, owner=owner)
+    return BuildSubmission(job=job, created=created, params=params)

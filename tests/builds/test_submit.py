@@ -5,8 +5,6 @@ builders. The HTTP route around them is covered by tests/api/test_builds.py."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -14,56 +12,17 @@ import pytest
 
 from service.backends.base import BackendInfo
 from service.backends.registry import get_backend
-from service.builds.pipeline import BuildPipeline, PreparedModel, engine_key_from_params
+from service.builds.job_params import BuildJobParams
+from service.builds.pipeline import BuildPipeline, PreparedModel
 from service.builds.requests import BuildRequest
 from service.builds.storage import LocalBuildStorage
-from service.builds.submit import BUILD_JOB, BuildSubmission, submit_build
-from service.catalog.calibration_sets import CalibrationCatalog
+from service.builds.submit import BUILD_JOB
 from service.catalog.engine_keys import BuildConfig, CalibrationOptions, EngineKey
-from service.catalog.engines import EngineCache
-from service.catalog.models import ModelCatalog, ModelRecord
 from service.errors import BadInput, NotFound
-from service.jobs.records import JobStore
-from service.jobs.runner import JobContext, JobRunner
-from service.store.blobs import BlobStore, StagedUpload
-from service.store.db import Database
+from service.jobs.runner import JobContext
+from service.store.blobs import StagedUpload
+from tests.builds.conftest import Stores
 from tests.data_factory import classifier_samples, npz_bytes
-from tests.model_factory import model_bytes, resnet_block_classifier
-
-
-@dataclass
-class Stores:
-    models: ModelCatalog
-    calibration_sets: CalibrationCatalog
-    engines: EngineCache
-    jobs: JobStore
-    runner: JobRunner
-    model: ModelRecord
-
-    def submit(self, request: BuildRequest) -> BuildSubmission:
-        return submit_build(
-            request,
-            models=self.models,
-            calibration_sets=self.calibration_sets,
-            engines=self.engines,
-            runner=self.runner,
-        )
-
-
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[Stores]:
-    db = Database(tmp_path / "db.sqlite")
-    models = ModelCatalog(db, BlobStore(tmp_path / "models", suffix=".onnx"))
-    calibration_sets = CalibrationCatalog(
-        db, tmp_path / "calibration", max_archive_members=1000, max_archive_uncompressed_bytes=10**9
-    )
-    engines = EngineCache(db, tmp_path / "engines", budget_bytes=10**9)
-    jobs = JobStore(db)
-    runner = JobRunner(jobs)
-    runner.register(BUILD_JOB, BuildPipeline(LocalBuildStorage(models, calibration_sets, engines)).handle)
-    model, _ = models.add_model(model_bytes(resnet_block_classifier(seed=3)), "block.onnx", source="upload")
-    yield Stores(models, calibration_sets, engines, jobs, runner, model)
-    db.close()
 
 
 def _ctx(stores: Stores, job_id: str, params: dict[str, object]) -> JobContext:
@@ -78,9 +37,9 @@ def test_a_new_request_queues_one_build_job_named_by_its_engine_key(stores: Stor
         BuildRequest(model_id=stores.model.id, precision="fp32", backend="onnxruntime")
     )
     assert submission.engine is None and submission.job is not None and submission.created
-    params = submission.job.params
-    key = engine_key_from_params(params)
-    assert params["engine_id"] == key.digest and key.model_id == stores.model.id
+    params = BuildJobParams.from_json(submission.job.params)
+    key = params.key
+    assert params.engine_id == key.digest and key.model_id == stores.model.id
     assert (key.config.precision, key.backend.name, key.calibration_set_id) == ("fp32", "onnxruntime", None)
     assert [job.id for job in stores.jobs.list(kind=BUILD_JOB)] == [submission.job.id]
 
@@ -105,7 +64,9 @@ def test_a_built_engine_answers_the_next_request_from_the_cache(stores: Stores) 
     assert finished.status == "succeeded", finished.error
     hit = stores.submit(request)
     assert hit.job is None and hit.engine is not None
-    assert hit.engine.id == queued.job.params["engine_id"] == finished.result["engine_id"]  # type: ignore[index]
+    assert (
+        hit.engine.id == BuildJobParams.from_json(queued.job.params).engine_id == finished.result["engine_id"]
+    )  # type: ignore[index]
     assert stores.engines.read_plan(hit.engine.id)  # the stored plan reads back verified
 
 
@@ -152,7 +113,7 @@ def _prepared(stores: Stores, precision: str, backend: BackendInfo) -> PreparedM
     model = stores.models.load(stores.model.id)
     job, _ = stores.runner.submit(BUILD_JOB, {"probe": True})  # a real row for the context to report to
     pipeline = BuildPipeline(LocalBuildStorage(stores.models, stores.calibration_sets, stores.engines))
-    return pipeline.prepare(_ctx(stores, job.id, {}), model, _key(stores, precision, backend), backend, {})
+    return pipeline.prepare(_ctx(stores, job.id, {}), model, _key(stores, precision, backend), backend)
 
 
 ORT = BackendInfo("onnxruntime", "1", "CPU", strongly_typed=True)
@@ -197,7 +158,7 @@ def test_engine_keys_survive_the_round_trip_through_job_params(stores: Stores) -
     key = _key(stores, "fp32", RTX)
     again = EngineKey.from_canonical(key.canonical())
     assert again == key and again.digest == key.digest
-    assert engine_key_from_params({"key": key.canonical()}) == key
+    assert BuildJobParams.from_json({"key": key.canonical()}).key == key
     # The key names a backend by identity only (name, version, device, capability): how a backend
     # types its network is not part of it, so a TensorRT 10 key reads back with the same digest.
     implicit = _key(stores, "fp32", TRT10)
@@ -227,12 +188,12 @@ def test_an_int8_onnx_runtime_build_calibrates_proves_itself_and_times_itself(
     ctx = _ctx(stores, job.id, {})
     pipeline = BuildPipeline(LocalBuildStorage(stores.models, stores.calibration_sets, stores.engines))
 
-    outcome, sample = pipeline.calibrate(ctx, model, key, {})
+    outcome, sample = pipeline.calibrate(ctx, model, key)
     assert outcome.method == "max" and outcome.accuracy is not None
     assert sample["input"].shape == (1, 3, 16, 16)  # one sample: the speed check's batch
     assert any(n.op_type == "QuantizeLinear" for n in outcome.qdq_model.graph.node)
 
-    prepared = pipeline.prepare(ctx, model, key, info, {})
+    prepared = pipeline.prepare(ctx, model, key, info)
     built = backend.build(prepared.model.SerializeToString(), pipeline.build_spec(config, prepared))
     report = pipeline.evidence(model, prepared, built)
     assert report.target_met is outcome.target_met and report.backend["name"] == "onnxruntime"

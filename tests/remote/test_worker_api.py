@@ -144,11 +144,12 @@ def test_a_job_is_claimed_once_and_reported_only_while_it_runs(
 def _real_build(remote_setup: RemoteSetup, job_params: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     """Build the job's engine here with the real backend, as a worker would, without uploading it."""
     from service.backends.registry import get_backend
-    from service.builds.pipeline import BuildPipeline, engine_key_from_params
+    from service.builds.job_params import BuildJobParams
+    from service.builds.pipeline import BuildPipeline
     from service.onnx_graph.loading import model_from_bytes
 
     model = model_from_bytes(remote_setup.api.get(f"/v1/models/{remote_setup.model_id}/onnx").content)
-    key = engine_key_from_params(job_params)
+    key = BuildJobParams.from_json(job_params).key
     backend = get_backend(key.backend.name)
     model_bytes = model.SerializeToString()
     built = backend.build(model_bytes, BuildPipeline.build_spec(key.config, _as_prepared(model)))
