@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from service.quantize._graph import GraphIndex, NameAllocator, remove_unused_initializers, splice_nodes
+from service.onnx_graph.graph import GraphIndex
 from service.quantize.encoding import (
     INT8_MAX,
     ActivationEncoding,
@@ -40,6 +40,7 @@ from service.quantize.encoding import (
     quantize_weight,
 )
 from service.quantize.ort_placement import IntegerLayer, IntegerTensor, OrtQdqPlan
+from service.quantize.rewrite import NameAllocator, remove_unused_initializers, splice_nodes
 
 DEFAULT_ACTIVATION_TYPE: ActivationType = "uint8"
 
@@ -62,7 +63,7 @@ def insert_ort_qdq(
     before: dict[str, list[onnx.NodeProto]] = {}  # nodes to emit right before a node (by name)
     after: dict[str, list[onnx.NodeProto]] = {}  # nodes to emit right after a tensor's producer ("" = start)
 
-    layer_inputs = {unit.node: index.nodes_by_name[unit.node].input[0] for unit in plan.layers}
+    layer_inputs = {unit.node: index.node(unit.node).input[0] for unit in plan.layers}
     encodings: dict[str, ActivationEncoding] = {}
     params: dict[str, tuple[str, str]] = {}  # range source -> (scale, zero point) initializer names
     for site in plan.tensors:
@@ -116,7 +117,7 @@ def _quantize_tensor(
         [quantized],
         name=names.fresh(f"{site.tensor}_QuantizeLinear"),
     )
-    after.setdefault(site.tensor if index.producer_of(site.tensor) is not None else "", []).append(q)
+    after.setdefault(site.tensor if index.producer(site.tensor) is not None else "", []).append(q)
     dequantized: dict[str, str] = {}  # reading node -> its DQ output
     shared = ""  # the one DQ output every float reader shares
     for edge in (*site.edges, *site.float_readers):
@@ -138,7 +139,7 @@ def _quantize_tensor(
                 shared = out
             else:
                 dequantized[edge.node] = out
-        index.nodes_by_name[edge.node].input[edge.input_index] = out
+        index.node(edge.node).input[edge.input_index] = out
 
 
 def _quantize_layer(
@@ -152,13 +153,15 @@ def _quantize_layer(
 ) -> int:
     """Weight DQ (and int32 bias DQ) for one layer; returns 1 when the weight is per channel."""
     layer = unit.layer
-    node = index.nodes_by_name[layer.node]
-    values, weight_scale = quantize_weight(index.constant(layer.weight), layer.axis, qmax=weight_max)
+    node = index.node(layer.node)
+    values, weight_scale = quantize_weight(index.weight_value(layer.weight), layer.axis, qmax=weight_max)
     node.input[1] = _dequantized_constant(
         graph, names, before, layer.node, f"{layer.weight}_int8", values, weight_scale, layer.axis
     )
     if unit.bias is not None:
-        bias_values, bias_scale = int32_bias(index.constant(unit.bias), input_encoding.scale, weight_scale)
+        bias_values, bias_scale = int32_bias(
+            index.weight_value(unit.bias), input_encoding.scale, weight_scale
+        )
         node.input[2] = _dequantized_constant(
             graph, names, before, layer.node, f"{unit.bias}_int32", bias_values.reshape(-1),
             bias_scale.reshape(-1) if bias_scale.ndim else bias_scale, 0 if bias_scale.ndim else None,

@@ -31,8 +31,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.accuracy.outputs import cpu_session_options, onnxruntime_session
 from service.errors import JobCancelled
-from service.quantize._graph import GraphIndex, NameAllocator, WeightedLayer
+from service.onnx_graph.graph import GraphIndex
 from service.quantize.encoding import activation_scale, ort_activation_encoding, quantize_weight
+from service.quantize.rewrite import NameAllocator, WeightedLayer
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
@@ -102,7 +103,7 @@ def probe_layer_errors(
         values = by_layer.get(layer.node)
         if values is None:
             continue
-        x = index.nodes_by_name[layer.node].input[0]
+        x = index.node(layer.node).input[0]
         result[layer.node] = LayerProbe(
             node=layer.node,
             input=x,
@@ -128,11 +129,11 @@ def _probe_model(
     fetches: list[tuple[str, int, str]] = []
     new_nodes: list[onnx.NodeProto] = []
     for layer in layers:
-        node = index.nodes_by_name[layer.node]
+        node = index.node(layer.node)
         x, reference = node.input[0], node.output[0]
         if x not in candidates or not candidates[x]:
             continue
-        weight = _dequantized_weight(index.constant(layer.weight), layer.axis, encoding.weight_max)
+        weight = _dequantized_weight(index.weight_value(layer.weight), layer.axis, encoding.weight_max)
         weight_name = names.fresh(f"{layer.weight}_probe")
         graph.initializer.append(numpy_helper.from_array(weight, weight_name))
         for slot, amax in enumerate(candidates[x]):

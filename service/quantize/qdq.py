@@ -44,14 +44,8 @@ from onnx import helper, numpy_helper
 
 from service.backends.cpu_isa import host_int8_weight_max
 from service.errors import BadInput
-from service.quantize._graph import (
-    GraphIndex,
-    NameAllocator,
-    WeightedLayer,
-    canonical_model,
-    remove_unused_initializers,
-    splice_nodes,
-)
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.canonical import canonical_model
 from service.quantize.encoding import activation_scale, quantize_weight
 from service.quantize.encoding import fp16_exact_scales as fp16_exact_scales  # re-exported for fp16.py
 from service.quantize.ort_placement import plan_ort_qdq
@@ -65,6 +59,7 @@ from service.quantize.placement import (
     check_target,
     plan_qdq,
 )
+from service.quantize.rewrite import NameAllocator, WeightedLayer, remove_unused_initializers, splice_nodes
 from service.quantize.skip import SkipSpec
 
 
@@ -191,7 +186,7 @@ def _insert(model: onnx.ModelProto, plan: QdqPlan, scales: Mapping[str, float]) 
             weight_cache[key] = _add_quantized_weight(layer, index, names, graph)
             per_channel += layer.axis is not None
         q_name, scale_name, zero_name = weight_cache[key]
-        node = index.nodes_by_name[layer.node]
+        node = index.node(layer.node)
         dq_out = names.fresh(f"{layer.weight}_dequantized")
         dq = helper.make_node(
             "DequantizeLinear",
@@ -231,12 +226,12 @@ def _plan_activation(
         [quantized],
         name=names.fresh(f"{tensor}_QuantizeLinear"),
     )
-    producer = index.producer_of(tensor)
+    producer = index.producer(tensor)
     after.setdefault(tensor if producer is not None else "", []).append(q)
 
     dq_for_node: dict[str, str] = {}
     for edge in site.edges:
-        node = index.nodes_by_name[edge.node]
+        node = index.node(edge.node)
         if edge.node not in dq_for_node:
             dq_out = names.fresh(f"{tensor}_dequantized")
             dq = helper.make_node(
@@ -253,7 +248,7 @@ def _plan_activation(
 def _add_quantized_weight(
     layer: WeightedLayer, index: GraphIndex, names: NameAllocator, graph: onnx.GraphProto
 ) -> tuple[str, str, str]:
-    weight = index.constant(layer.weight)
+    weight = index.weight_value(layer.weight)
     quantized, scale = quantize_weight(weight, layer.axis)
     q_name = names.fresh(f"{layer.weight}_int8")
     scale_name = names.fresh(f"{layer.weight}_scale")

@@ -39,7 +39,8 @@ from service.backends.cpu_isa import host_int8_weight_max
 from service.calibration.algorithms import thresholds_from_histograms
 from service.calibration.histograms import AbsHistogram
 from service.errors import JobCancelled
-from service.quantize._graph import GraphIndex, canonical_model
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.canonical import canonical_model
 from service.quantize.ort_placement import plan_ort_qdq
 from service.quantize.ort_prepare import onnxruntime_prepared
 from service.quantize.placement import QDQ_MIN_OPSET, PlacementTarget, placement_summary
@@ -317,13 +318,13 @@ class _Search:
         self, thresholds: Mapping[str, Mapping[str, float]], calibration: Batches
     ) -> dict[str, LayerProbe]:
         index = GraphIndex(self.prepared.graph)
-        layers = [layer for layer in self.quantized if layer.node in index.nodes_by_name]
+        layers = [layer for layer in self.quantized if index.find_node(layer.node) is not None]
         candidates = {
-            index.nodes_by_name[layer.node].input[0]: [
-                thresholds[m][index.nodes_by_name[layer.node].input[0]] for m in self.plan.methods
+            index.node(layer.node).input[0]: [
+                thresholds[m][index.node(layer.node).input[0]] for m in self.plan.methods
             ]
             for layer in layers
-            if all(index.nodes_by_name[layer.node].input[0] in thresholds[m] for m in self.plan.methods)
+            if all(index.node(layer.node).input[0] in thresholds[m] for m in self.plan.methods)
         }
         encoding = ProbeEncoding(self.plan.target, self._weight_max(), self.non_negative)
         return probe_layer_errors(

@@ -37,7 +37,8 @@ import onnx
 
 from service.accuracy.reference import ReferenceEvaluator
 from service.errors import BadInput, JobCancelled
-from service.quantize._graph import GraphIndex, canonical_model
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.canonical import canonical_model
 from service.quantize.placement import QDQ_MIN_OPSET, PlacementTarget, placement_summary, plan_qdq
 from service.quantize.qdq import QdqResult, qdq_model_from_scales, quantize_weight
 from service.quantize.skip import SkipSpec
@@ -229,7 +230,7 @@ def _layers_to_evaluate(
     noise: dict[str, float] = {}
     for node in quantized[1:-1]:
         layer = plan_layers[node]
-        weight = index.constant(layer.weight).astype(np.float64)
+        weight = index.weight_value(layer.weight).astype(np.float64)
         q, scale = quantize_weight(weight, layer.axis)
         shape = [-1 if a == layer.axis else 1 for a in range(weight.ndim)] if layer.axis is not None else []
         error = weight - q.astype(np.float64) * scale.astype(np.float64).reshape(shape)
