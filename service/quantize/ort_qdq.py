@@ -25,11 +25,13 @@ integers on every CPU of its class, which is part of its engine key.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from service.backends.cpu_isa import host_int8_weight_max
 from service.onnx_graph.graph import GraphIndex
 from service.quantize.encoding import (
     INT8_MAX,
@@ -39,10 +41,78 @@ from service.quantize.encoding import (
     ort_activation_encoding,
     quantize_weight,
 )
-from service.quantize.ort_placement import IntegerLayer, IntegerTensor, OrtQdqPlan
+from service.quantize.ort_placement import IntegerLayer, IntegerTensor, OrtQdqPlan, plan_ort_qdq
+from service.quantize.ort_prepare import onnxruntime_prepared
+from service.quantize.placement import PlacementSummary, PlacementTarget
+from service.quantize.qdq import QdqResult, checked_amax
 from service.quantize.rewrite import NameAllocator, remove_unused_initializers, splice_nodes
+from service.quantize.skip import SkipSpec
 
 DEFAULT_ACTIVATION_TYPE: ActivationType = "uint8"
+
+
+@dataclass(frozen=True)
+class OnnxRuntimePlacement:
+    """The ONNX Runtime placement strategy (see ``targets.QdqPlacement``): its CPU integer kernels.
+
+    Accuracy is measured with ONNX Runtime's own integer kernels running the Q/DQ model, which is the
+    engine itself, so nothing is simulated. ``configured_weight_max`` None means this host's range.
+    """
+
+    configured_weight_max: int | None = None
+    name: PlacementTarget = "onnxruntime"
+    simulates_qdq: bool = False
+
+    @property
+    def weight_max(self) -> int:
+        if self.configured_weight_max is not None:
+            return self.configured_weight_max
+        return host_int8_weight_max()
+
+    def prepared(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return onnxruntime_prepared(model)
+
+    def summary(
+        self, model: onnx.ModelProto, skip: SkipSpec | None = None, *, quantize_heads: bool = False
+    ) -> PlacementSummary:
+        plan = plan_ort_qdq(onnxruntime_prepared(model), skip, quantize_heads=quantize_heads)
+        return PlacementSummary(
+            target=self.name,
+            tensors_to_calibrate=plan.tensors_to_calibrate,
+            quantized=tuple(unit.layer for unit in plan.layers),
+            kept=plan.kept,
+        )
+
+    def qdq_model(
+        self,
+        model: onnx.ModelProto,
+        activation_amax: Mapping[str, float],
+        *,
+        skip: SkipSpec | None = None,
+        quantize_heads: bool = False,
+    ) -> QdqResult:
+        """The Q/DQ model for ONNX Runtime, BatchNormalization folded first (``ort_prepare.py``)."""
+        work = onnxruntime_prepared(model)
+        plan = plan_ort_qdq(work, skip, quantize_heads=quantize_heads, ranges=activation_amax)
+        amax = checked_amax(plan.tensors_to_calibrate, activation_amax)
+        per_channel = insert_ort_qdq(work, plan, amax, weight_max=self.weight_max)
+        onnx.checker.check_model(work)
+        return QdqResult(
+            model=work,
+            quantized_nodes=plan.quantized_nodes,
+            kept_nodes=plan.kept_nodes,
+            per_channel_weights=per_channel,
+            activation_tensors=tuple(site.tensor for site in plan.tensors),
+        )
+
+    def non_negative_tensors(self, prepared: onnx.ModelProto, skip: SkipSpec | None = None) -> frozenset[str]:
+        return frozenset(site.tensor for site in plan_ort_qdq(prepared, skip).tensors if site.non_negative)
+
+    def activation_params(self, tensor: str, amax: float, *, non_negative: bool) -> tuple[float, np.ndarray]:
+        chosen = ort_activation_encoding(
+            amax, non_negative=non_negative, upper_bound=None, activation_type=DEFAULT_ACTIVATION_TYPE
+        )
+        return chosen.scale, chosen.numpy_zero_point()
 
 
 def insert_ort_qdq(

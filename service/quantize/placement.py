@@ -2,7 +2,8 @@
 
 Contract: :func:`plan_qdq` reads a canonical model (``canonical.canonical_model`` at opset >= 13) and
 returns a :class:`QdqPlan`; nothing is inserted here (that is ``qdq.py``), so the same plan answers
-:func:`tensors_to_calibrate` before calibration and drives the insertion after it.
+:func:`tensorrt_summary` (the tensors to calibrate) before calibration and drives the insertion after
+it. This is the TensorRT strategy's half; ``targets.py`` chooses between it and ONNX Runtime's.
 
 The rules, from TensorRT's explicit-quantization guide and the measured facts in the design:
 
@@ -39,7 +40,6 @@ from typing import Literal
 
 import onnx
 
-from service.errors import BadInput
 from service.onnx_graph.graph import GraphIndex
 from service.quantize._units import (
     QDQ_MIN_OPSET,
@@ -52,13 +52,10 @@ from service.quantize._units import (
     sigmoid_softmax_heads,
 )
 from service.quantize.canonical import canonical_model
-from service.quantize.ort_placement import plan_ort_qdq
-from service.quantize.ort_prepare import onnxruntime_prepared
 from service.quantize.rewrite import DEFAULT_DOMAINS, WeightedLayer, weighted_layers
 from service.quantize.skip import SkipSpec
 
 PlacementTarget = Literal["tensorrt", "onnxruntime"]
-PLACEMENT_TARGETS: tuple[PlacementTarget, ...] = ("tensorrt", "onnxruntime")
 _RESIDUAL_OPS = frozenset({"Add", "Sum"})
 _RESIDUAL_ANCHOR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _SCALE_OPS = frozenset({"Add", "Mul", "Sub", "Div"})
@@ -123,62 +120,25 @@ class PlacementSummary:
         return f"every weighted layer stays in float for the {self.target} placement: {shown}{more}"
 
 
-def placement_summary(
-    model: onnx.ModelProto,
-    skip: SkipSpec | None = None,
-    *,
-    quantize_heads: bool = False,
-    target: PlacementTarget = "tensorrt",
+def tensorrt_summary(
+    model: onnx.ModelProto, skip: SkipSpec | None = None, *, quantize_heads: bool = False
 ) -> PlacementSummary:
-    """The placement for ``target`` of ``model`` (any FP32 model; it is canonicalized here)."""
-    if check_target(target) == "onnxruntime":
-        ort_plan = plan_ort_qdq(onnxruntime_prepared(model), skip, quantize_heads=quantize_heads)
-        return PlacementSummary(
-            target=target,
-            tensors_to_calibrate=ort_plan.tensors_to_calibrate,
-            quantized=tuple(unit.layer for unit in ort_plan.layers),
-            kept=ort_plan.kept,
-        )
+    """The TensorRT placement of ``model`` (any FP32 model; it is canonicalized here).
+
+    Its tensors to calibrate are the inputs of the quantized layers plus the inputs of any Concat such
+    an input comes from: a layer reading a join of far-apart ranges then stays float.
+    """
     work = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     plan = plan_qdq(work, skip, quantize_heads=quantize_heads)
     # A layer reading a Concat is judged by the ranges of the Concat's inputs, so those are collected too.
     index = GraphIndex(work.graph)
     joined = [name for tensor in plan.tensors for name in join_inputs(index, tensor)]
     return PlacementSummary(
-        target=target,
+        target="tensorrt",
         tensors_to_calibrate=tuple(dict.fromkeys([*plan.tensors, *joined])),
         quantized=plan.weights,
         kept=plan.kept,
     )
-
-
-def tensors_to_calibrate(
-    model: onnx.ModelProto,
-    skip: SkipSpec | None = None,
-    *,
-    quantize_heads: bool = False,
-    target: PlacementTarget = "tensorrt",
-) -> list[str]:
-    """The activation tensors whose amax :func:`~service.quantize.qdq.qdq_model_from_scales` needs.
-
-    For the ``tensorrt`` target these are the inputs of the quantized layers plus the inputs of any
-    Concat such an input comes from (a layer reading a join of far-apart ranges then stays float).
-
-    Names refer to tensors of ``model`` itself (canonicalization, the opset upgrade and the folding of
-    BatchNormalization and constants keep tensor names), so they can be collected on the FP32 model as
-    uploaded or after BN folding. Order: topological, by first reader. The ``onnxruntime`` target also
-    needs the ranges of layer outputs (its integer kernels requantize their results), see
-    ``ort_placement.py``.
-    """
-    summary = placement_summary(model, skip, quantize_heads=quantize_heads, target=target)
-    return list(summary.tensors_to_calibrate)
-
-
-def check_target(target: str) -> PlacementTarget:
-    """``target`` itself when it names a placement; BadInput listing the placements otherwise."""
-    if target not in PLACEMENT_TARGETS:
-        raise BadInput(f"unknown Q/DQ placement target {target!r}; use one of {', '.join(PLACEMENT_TARGETS)}")
-    return target  # type: ignore[return-value]
 
 
 def plan_qdq(

@@ -32,8 +32,9 @@ from onnx import TensorProto, helper, numpy_helper
 from service.accuracy.outputs import cpu_session_options, onnxruntime_session
 from service.errors import JobCancelled
 from service.onnx_graph.graph import GraphIndex
-from service.quantize.encoding import activation_scale, ort_activation_encoding, quantize_weight
+from service.quantize.encoding import quantize_weight
 from service.quantize.rewrite import NameAllocator, WeightedLayer
+from service.quantize.targets import QdqPlacement
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
@@ -56,10 +57,9 @@ class LayerProbe:
 
 @dataclass(frozen=True)
 class ProbeEncoding:
-    """How the placement encodes activations and weights (see ``encoding.py``)."""
+    """How the placement encodes activations and weights: its strategy, and the tensors it treats as >= 0."""
 
-    target: str  # "tensorrt": int8 symmetric; "onnxruntime": uint8, zero point 0 for tensors >= 0
-    weight_max: int = 127
+    placement: QdqPlacement
     non_negative: frozenset[str] = frozenset()
 
 
@@ -133,7 +133,9 @@ def _probe_model(
         x, reference = node.input[0], node.output[0]
         if x not in candidates or not candidates[x]:
             continue
-        weight = _dequantized_weight(index.weight_value(layer.weight), layer.axis, encoding.weight_max)
+        weight = _dequantized_weight(
+            index.weight_value(layer.weight), layer.axis, encoding.placement.weight_max
+        )
         weight_name = names.fresh(f"{layer.weight}_probe")
         graph.initializer.append(numpy_helper.from_array(weight, weight_name))
         for slot, amax in enumerate(candidates[x]):
@@ -176,9 +178,4 @@ def _dequantized_weight(weight: np.ndarray, axis: int | None, weight_max: int) -
 
 
 def _activation_params(tensor: str, amax: float, encoding: ProbeEncoding) -> tuple[float, np.ndarray]:
-    if encoding.target == "onnxruntime":
-        chosen = ort_activation_encoding(
-            amax, non_negative=tensor in encoding.non_negative, upper_bound=None, activation_type="uint8"
-        )
-        return chosen.scale, chosen.numpy_zero_point()
-    return activation_scale(amax), np.array(0, dtype=np.int8)
+    return encoding.placement.activation_params(tensor, amax, non_negative=tensor in encoding.non_negative)

@@ -15,8 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.quantize.bn_fold import batchnorm_folding
-from service.quantize.placement import tensors_to_calibrate
-from service.quantize.qdq import qdq_model_from_scales
+from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 from tests.quantize.support import run
 
 SHAPE = [1, 3, 8, 8]
