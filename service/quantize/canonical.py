@@ -28,8 +28,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from service.errors import InvalidModel
-from service.onnx_graph.graph import constant_node_value
 from service.onnx_graph.subgraphs import subgraph_reads
+from service.onnx_graph.values import constant_node_value
 from service.quantize.rewrite import DEFAULT_DOMAINS, bypass_identities, remove_unused_initializers
 
 
