@@ -49,6 +49,9 @@ def _bypass_activation_identities(graph: onnx.GraphProto) -> None:
 
 
 def _fold_bias_adds(graph: onnx.GraphProto) -> None:
+    # Every decision reads the index of the graph as it was before this pass, although the loop
+    # rewires convolutions: a Conv whose output just moved onto its Add is not seen again, so each
+    # Conv absorbs at most one Add per pass. The caller's next step indexes the result afresh.
     index = GraphIndex(graph)
     names = NameAllocator(graph)
     folded: set[int] = set()
