@@ -44,7 +44,7 @@ from service.quantize.encoding import (
 from service.quantize.ort_placement import IntegerLayer, IntegerTensor, OrtQdqPlan, plan_ort_qdq
 from service.quantize.ort_prepare import onnxruntime_prepared
 from service.quantize.placement import PlacementSummary, PlacementTarget
-from service.quantize.qdq import QdqResult, checked_amax
+from service.quantize.qdq import QdqResult, checked_amax, checked_qdq_result
 from service.quantize.rewrite import NameAllocator, remove_unused_initializers, splice_nodes
 from service.quantize.skip import SkipSpec
 
@@ -96,14 +96,7 @@ class OnnxRuntimePlacement:
         plan = plan_ort_qdq(work, skip, quantize_heads=quantize_heads, ranges=activation_amax)
         amax = checked_amax(plan.tensors_to_calibrate, activation_amax)
         per_channel = insert_ort_qdq(work, plan, amax, weight_max=self.weight_max)
-        onnx.checker.check_model(work)
-        return QdqResult(
-            model=work,
-            quantized_nodes=plan.quantized_nodes,
-            kept_nodes=plan.kept_nodes,
-            per_channel_weights=per_channel,
-            activation_tensors=tuple(site.tensor for site in plan.tensors),
-        )
+        return checked_qdq_result(work, plan, per_channel, tuple(site.tensor for site in plan.tensors))
 
     def non_negative_tensors(self, prepared: onnx.ModelProto, skip: SkipSpec | None = None) -> frozenset[str]:
         return frozenset(site.tensor for site in plan_ort_qdq(prepared, skip).tensors if site.non_negative)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -104,21 +105,37 @@ class TensorRtPlacement:
         plan = plan_qdq(work, skip, quantize_heads=quantize_heads, ranges=activation_amax)
         amax = checked_amax(plan.tensors, activation_amax)
         scales = {tensor: activation_scale(value) for tensor, value in amax.items()}
-        per_channel = _insert(work, plan, scales)
-        onnx.checker.check_model(work)
-        return QdqResult(
-            model=work,
-            quantized_nodes=plan.quantized_nodes,
-            kept_nodes=plan.kept_nodes,
-            per_channel_weights=per_channel,
-            activation_tensors=plan.tensors,
-        )
+        return checked_qdq_result(work, plan, _insert(work, plan, scales), plan.tensors)
 
     def non_negative_tensors(self, prepared: onnx.ModelProto, skip: SkipSpec | None = None) -> frozenset[str]:
         return frozenset()  # symmetric int8: the sign of a tensor changes nothing
 
     def activation_params(self, tensor: str, amax: float, *, non_negative: bool) -> tuple[float, np.ndarray]:
         return activation_scale(amax), np.array(0, dtype=np.int8)
+
+
+class PlacedLayers(Protocol):
+    """What any placement's plan says about the weighted layers (``QdqPlan``, ``OrtQdqPlan``)."""
+
+    @property
+    def quantized_nodes(self) -> tuple[str, ...]: ...
+
+    @property
+    def kept_nodes(self) -> tuple[str, ...]: ...
+
+
+def checked_qdq_result(
+    model: onnx.ModelProto, plan: PlacedLayers, per_channel_weights: int, activation_tensors: tuple[str, ...]
+) -> QdqResult:
+    """The result for a model Q/DQ was just inserted into, once the ONNX checker accepts the model."""
+    onnx.checker.check_model(model)
+    return QdqResult(
+        model=model,
+        quantized_nodes=plan.quantized_nodes,
+        kept_nodes=plan.kept_nodes,
+        per_channel_weights=per_channel_weights,
+        activation_tensors=activation_tensors,
+    )
 
 
 def checked_amax(tensors: Sequence[str], activation_amax: Mapping[str, float]) -> dict[str, float]:
