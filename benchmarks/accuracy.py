@@ -118,7 +118,7 @@ def run_side(side: str, which: str, inputs_file: Path, out: Path) -> dict[str, A
             def get_next(self) -> dict[str, np.ndarray] | None:
                 return next(self._batches, None)
 
-        from service.quantize._graph import with_opset_at_least
+        from service.quantize.canonical import with_opset_at_least
 
         with tempfile.TemporaryDirectory() as scratch:
             source = Path(scratch) / "fp32.onnx"

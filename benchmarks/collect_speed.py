@@ -165,7 +165,7 @@ def main() -> None:
     import onnx
 
     from benchmarks._machine import describe_machine
-    from service.quantize.placement import placement_summary
+    from service.quantize.targets import placement_summary
 
     machine = describe_machine()
     model_path = detector_path()

@@ -296,7 +296,7 @@ class BuildPipeline:
         accuracy: dict[str, Any] | None = None
         outcome = prepared.quantization
         if outcome is not None and outcome.accuracy is not None:
-            simulated = outcome.target != "onnxruntime"
+            simulated = outcome.qdq_simulated
             accuracy = {
                 "measured_with": "onnxruntime (CPU)"
                 + (

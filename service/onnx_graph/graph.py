@@ -1,20 +1,35 @@
-"""Indexing of one ONNX graph: producers, consumers, constants, order and lookup, computed once.
+"""Indexing of one ONNX graph: producers, consumers, constants, weights, order and lookup, computed once.
 
-:class:`GraphIndex` is the shared read-only view the graph analyses (fusion patterns, placement checks,
-layer-report mapping) are written against. Building it is linear in the size of the graph, subgraphs
-included, and every question it answers afterwards is a dictionary lookup.
+:class:`GraphIndex` is the one read-only view every graph analysis is written against: fusion
+patterns, placement checks, layer-report mapping and the quantizer's placement and rewrite rules.
+Building it is linear in the size of the graph, subgraphs included, and every question it answers
+afterwards is a dictionary lookup.
 
 Conventions:
 
 - Nodes are identified by :func:`node_label`: the node's name, or ``<op_type>_<first output>`` for an
   unnamed node (the same naming the quantizer gives unnamed nodes, so labels survive quantization).
-- A tensor is *constant* when its value cannot depend on the model's inputs: an initializer (including
-  the initializers that IR < 4 models also list as graph inputs, which TensorRT treats as weights), the
-  output of a ``Constant`` node, or the output of a deterministic node whose inputs are all constant
-  (``ConstantOfShape`` of a constant shape, ``Unsqueeze`` of a weight, ``Identity``...). TensorRT and
-  ONNX Runtime fold such subgraphs at build time, so for fusion purposes they are weights.
-- Names referenced from inside a subgraph (``If``/``Loop``/``Scan`` bodies) count as inputs of the node
-  that owns the subgraph, so a tensor read by a loop body is never mistaken for an unused one.
+- A tensor is *constant* (:meth:`GraphIndex.is_constant`) when its value cannot depend on the model's
+  inputs: an initializer (including the initializers that IR < 4 models also list as graph inputs,
+  which TensorRT treats as weights), the output of a ``Constant`` node, or the output of a
+  deterministic node whose inputs are all constant (``ConstantOfShape`` of a constant shape,
+  ``Unsqueeze`` of a weight, ``Identity``...). TensorRT and ONNX Runtime fold such subgraphs at build
+  time, so for fusion purposes they are weights.
+- A tensor is a *weight* (:meth:`GraphIndex.weight`) when it is an initializer whose stored value the
+  graph always uses, so it can be read and rewritten (quantized, folded, retyped): an initializer that
+  is also listed as a graph input is only a default the caller may override (IR >= 4) and is no weight.
+  Every weight is constant; a folded or ``Constant``-node constant is no weight (there is no stored
+  tensor to rewrite). The quantizer works on ``canonical_model`` output, which has already stopped
+  listing the initializers of IR < 4 models as inputs, so there both views agree on those.
+- Names read from inside a subgraph (``If``/``Loop``/``Scan`` bodies, see :mod:`.subgraphs`) count as
+  inputs of the node that owns the subgraph: :meth:`GraphIndex.consumers` includes the owner, so a
+  tensor read by a loop body is never mistaken for an unused or single-reader one.
+  :meth:`GraphIndex.readers` lists only the nodes whose own input slots name the tensor: the ones a
+  rewrite of input slots can reach.
+- The index keeps a reference to the graph and is computed eagerly, except :attr:`GraphIndex.constants`
+  and the orders, which are computed on first use. Mutating the graph invalidates the index: code that
+  rewrites a graph indexes it again afterwards (and only mutates slots and initializer contents it
+  already looked up, while it still uses the old index).
 """
 
 from __future__ import annotations
@@ -25,9 +40,10 @@ from functools import cached_property
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from service.errors import BadInput, InvalidModel
+from service.onnx_graph.subgraphs import outer_references, subgraphs_of
+from service.onnx_graph.values import constant_node_value, tensor_value
 
 # Ops whose output changes from run to run even with constant inputs: never constant-folded.
 NONDETERMINISTIC_OPS = frozenset(
@@ -43,56 +59,8 @@ def node_label(node: onnx.NodeProto) -> str:
     return f"{node.op_type}_{first_output}"
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    graphs: list[onnx.GraphProto] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attr.graphs)
-    return graphs
-
-
-def _outer_references(graph: onnx.GraphProto) -> set[str]:
-    """Names a subgraph reads without defining them itself (resolved in an enclosing scope)."""
-    defined = {value.name for value in graph.input} | {init.name for init in graph.initializer}
-    referenced: set[str] = set()
-    for node in graph.node:
-        referenced.update(name for name in node.input if name)
-        for sub in _subgraphs(node):
-            referenced |= _outer_references(sub)
-        defined.update(node.output)
-    referenced.update(value.name for value in graph.output)
-    return referenced - defined
-
-
-def tensor_value(tensor: onnx.TensorProto) -> np.ndarray:
-    """A tensor's value, or InvalidModel when its data does not fit its dims or type.
-
-    The ONNX checker does not compare an initializer's data with its declared shape, so a damaged
-    model reaches here; numpy's reshape error would otherwise surface as a crash.
-    """
-    try:
-        return numpy_helper.to_array(tensor)
-    except (ValueError, KeyError, TypeError) as exc:
-        dims = list(tensor.dims)
-        raise InvalidModel(
-            f"Tensor '{tensor.name}' holds data that does not fit its type and dims {dims} ({exc})."
-        ) from exc
-
-
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    """The value a ``Constant`` node holds, for the numeric forms of its attribute."""
-    for attr in node.attribute:
-        if attr.name == "value":
-            return tensor_value(attr.t)
-        if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
-            return np.asarray(helper.get_attribute_value(attr))
-    return None
-
-
 class GraphIndex:
-    """Producers, consumers, constants and order of one graph.
+    """Producers, consumers, constants, weights and order of one graph (conventions: module docstring).
 
     The index keeps a reference to the graph; mutating the graph afterwards invalidates it.
     """
@@ -102,18 +70,27 @@ class GraphIndex:
         self.nodes: tuple[onnx.NodeProto, ...] = tuple(graph.node)
         self.initializers: dict[str, onnx.TensorProto] = {init.name: init for init in graph.initializer}
         self.graph_outputs: frozenset[str] = frozenset(value.name for value in graph.output)
+        declared = {value.name for value in graph.input}
         # Real inputs only: IR < 4 models also list every initializer as a graph input.
-        self.graph_inputs: frozenset[str] = frozenset(
-            value.name for value in graph.input if value.name not in self.initializers
-        )
+        self.graph_inputs: frozenset[str] = frozenset(declared - set(self.initializers))
+        # An initializer that is also a graph input is only a default the caller may override.
+        self.weights: dict[str, onnx.TensorProto] = {
+            name: init for name, init in self.initializers.items() if name not in declared
+        }
         self._producer: dict[str, int] = {}
         self._consumers: dict[str, list[int]] = {}
+        self._readers: dict[str, list[int]] = {}
+        self._reads: dict[str, int] = {}  # input slots naming a tensor, plus one per body reading it
         self._inputs: list[tuple[str, ...]] = []
         self._by_label: dict[str, int] = {}
         for position, node in enumerate(self.nodes):
             names = [name for name in node.input if name]
-            for sub in _subgraphs(node):
-                names.extend(sorted(_outer_references(sub)))
+            for name in dict.fromkeys(names):
+                self._readers.setdefault(name, []).append(position)
+            for sub in subgraphs_of(node):
+                names.extend(sorted(outer_references(sub)))
+            for name in names:
+                self._reads[name] = self._reads.get(name, 0) + 1
             unique = tuple(dict.fromkeys(names))
             self._inputs.append(unique)
             for name in unique:
@@ -137,6 +114,25 @@ class GraphIndex:
     def consumers(self, tensor: str) -> tuple[onnx.NodeProto, ...]:
         """The nodes that read ``tensor`` (each once, in graph order), subgraph owners included."""
         return tuple(self.nodes[position] for position in self._consumers.get(tensor, ()))
+
+    def readers(self, tensor: str) -> tuple[onnx.NodeProto, ...]:
+        """The nodes whose own input slots name ``tensor`` (each once, in graph order); no subgraph owners.
+
+        These are the nodes a rewrite of input slots reaches; ask :meth:`consumers` who needs the value.
+        """
+        return tuple(self.nodes[position] for position in self._readers.get(tensor, ()))
+
+    def sole_reader(self, tensor: str) -> onnx.NodeProto | None:
+        """The node that reads ``tensor`` through exactly one input slot, when nothing else needs it.
+
+        None when ``tensor`` is a graph output, is read twice (even by one node, ``Add(x, x)``), or is
+        read from a subgraph body: a rule that may fold, fuse or move the tensor's value into its
+        reader (BN folding, a residual chain, an activation absorbed by a quantizer) must not fire then.
+        """
+        if tensor in self.graph_outputs or self._reads.get(tensor, 0) != 1:
+            return None
+        readers = self._readers.get(tensor)
+        return self.nodes[readers[0]] if readers else None
 
     def use_count(self, tensor: str) -> int:
         """How many places need ``tensor`` materialized: its consumers, plus one if it is a graph output."""
@@ -162,6 +158,33 @@ class GraphIndex:
     def initializer(self, tensor: str) -> onnx.TensorProto | None:
         return self.initializers.get(tensor)
 
+    # -- weights --------------------------------------------------------------------------------
+
+    def weight(self, tensor: str) -> onnx.TensorProto | None:
+        """The initializer holding ``tensor`` when it is a weight (module docstring); None otherwise.
+
+        An initializer also listed as a graph input (an overridable default) is no weight.
+        """
+        return self.weights.get(tensor)
+
+    def is_weight(self, tensor: str) -> bool:
+        return tensor in self.weights
+
+    def weight_type(self, tensor: str) -> int:
+        """The ``TensorProto`` data type of a weight; ``TensorProto.UNDEFINED`` (0) for anything else."""
+        found = self.weights.get(tensor)
+        return int(found.data_type) if found is not None else onnx.TensorProto.UNDEFINED
+
+    def weight_value(self, tensor: str) -> np.ndarray:
+        """The value of a weight (InvalidModel when its data does not fit its dims).
+
+        KeyError when ``tensor`` is no weight: callers ask :meth:`is_weight` first, so that is a bug.
+        """
+        found = self.weights.get(tensor)
+        if found is None:
+            raise KeyError(f"'{tensor}' is not a weight of this graph")
+        return tensor_value(found)
+
     # -- constants ------------------------------------------------------------------------------
 
     @cached_property
@@ -172,7 +195,7 @@ class GraphIndex:
             if node.op_type == "Constant":
                 known.update(node.output)
                 continue
-            if node.op_type in NONDETERMINISTIC_OPS or _subgraphs(node):
+            if node.op_type in NONDETERMINISTIC_OPS or subgraphs_of(node):
                 continue
             inputs = self.inputs_of(node)
             if inputs and all(name in known for name in inputs):
@@ -198,7 +221,7 @@ class GraphIndex:
             if node is None:
                 return None
             if node.op_type == "Constant":
-                return _constant_node_value(node)
+                return constant_node_value(node)
             if node.op_type == "Identity" and node.input:
                 tensor = node.input[0]
                 continue

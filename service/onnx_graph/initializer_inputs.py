@@ -14,6 +14,7 @@ from __future__ import annotations
 import onnx
 
 from service.onnx_graph.loading import model_from_bytes
+from service.onnx_graph.subgraphs import subgraph_reads
 
 # The IR version from which initializers need not be listed among the graph inputs.
 IR_WITHOUT_INITIALIZER_INPUTS = 4
@@ -29,7 +30,9 @@ def without_initializer_inputs(data: bytes) -> bytes:
     if model.ir_version >= IR_WITHOUT_INITIALIZER_INPUTS:
         return data
     initializers = {tensor.name for tensor in model.graph.initializer}
-    read = _names_read(model.graph) | {value.name for value in model.graph.output}
+    graph = model.graph
+    read = {name for node in graph.node for name in node.input} | subgraph_reads(graph)
+    read |= {value.name for value in graph.output}
     real = []
     for value in model.graph.input:
         if value.name not in initializers and value.name in read:
@@ -40,14 +43,3 @@ def without_initializer_inputs(data: bytes) -> bytes:
     model.graph.input.extend(real)
     model.ir_version = max(model.ir_version, IR_WITHOUT_INITIALIZER_INPUTS)
     return model.SerializeToString()
-
-
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name a node of ``graph`` or of its subgraphs (If/Loop/Scan bodies) reads."""
-    names: set[str] = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attribute in node.attribute:
-            for subgraph in (attribute.g, *attribute.graphs):
-                names |= _names_read(subgraph)
-    return names

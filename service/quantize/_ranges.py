@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from service.quantize._graph import DEFAULT_DOMAINS, GraphIndex
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.rewrite import DEFAULT_DOMAINS
 
 # Ops whose output values are input values, moved, repeated, selected or (Resize) interpolated
 # between neighbours: the output range is inside the input range.
@@ -30,14 +31,14 @@ def clip_bounds(node: onnx.NodeProto, index: GraphIndex) -> tuple[float | None, 
     for slot in (1, 2):
         name = node.input[slot] if len(node.input) > slot else ""
         bounds.append(
-            float(index.constant(name).reshape(-1)[0]) if name and index.is_constant(name) else None
+            float(index.weight_value(name).reshape(-1)[0]) if name and index.is_weight(name) else None
         )
     return bounds[0], bounds[1]
 
 
 def upper_bound(tensor: str, index: GraphIndex) -> float | None:
     """The constant max of the Clip that writes ``tensor``; None for any other producer."""
-    producer = index.producer_of(tensor)
+    producer = index.producer(tensor)
     if producer is None or producer.op_type != "Clip" or producer.domain not in DEFAULT_DOMAINS:
         return None
     return clip_bounds(producer, index)[1]
@@ -67,18 +68,18 @@ class SignAnalysis:
         return self.memo[tensor]
 
     def _depends_on(self, tensor: str) -> list[str]:
-        producer = self.index.producer_of(tensor)
+        producer = self.index.producer(tensor)
         if producer is None or producer.op_type not in _SIGN_PRESERVING_OPS:
             return []
         if producer.op_type in VALUE_MOVING_OPS:
             return [producer.input[0]]
-        return [name for name in producer.input if name and not self.index.is_constant(name)]
+        return [name for name in producer.input if name and not self.index.is_weight(name)]
 
     def _decide(self, tensor: str) -> bool:
         index = self.index
-        if index.is_constant(tensor):
-            return bool(np.all(index.constant(tensor) >= 0))
-        producer = index.producer_of(tensor)
+        if index.is_weight(tensor):
+            return bool(np.all(index.weight_value(tensor) >= 0))
+        producer = index.producer(tensor)
         if producer is None or producer.domain not in DEFAULT_DOMAINS:
             return False
         if producer.op_type in _NON_NEGATIVE_OPS:
@@ -90,7 +91,7 @@ class SignAnalysis:
             return False  # cubic interpolation overshoots below zero
         if producer.op_type in _SIGN_PRESERVING_OPS:
             inputs = self._depends_on(tensor)
-            constants = [n for n in producer.input[1:] if n and index.is_constant(n)]
+            constants = [n for n in producer.input[1:] if n and index.is_weight(n)]
             if producer.op_type in ("Add", "Mul") and constants:
                 return all(self.memo[n] for n in inputs) and all(self._decide(n) for n in constants)
             return bool(inputs) and all(self.memo[n] for n in inputs)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import onnx
 
 from service.errors import BadInput
-from service.quantize._graph import DEFAULT_DOMAINS, GraphIndex, WeightedLayer
+from service.onnx_graph.graph import GraphIndex
 from service.quantize._ranges import VALUE_MOVING_OPS
+from service.quantize.rewrite import DEFAULT_DOMAINS, WeightedLayer
 
 QDQ_MIN_OPSET = 13  # DequantizeLinear's axis attribute (per-channel weights) arrived in opset 13
 HEAD_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax"})
@@ -54,7 +55,7 @@ def sigmoid_softmax_heads(layers: tuple[WeightedLayer, ...], index: GraphIndex) 
     reaches_output: dict[str, bool] = {}
     heads = set()
     for layer in layers:
-        start = index.nodes_by_name[layer.node]
+        start = index.node(layer.node)
         for node in _unweighted_descendants(start, index, weighted):
             if node.op_type not in HEAD_OPS or node.domain not in DEFAULT_DOMAINS:
                 continue
@@ -79,7 +80,7 @@ def _unweighted_descendants(
     queue = deque(out for out in start.output if out)
     while queue:
         tensor = queue.popleft()
-        for consumer in index.consumers_of(tensor):
+        for consumer in index.consumers(tensor):
             if consumer.name in seen or consumer.name in weighted:
                 continue
             seen.add(consumer.name)
@@ -115,11 +116,11 @@ def join_inputs(index: GraphIndex, tensor: str) -> tuple[str, ...]:
     seen: set[str] = set()
     while tensor not in seen:
         seen.add(tensor)
-        node = index.producer.get(tensor)
+        node = index.producer(tensor)
         if node is None or node.domain not in DEFAULT_DOMAINS:
             return ()
         if node.op_type == "Concat":
-            return tuple(name for name in node.input if name and not index.is_constant(name))
+            return tuple(name for name in node.input if name and not index.is_weight(name))
         if node.op_type not in VALUE_MOVING_OPS or not node.input:
             return ()
         tensor = node.input[0]

@@ -11,7 +11,7 @@ folding would change what the graph computes or is not expressible: its paramete
 weights are not constants, the convolution's output is read by anything else (another consumer or a
 graph output), it runs in training mode or exposes its running-statistics outputs, or it is a
 pre-opset-9 non-spatial BatchNormalization. The input model is never modified; like every quantize step
-the result is canonical (unique node names, Constant nodes as initializers, see ``_graph``).
+the result is canonical (unique node names, Constant nodes as initializers, see ``canonical.py``).
 
 Folding is what TensorRT does itself at build time; doing it in the ONNX keeps the weights the
 quantizer sees equal to the weights TensorRT multiplies, so per-channel weight scales are computed on
@@ -27,12 +27,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from service.quantize._graph import (
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.canonical import canonical_model
+from service.quantize.rewrite import (
     DEFAULT_DOMAINS,
     FLOAT_TYPES,
-    GraphIndex,
     NameAllocator,
-    canonical_model,
     float_attr,
     int_attr,
     remove_unused_initializers,
@@ -119,23 +119,23 @@ def _foldable_conv(bn: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodeProt
     if int_attr(bn, "spatial", 1) != 1:
         return None, "is a non-spatial (per-element) BatchNormalization"
     params = list(bn.input[1:5])
-    if len(params) != 4 or not all(index.is_constant(p) for p in params):
+    if len(params) != 4 or not all(index.is_weight(p) for p in params):
         return None, "its scale, bias, mean or variance is not a constant"
-    if not all(index.constant_type(p) in FLOAT_TYPES for p in params):
+    if not all(index.weight_type(p) in FLOAT_TYPES for p in params):
         return None, "its parameters are not floating point"
-    conv = index.producer_of(bn.input[0])
+    conv = index.producer(bn.input[0])
     if conv is None or conv.op_type not in _CONV_OPS or conv.domain not in DEFAULT_DOMAINS:
         return None, "its input does not come from a Conv or ConvTranspose"
-    if conv.output[0] in index.graph_outputs or len(index.consumers_of(conv.output[0])) != 1:
+    if index.sole_reader(conv.output[0]) is None:  # a graph output or read elsewhere (a body included)
         return None, f"the output of {conv.name!r} has other readers, which need the unnormalized values"
-    if len(conv.input) < 2 or not index.is_constant(conv.input[1]):
+    if len(conv.input) < 2 or not index.is_weight(conv.input[1]):
         return None, f"the weight of {conv.name!r} is not a constant"
-    if index.constant_type(conv.input[1]) not in FLOAT_TYPES:
+    if index.weight_type(conv.input[1]) not in FLOAT_TYPES:
         return None, f"the weight of {conv.name!r} is not floating point"
-    if len(conv.input) > 2 and conv.input[2] and not index.is_constant(conv.input[2]):
+    if len(conv.input) > 2 and conv.input[2] and not index.is_weight(conv.input[2]):
         return None, f"the bias of {conv.name!r} is not a constant"
-    channels = _output_channels(conv, index.constant(conv.input[1]))
-    if any(index.constant(p).size != channels for p in params):
+    channels = _output_channels(conv, index.weight_value(conv.input[1]))
+    if any(index.weight_value(p).size != channels for p in params):
         return None, f"its parameters do not have one value per output channel of {conv.name!r}"
     return conv, ""
 
@@ -150,14 +150,14 @@ def _output_channels(conv: onnx.NodeProto, weight: np.ndarray) -> int:
 def _fold_one(site: _FoldSite, index: GraphIndex, names: NameAllocator, graph: onnx.GraphProto) -> set[str]:
     """Rewrite the convolution in place; return the initializers that may have become unused."""
     bn, conv = site.bn, site.conv
-    gamma, beta, mean, var = (index.constant(p).astype(np.float64).ravel() for p in bn.input[1:5])
+    gamma, beta, mean, var = (index.weight_value(p).astype(np.float64).ravel() for p in bn.input[1:5])
     eps = float_attr(bn, "epsilon", 1e-5)
     scale = gamma / np.sqrt(var + eps)
 
-    weight_tensor = index.constant(conv.input[1])
+    weight_tensor = index.weight_value(conv.input[1])
     weight = weight_tensor.astype(np.float64)
     has_bias = len(conv.input) > 2 and bool(conv.input[2])
-    bias = index.constant(conv.input[2]).astype(np.float64).ravel() if has_bias else np.zeros_like(scale)
+    bias = index.weight_value(conv.input[2]).astype(np.float64).ravel() if has_bias else np.zeros_like(scale)
 
     if conv.op_type == "Conv":
         folded_weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))

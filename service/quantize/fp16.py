@@ -49,16 +49,10 @@ from onnx import TensorProto, numpy_helper
 from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from service.errors import BadInput, InvalidModel
-from service.quantize._graph import (
-    DEFAULT_DOMAINS,
-    GraphIndex,
-    NameAllocator,
-    canonical_model,
-    int_attr,
-    remove_unused_initializers,
-    with_opset_at_least,
-)
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.canonical import canonical_model, with_opset_at_least
 from service.quantize.qdq import fp16_exact_scales
+from service.quantize.rewrite import DEFAULT_DOMAINS, NameAllocator, int_attr, remove_unused_initializers
 
 FP16_QDQ_MIN_OPSET = 19  # QuantizeLinear/DequantizeLinear accept float16 scales from opset 19
 
@@ -177,11 +171,11 @@ def _make_qdq_scales_fp16_exact(graph: onnx.GraphProto) -> None:
         if node.op_type not in _QDQ_OPS or node.domain not in DEFAULT_DOMAINS or len(node.input) < 2:
             continue
         scale_name = node.input[1]
-        if scale_name in rounded or not index.is_constant(scale_name):
+        if scale_name in rounded or not index.is_weight(scale_name):
             continue
-        if index.constant_type(scale_name) != TensorProto.FLOAT:
+        if index.weight_type(scale_name) != TensorProto.FLOAT:
             continue
-        original = index.constant(scale_name)
+        original = index.weight_value(scale_name)
         exact = fp16_exact_scales(original)
         if not np.array_equal(exact, original):
             rounded[scale_name] = original
@@ -192,10 +186,7 @@ def _make_qdq_scales_fp16_exact(graph: onnx.GraphProto) -> None:
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[1] not in rounded:
             continue
-        if (
-            not index.is_constant(node.input[0])
-            or index.constant_type(node.input[0]) not in _INT_WEIGHT_TYPES
-        ):
+        if not index.is_weight(node.input[0]) or index.weight_type(node.input[0]) not in _INT_WEIGHT_TYPES:
             continue
         if any(attr.name == "block_size" for attr in node.attribute):
             continue  # blocked INT4-style scales: left as given
@@ -203,7 +194,7 @@ def _make_qdq_scales_fp16_exact(graph: onnx.GraphProto) -> None:
         node.input[0] = _requantized(node, index, names, graph, rounded[node.input[1]])
     for scale_name, original in rounded.items():
         replacement = numpy_helper.from_array(fp16_exact_scales(original), scale_name)
-        index.initializers[scale_name].CopyFrom(replacement)
+        index.weights[scale_name].CopyFrom(replacement)
     remove_unused_initializers(graph, stale)
 
 
@@ -211,9 +202,11 @@ def _requantized(
     node: onnx.NodeProto, index: GraphIndex, names: NameAllocator, graph: onnx.GraphProto, scale: np.ndarray
 ) -> str:
     """A new initializer holding the DQ's constant integers re-expressed on the FP16-exact scale."""
-    values = index.constant(node.input[0])
-    dtype = _INT_WEIGHT_TYPES[index.constant_type(node.input[0])]
-    zero = index.constant(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+    values = index.weight_value(node.input[0])
+    dtype = _INT_WEIGHT_TYPES[index.weight_type(node.input[0])]
+    zero = (
+        index.weight_value(node.input[2]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+    )
     new_scale = fp16_exact_scales(scale).astype(np.float64)
     old_scale = scale.astype(np.float64)
     if old_scale.ndim == 1 and old_scale.size > 1:
@@ -247,7 +240,7 @@ def _restore_fp32_io(graph: onnx.GraphProto, float_inputs: set[str], float_outpu
             continue
         value.type.tensor_type.elem_type = TensorProto.FLOAT
         half_name = ""
-        for reader in index.consumers_of(value.name):
+        for reader in index.readers(value.name):
             if _is_cast_to(reader, TensorProto.FLOAT) and reader.input[0] == value.name:
                 _make_identity(reader)  # the converter's FP16 -> FP32 cast for an FP32 reader
                 continue
@@ -270,10 +263,10 @@ def _restore_fp32_io(graph: onnx.GraphProto, float_inputs: set[str], float_outpu
         if value.name not in float_outputs:
             continue
         value.type.tensor_type.elem_type = TensorProto.FLOAT
-        producer = index.producer_of(value.name)
+        producer = index.producer(value.name)
         if producer is None:
             continue
-        readers = index.consumers_of(value.name)
+        readers = index.readers(value.name)
         half_name = names.fresh(f"{value.name}_fp16")
         for reader in readers:
             for i, name in enumerate(reader.input):
@@ -371,10 +364,10 @@ def _unshare_initializers(graph: onnx.GraphProto, blocked_ops: set[str], blocked
     def blocked(node: onnx.NodeProto) -> bool:
         return node.op_type in blocked_ops or node.name in blocked_nodes
 
-    for name, tensor in list(index.initializers.items()):
+    for name, tensor in list(index.weights.items()):
         if tensor.data_type != TensorProto.FLOAT:
             continue
-        readers = index.consumers_of(name)
+        readers = index.readers(name)
         fp16_readers = [n for n in readers if not blocked(n)]
         if not fp16_readers or len(fp16_readers) == len(readers):
             continue

@@ -43,13 +43,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from service.quantize._graph import (
-    DEFAULT_DOMAINS,
-    GraphIndex,
-    WeightedLayer,
-    float_attr,
-    weighted_layers,
-)
+from service.onnx_graph.graph import GraphIndex
 from service.quantize._ranges import VALUE_MOVING_OPS, SignAnalysis, clip_bounds, upper_bound
 from service.quantize._units import (
     MAX_JOIN_RANGE_RATIO,
@@ -60,6 +54,7 @@ from service.quantize._units import (
     reject_explicit_qdq,
     sigmoid_softmax_heads,
 )
+from service.quantize.rewrite import DEFAULT_DOMAINS, WeightedLayer, float_attr, weighted_layers
 from service.quantize.skip import SkipSpec
 
 # ORT runs these on int8 when the input and output Q/DQ share one scale and zero point (its "drop
@@ -161,7 +156,7 @@ def plan_ort_qdq(
     mixed = mixed_range_joins(index, ranges) if ranges is not None else {}
     for layer in layers:
         reason = _keep_reason(layer, index, skipped, heads)
-        join = mixed.get(index.nodes_by_name[layer.node].input[0])
+        join = mixed.get(index.node(layer.node).input[0])
         if not reason and join is not None:
             reason = mixed_join_reason(join)
         if reason:
@@ -171,7 +166,7 @@ def plan_ort_qdq(
 
     builder = _RegionBuilder(index, ranges)
     for unit in candidates:
-        node = index.nodes_by_name[unit.node]
+        node = index.node(unit.node)
         builder.read(node.input[0], Edge(unit.node, 0))
         if unit.output is not None:
             builder.produce(unit.output, unit.output, mandatory=unit.layer.op_type == "Conv")
@@ -193,7 +188,7 @@ def plan_ort_qdq(
 def _keep_reason(
     layer: WeightedLayer, index: GraphIndex, skipped: frozenset[str], heads: frozenset[str]
 ) -> str:
-    node = index.nodes_by_name[layer.node]
+    node = index.node(layer.node)
     if layer.node in skipped:
         return "skip"
     if layer.node in heads:
@@ -203,19 +198,19 @@ def _keep_reason(
     if layer.op_type == "Conv" and _activation_output(node, index) in index.graph_outputs:
         return "its output is a graph output, which QLinearConv cannot write in float"
     bias = node.input[2] if len(node.input) > 2 else ""
-    if bias and not index.is_constant(bias):
+    if bias and not index.is_weight(bias):
         return f"{'QGemm' if layer.op_type == 'Gemm' else 'QLinearConv'} needs a constant bias"
     if layer.op_type == "Gemm" and bias:
         if float_attr(node, "beta", 1.0) != 1.0:
             return "QGemm needs beta 1 when there is a bias"
-        if index.constant(bias).size != index.constant(layer.weight).shape[layer.axis or 0]:
+        if index.weight_value(bias).size != index.weight_value(layer.weight).shape[layer.axis or 0]:
             return "QGemm needs one bias value per output"
     return ""
 
 
 def _integer_layer(layer: WeightedLayer, index: GraphIndex) -> IntegerLayer:
-    node = index.nodes_by_name[layer.node]
-    if layer.op_type == "MatMul" and index.constant(layer.weight).ndim != 2:
+    node = index.node(layer.node)
+    if layer.op_type == "MatMul" and index.weight_value(layer.weight).ndim != 2:
         layer = WeightedLayer(layer.node, layer.op_type, layer.weight, None)  # batched weights: per tensor
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     folded = _foldable_activation(node.output[0], index)
@@ -236,10 +231,8 @@ def _activation_output(node: onnx.NodeProto, index: GraphIndex) -> str:
 
 def _foldable_activation(tensor: str, index: GraphIndex) -> onnx.NodeProto | None:
     """The Relu or Clip(0, hi) that is ``tensor``'s only reader, if a zero-point-0 Q can absorb it."""
-    if tensor in index.graph_outputs or len(index.consumers_of(tensor)) != 1:
-        return None
-    reader = index.consumers_of(tensor)[0]
-    if reader.domain not in DEFAULT_DOMAINS or reader.input[0] != tensor:
+    reader = index.sole_reader(tensor)
+    if reader is None or reader.domain not in DEFAULT_DOMAINS or reader.input[0] != tensor:
         return None
     if reader.op_type == "Relu" or (reader.op_type == "Clip" and clip_bounds(reader, index)[0] == 0.0):
         return reader
@@ -335,7 +328,7 @@ class _RegionBuilder:
             known = set(self.edges[tensor])
             self.float_readers[tensor] = [
                 Edge(reader.name, slot)
-                for reader in self.index.consumers_of(tensor)
+                for reader in self.index.readers(tensor)
                 for slot, name in enumerate(reader.input)
                 if name == tensor and Edge(reader.name, slot) not in known
             ]
@@ -344,7 +337,7 @@ class _RegionBuilder:
         order = {node.name: position for position, node in enumerate(self.index.graph.node)}
 
         def position(tensor: str) -> int:
-            producer = self.index.producer_of(tensor)
+            producer = self.index.producer(tensor)
             return order[producer.name] if producer is not None else -1
 
         signs = SignAnalysis(self.index)
@@ -381,21 +374,19 @@ class _RegionBuilder:
         if node.op_type in _PASS_THROUGH_OPS:
             if node.op_type == "MaxPool" and any(node.output[1:]):
                 return ()  # the indices output has no quantized form
-            rest = [name for name in node.input[1:] if name and not index.is_constant(name)]
-            return (
-                (node.input[0],) if node.input and not rest and not index.is_constant(node.input[0]) else ()
-            )
+            rest = [name for name in node.input[1:] if name and not index.is_weight(name)]
+            return (node.input[0],) if node.input and not rest and not index.is_weight(node.input[0]) else ()
         if node.op_type in _UNARY_OPS:
-            return (node.input[0],) if not index.is_constant(node.input[0]) else ()
+            return (node.input[0],) if not index.is_weight(node.input[0]) else ()
         if node.op_type in _BINARY_OPS:
             inputs = tuple(node.input)
             # Constants and x + x have no two-DQ node unit; both inputs must be distinct activations.
-            if len(inputs) != 2 or inputs[0] == inputs[1] or any(index.is_constant(n) for n in inputs):
+            if len(inputs) != 2 or inputs[0] == inputs[1] or any(index.is_weight(n) for n in inputs):
                 return ()
             return inputs
         if node.op_type in _VARIADIC_OPS:
             inputs = tuple(node.input)
-            if len(set(inputs)) != len(inputs) or any(index.is_constant(n) for n in inputs):
+            if len(set(inputs)) != len(inputs) or any(index.is_weight(n) for n in inputs):
                 return ()
             return inputs
         return ()

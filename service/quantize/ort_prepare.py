@@ -6,7 +6,7 @@ same outputs as the input (to float32 rounding), in which
 - BatchNormalization after a convolution is folded into its weights (``bn_fold``);
 - a per-channel constant ``Add`` after a Conv (how PaddlePaddle and some PyTorch exports carry the
   bias) becomes the Conv's bias;
-- activation ``Identity`` nodes are bypassed (constant ones already are, see ``_graph``).
+- activation ``Identity`` nodes are bypassed (constant ones already are, see ``canonical.py``).
 
 Why: on an FP32 model ORT's level-1 optimizer does all three itself. Once the weight sits behind a
 DequantizeLinear it no longer does, and each of these nodes then splits a Conv from the Q that must
@@ -22,17 +22,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from service.quantize._graph import (
-    DEFAULT_DOMAINS,
-    FLOAT_TYPES,
-    GraphIndex,
-    NameAllocator,
-    bypass_identities,
-    canonical_model,
-    remove_unused_initializers,
-)
+from service.onnx_graph.graph import GraphIndex
 from service.quantize._units import QDQ_MIN_OPSET
 from service.quantize.bn_fold import fold_batchnorm
+from service.quantize.canonical import canonical_model
+from service.quantize.rewrite import (
+    DEFAULT_DOMAINS,
+    FLOAT_TYPES,
+    NameAllocator,
+    bypass_identities,
+    remove_unused_initializers,
+)
 
 
 def onnxruntime_prepared(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -49,6 +49,9 @@ def _bypass_activation_identities(graph: onnx.GraphProto) -> None:
 
 
 def _fold_bias_adds(graph: onnx.GraphProto) -> None:
+    # Every decision reads the index of the graph as it was before this pass, although the loop
+    # rewires convolutions: a Conv whose output just moved onto its Add is not seen again, so each
+    # Conv absorbs at most one Add per pass. The caller's next step indexes the result afresh.
     index = GraphIndex(graph)
     names = NameAllocator(graph)
     folded: set[int] = set()
@@ -58,9 +61,9 @@ def _fold_bias_adds(graph: onnx.GraphProto) -> None:
         if site is None:
             continue
         conv, constant = site
-        bias = index.constant(constant).astype(np.float64).reshape(-1)
+        bias = index.weight_value(constant).astype(np.float64).reshape(-1)
         if len(conv.input) > 2 and conv.input[2]:
-            bias = bias + index.constant(conv.input[2]).astype(np.float64).reshape(-1)
+            bias = bias + index.weight_value(conv.input[2]).astype(np.float64).reshape(-1)
             stale.add(conv.input[2])
         bias_name = names.fresh(f"{conv.name}.bias_from_{add.name}")
         graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), bias_name))
@@ -85,20 +88,20 @@ def _bias_add_site(add: onnx.NodeProto, index: GraphIndex) -> tuple[onnx.NodePro
         return None
     for slot in (0, 1):
         activation, constant = add.input[slot], add.input[1 - slot]
-        conv = index.producer_of(activation)
+        conv = index.producer(activation)
         if conv is None or conv.op_type != "Conv" or conv.domain not in DEFAULT_DOMAINS:
             continue
-        if not index.is_constant(constant) or index.constant_type(constant) not in FLOAT_TYPES:
+        if not index.is_weight(constant) or index.weight_type(constant) not in FLOAT_TYPES:
             continue
-        if activation in index.graph_outputs or len(index.consumers_of(activation)) != 1:
+        if index.sole_reader(activation) is None:
             continue  # another reader needs the value without the bias
-        if len(conv.input) < 2 or not index.is_constant(conv.input[1]):
+        if len(conv.input) < 2 or not index.is_weight(conv.input[1]):
             continue
-        if len(conv.input) > 2 and conv.input[2] and not index.is_constant(conv.input[2]):
+        if len(conv.input) > 2 and conv.input[2] and not index.is_weight(conv.input[2]):
             continue
-        channels = int(index.constant(conv.input[1]).shape[0])
-        shape = index.constant(constant).shape
-        if _per_channel(shape, channels, rank=len(index.constant(conv.input[1]).shape)):
+        channels = int(index.weight_value(conv.input[1]).shape[0])
+        shape = index.weight_value(constant).shape
+        if _per_channel(shape, channels, rank=len(index.weight_value(conv.input[1]).shape)):
             return conv, constant
     return None
 

@@ -25,12 +25,14 @@ integers on every CPU of its class, which is part of its engine key.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from service.quantize._graph import GraphIndex, NameAllocator, remove_unused_initializers, splice_nodes
+from service.backends.cpu_isa import host_int8_weight_max
+from service.onnx_graph.graph import GraphIndex
 from service.quantize.encoding import (
     INT8_MAX,
     ActivationEncoding,
@@ -39,9 +41,71 @@ from service.quantize.encoding import (
     ort_activation_encoding,
     quantize_weight,
 )
-from service.quantize.ort_placement import IntegerLayer, IntegerTensor, OrtQdqPlan
+from service.quantize.ort_placement import IntegerLayer, IntegerTensor, OrtQdqPlan, plan_ort_qdq
+from service.quantize.ort_prepare import onnxruntime_prepared
+from service.quantize.placement import PlacementSummary, PlacementTarget
+from service.quantize.qdq import QdqResult, checked_amax, checked_qdq_result
+from service.quantize.rewrite import NameAllocator, remove_unused_initializers, splice_nodes
+from service.quantize.skip import SkipSpec
 
 DEFAULT_ACTIVATION_TYPE: ActivationType = "uint8"
+
+
+@dataclass(frozen=True)
+class OnnxRuntimePlacement:
+    """The ONNX Runtime placement strategy (see ``targets.QdqPlacement``): its CPU integer kernels.
+
+    Accuracy is measured with ONNX Runtime's own integer kernels running the Q/DQ model, which is the
+    engine itself, so nothing is simulated. ``configured_weight_max`` None means this host's range.
+    """
+
+    configured_weight_max: int | None = None
+    name: PlacementTarget = "onnxruntime"
+    simulates_qdq: bool = False
+
+    @property
+    def weight_max(self) -> int:
+        if self.configured_weight_max is not None:
+            return self.configured_weight_max
+        return host_int8_weight_max()
+
+    def prepared(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return onnxruntime_prepared(model)
+
+    def summary(
+        self, model: onnx.ModelProto, skip: SkipSpec | None = None, *, quantize_heads: bool = False
+    ) -> PlacementSummary:
+        plan = plan_ort_qdq(onnxruntime_prepared(model), skip, quantize_heads=quantize_heads)
+        return PlacementSummary(
+            target=self.name,
+            tensors_to_calibrate=plan.tensors_to_calibrate,
+            quantized=tuple(unit.layer for unit in plan.layers),
+            kept=plan.kept,
+        )
+
+    def qdq_model(
+        self,
+        model: onnx.ModelProto,
+        activation_amax: Mapping[str, float],
+        *,
+        skip: SkipSpec | None = None,
+        quantize_heads: bool = False,
+    ) -> QdqResult:
+        """The Q/DQ model for ONNX Runtime, BatchNormalization folded first (``ort_prepare.py``)."""
+        work = onnxruntime_prepared(model)
+        plan = plan_ort_qdq(work, skip, quantize_heads=quantize_heads, ranges=activation_amax)
+        amax = checked_amax(plan.tensors_to_calibrate, activation_amax)
+        per_channel = insert_ort_qdq(work, plan, amax, weight_max=self.weight_max)
+        return checked_qdq_result(work, plan, per_channel, tuple(site.tensor for site in plan.tensors))
+
+    def non_negative_tensors(self, prepared: onnx.ModelProto, skip: SkipSpec | None = None) -> frozenset[str]:
+        return frozenset(site.tensor for site in plan_ort_qdq(prepared, skip).tensors if site.non_negative)
+
+    def activation_params(self, tensor: str, amax: float, *, non_negative: bool) -> tuple[float, np.ndarray]:
+        chosen = ort_activation_encoding(
+            amax, non_negative=non_negative, upper_bound=None, activation_type=DEFAULT_ACTIVATION_TYPE
+        )
+        return chosen.scale, chosen.numpy_zero_point()
 
 
 def insert_ort_qdq(
@@ -62,7 +126,7 @@ def insert_ort_qdq(
     before: dict[str, list[onnx.NodeProto]] = {}  # nodes to emit right before a node (by name)
     after: dict[str, list[onnx.NodeProto]] = {}  # nodes to emit right after a tensor's producer ("" = start)
 
-    layer_inputs = {unit.node: index.nodes_by_name[unit.node].input[0] for unit in plan.layers}
+    layer_inputs = {unit.node: index.node(unit.node).input[0] for unit in plan.layers}
     encodings: dict[str, ActivationEncoding] = {}
     params: dict[str, tuple[str, str]] = {}  # range source -> (scale, zero point) initializer names
     for site in plan.tensors:
@@ -116,7 +180,7 @@ def _quantize_tensor(
         [quantized],
         name=names.fresh(f"{site.tensor}_QuantizeLinear"),
     )
-    after.setdefault(site.tensor if index.producer_of(site.tensor) is not None else "", []).append(q)
+    after.setdefault(site.tensor if index.producer(site.tensor) is not None else "", []).append(q)
     dequantized: dict[str, str] = {}  # reading node -> its DQ output
     shared = ""  # the one DQ output every float reader shares
     for edge in (*site.edges, *site.float_readers):
@@ -138,7 +202,7 @@ def _quantize_tensor(
                 shared = out
             else:
                 dequantized[edge.node] = out
-        index.nodes_by_name[edge.node].input[edge.input_index] = out
+        index.node(edge.node).input[edge.input_index] = out
 
 
 def _quantize_layer(
@@ -152,13 +216,15 @@ def _quantize_layer(
 ) -> int:
     """Weight DQ (and int32 bias DQ) for one layer; returns 1 when the weight is per channel."""
     layer = unit.layer
-    node = index.nodes_by_name[layer.node]
-    values, weight_scale = quantize_weight(index.constant(layer.weight), layer.axis, qmax=weight_max)
+    node = index.node(layer.node)
+    values, weight_scale = quantize_weight(index.weight_value(layer.weight), layer.axis, qmax=weight_max)
     node.input[1] = _dequantized_constant(
         graph, names, before, layer.node, f"{layer.weight}_int8", values, weight_scale, layer.axis
     )
     if unit.bias is not None:
-        bias_values, bias_scale = int32_bias(index.constant(unit.bias), input_encoding.scale, weight_scale)
+        bias_values, bias_scale = int32_bias(
+            index.weight_value(unit.bias), input_encoding.scale, weight_scale
+        )
         node.input[2] = _dequantized_constant(
             graph, names, before, layer.node, f"{unit.bias}_int32", bias_values.reshape(-1),
             bias_scale.reshape(-1) if bias_scale.ndim else bias_scale, 0 if bias_scale.ndim else None,

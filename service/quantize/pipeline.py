@@ -24,11 +24,11 @@ from service.calibration.algorithms import thresholds_from_histograms
 from service.calibration.collect import collect_histograms
 from service.calibration.trt_cache import calibration_cache_from_scales
 from service.errors import BadInput
-from service.quantize.placement import PlacementTarget, placement_summary
-from service.quantize.qdq import qdq_model_from_scales
+from service.quantize.placement import PlacementTarget
 from service.quantize.search import CONCRETE_METHODS, SearchOutcome, SearchPlan, search_quantization
 from service.quantize.sensitivity import rank_layer_sensitivity, select_layers_to_keep
 from service.quantize.skip import SkipSpec
+from service.quantize.targets import placement_for
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 SensitivityMode = Literal["off", "rank", "auto"]
@@ -69,6 +69,12 @@ class QuantizationOutcome:
     target: PlacementTarget = "tensorrt"
     warnings: tuple[str, ...] = ()
     search: SearchOutcome | None = None
+
+    @property
+    def qdq_simulated(self) -> bool:
+        """True when the accuracy was measured by simulating the Q/DQ in float (the target's GPU
+        kernels cannot run here); False when the target's own integer kernels ran it."""
+        return placement_for(self.target).simulates_qdq
 
     @property
     def target_met(self) -> bool | None:
@@ -128,8 +134,9 @@ def quantize_model(
     steps = Progress(progress)
     say = log or (lambda message: None)
     skip = SkipSpec.parse(list(plan.skip)) if plan.skip else None
-    placement = placement_summary(model, skip, target=plan.target)
-    reason = placement.unquantizable_reason()
+    placement = placement_for(plan.target, ort_weight_max=plan.ort_weight_max)
+    summary = placement.summary(model, skip)
+    reason = summary.unquantizable_reason()
     if reason is not None:
         raise BadInput(f"nothing in this model can be quantized to INT8: {reason}.")
     if plan.method == "auto" and holdout_batches is None:
@@ -137,7 +144,7 @@ def quantize_model(
             "method 'auto' searches for the configuration that meets the accuracy target on held-out "
             "samples, and none are left: give eval_set_id, raise holdout_fraction, or upload more samples."
         )
-    tensors = list(placement.tensors_to_calibrate)
+    tensors = list(summary.tensors_to_calibrate)
     say(f"calibrating {len(tensors)} activation tensors on {calibration_samples} samples")
     histograms = collect_histograms(
         model,
@@ -150,9 +157,7 @@ def quantize_model(
     search: SearchOutcome | None = None
     if holdout_batches is None:
         amax = thresholds_from_histograms(histograms, plan.method, percentile=plan.percentile)  # type: ignore[arg-type]
-        result = qdq_model_from_scales(
-            model, amax, skip=skip, target=plan.target, ort_weight_max=plan.ort_weight_max
-        )
+        result = placement.qdq_model(model, amax, skip=skip)
         best, qdq, quantized, accuracy = plan.method, result.model, result.quantized_nodes, None
         method_accuracy: dict[str, dict[str, Any]] = {}
     else:
@@ -228,7 +233,7 @@ def quantize_model(
             if selection.kept_layers:
                 qdq, quantized = selection.qdq.model, selection.qdq.quantized_nodes
                 accuracy = evaluate_with_onnxruntime(
-                    model, qdq, holdout_batches(), task=plan.task, simulate=plan.target != "onnxruntime"
+                    model, qdq, holdout_batches(), task=plan.task, simulate=placement.simulates_qdq
                 )
     # A met target is the verdict; the whole-output cosine advice only adds to a shortfall.
     advice = accuracy_warnings(accuracy, plan.method) if search is None or not search.target_met else ()

@@ -1,13 +1,14 @@
 """Where Q/DQ goes: TensorRT's placement rules applied to one FP32 graph.
 
-Contract: :func:`plan_qdq` reads a canonical model (``_graph.canonical_model`` at opset >= 13) and
+Contract: :func:`plan_qdq` reads a canonical model (``canonical.canonical_model`` at opset >= 13) and
 returns a :class:`QdqPlan`; nothing is inserted here (that is ``qdq.py``), so the same plan answers
-:func:`tensors_to_calibrate` before calibration and drives the insertion after it.
+:func:`tensorrt_summary` (the tensors to calibrate) before calibration and drives the insertion after
+it. This is the TensorRT strategy's half; ``targets.py`` chooses between it and ONNX Runtime's.
 
 The rules, from TensorRT's explicit-quantization guide and the measured facts in the design:
 
 1. Every *weighted layer* (Conv, ConvTranspose, Gemm, MatMul with a float32 constant weight, see
-   ``_graph.WeightedLayer``) runs in INT8 unless kept: its data input gets a per-tensor activation
+   ``rewrite.WeightedLayer``) runs in INT8 unless kept: its data input gets a per-tensor activation
    Q/DQ and its weight a per-output-channel DQ. Bias stays float. MatMuls of two activations
    (attention scores) stay float: the softmax probabilities they consume lose their small values to
    a per-tensor INT8 grid.
@@ -39,14 +40,7 @@ from typing import Literal
 
 import onnx
 
-from service.errors import BadInput
-from service.quantize._graph import (
-    DEFAULT_DOMAINS,
-    GraphIndex,
-    WeightedLayer,
-    canonical_model,
-    weighted_layers,
-)
+from service.onnx_graph.graph import GraphIndex
 from service.quantize._units import (
     QDQ_MIN_OPSET,
     Edge,
@@ -57,12 +51,11 @@ from service.quantize._units import (
     reject_explicit_qdq,
     sigmoid_softmax_heads,
 )
-from service.quantize.ort_placement import plan_ort_qdq
-from service.quantize.ort_prepare import onnxruntime_prepared
+from service.quantize.canonical import canonical_model
+from service.quantize.rewrite import DEFAULT_DOMAINS, WeightedLayer, weighted_layers
 from service.quantize.skip import SkipSpec
 
 PlacementTarget = Literal["tensorrt", "onnxruntime"]
-PLACEMENT_TARGETS: tuple[PlacementTarget, ...] = ("tensorrt", "onnxruntime")
 _RESIDUAL_OPS = frozenset({"Add", "Sum"})
 _RESIDUAL_ANCHOR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _SCALE_OPS = frozenset({"Add", "Mul", "Sub", "Div"})
@@ -127,62 +120,25 @@ class PlacementSummary:
         return f"every weighted layer stays in float for the {self.target} placement: {shown}{more}"
 
 
-def placement_summary(
-    model: onnx.ModelProto,
-    skip: SkipSpec | None = None,
-    *,
-    quantize_heads: bool = False,
-    target: PlacementTarget = "tensorrt",
+def tensorrt_summary(
+    model: onnx.ModelProto, skip: SkipSpec | None = None, *, quantize_heads: bool = False
 ) -> PlacementSummary:
-    """The placement for ``target`` of ``model`` (any FP32 model; it is canonicalized here)."""
-    if check_target(target) == "onnxruntime":
-        ort_plan = plan_ort_qdq(onnxruntime_prepared(model), skip, quantize_heads=quantize_heads)
-        return PlacementSummary(
-            target=target,
-            tensors_to_calibrate=ort_plan.tensors_to_calibrate,
-            quantized=tuple(unit.layer for unit in ort_plan.layers),
-            kept=ort_plan.kept,
-        )
+    """The TensorRT placement of ``model`` (any FP32 model; it is canonicalized here).
+
+    Its tensors to calibrate are the inputs of the quantized layers plus the inputs of any Concat such
+    an input comes from: a layer reading a join of far-apart ranges then stays float.
+    """
     work = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     plan = plan_qdq(work, skip, quantize_heads=quantize_heads)
     # A layer reading a Concat is judged by the ranges of the Concat's inputs, so those are collected too.
     index = GraphIndex(work.graph)
     joined = [name for tensor in plan.tensors for name in join_inputs(index, tensor)]
     return PlacementSummary(
-        target=target,
+        target="tensorrt",
         tensors_to_calibrate=tuple(dict.fromkeys([*plan.tensors, *joined])),
         quantized=plan.weights,
         kept=plan.kept,
     )
-
-
-def tensors_to_calibrate(
-    model: onnx.ModelProto,
-    skip: SkipSpec | None = None,
-    *,
-    quantize_heads: bool = False,
-    target: PlacementTarget = "tensorrt",
-) -> list[str]:
-    """The activation tensors whose amax :func:`~service.quantize.qdq.qdq_model_from_scales` needs.
-
-    For the ``tensorrt`` target these are the inputs of the quantized layers plus the inputs of any
-    Concat such an input comes from (a layer reading a join of far-apart ranges then stays float).
-
-    Names refer to tensors of ``model`` itself (canonicalization, the opset upgrade and the folding of
-    BatchNormalization and constants keep tensor names), so they can be collected on the FP32 model as
-    uploaded or after BN folding. Order: topological, by first reader. The ``onnxruntime`` target also
-    needs the ranges of layer outputs (its integer kernels requantize their results), see
-    ``ort_placement.py``.
-    """
-    summary = placement_summary(model, skip, quantize_heads=quantize_heads, target=target)
-    return list(summary.tensors_to_calibrate)
-
-
-def check_target(target: str) -> PlacementTarget:
-    """``target`` itself when it names a placement; BadInput listing the placements otherwise."""
-    if target not in PLACEMENT_TARGETS:
-        raise BadInput(f"unknown Q/DQ placement target {target!r}; use one of {', '.join(PLACEMENT_TARGETS)}")
-    return target  # type: ignore[return-value]
 
 
 def plan_qdq(
@@ -210,7 +166,7 @@ def plan_qdq(
     quantized: list[WeightedLayer] = []
     kept: list[KeptLayer] = []
     for layer in layers:
-        join = mixed.get(index.nodes_by_name[layer.node].input[0])
+        join = mixed.get(index.node(layer.node).input[0])
         if layer.node in skipped:
             kept.append(KeptLayer(layer.node, layer.op_type, "skip"))
         elif layer.node in heads:
@@ -223,7 +179,7 @@ def plan_qdq(
     edges: dict[str, list[Edge]] = {}
     residual_tensors: set[str] = set()
     for layer in quantized:
-        node = index.nodes_by_name[layer.node]
+        node = index.node(layer.node)
         edges.setdefault(node.input[0], []).append(Edge(layer.node, 0))
 
     anchors = {layer.node for layer in quantized if layer.op_type in _RESIDUAL_ANCHOR_OPS}
@@ -233,7 +189,7 @@ def plan_qdq(
         if node.op_type not in _RESIDUAL_OPS or node.domain not in DEFAULT_DOMAINS or len(node.input) != 2:
             continue
         if node.input[0] == node.input[1] or not all(
-            name and not index.is_constant(name) for name in node.input
+            name and not index.is_weight(name) for name in node.input
         ):
             continue
         branches = [
@@ -277,13 +233,13 @@ def _fusable_branch_end(tensor: str, index: GraphIndex, anchors: set[str]) -> st
     """
     current, end, seen_bn = tensor, None, False
     while True:
-        if current in index.graph_outputs or len(index.consumers_of(current)) != 1:
+        if index.sole_reader(current) is None:
             return None  # another reader needs the intermediate value: no fusion
-        producer = index.producer_of(current)
+        producer = index.producer(current)
         if producer is None or producer.domain not in DEFAULT_DOMAINS:
             return None
         passes_through = producer.op_type == "Identity" or (
-            producer.op_type == "Dropout" and not any(index.consumers_of(o) for o in producer.output[1:] if o)
+            producer.op_type == "Dropout" and not any(index.consumers(o) for o in producer.output[1:] if o)
         )
         if end is None and not passes_through:
             end = producer.name
@@ -304,9 +260,9 @@ def _scale_op_input(node: onnx.NodeProto, index: GraphIndex) -> str | None:
     if node.op_type not in _SCALE_OPS or len(node.input) != 2:
         return None
     first, second = node.input
-    if index.is_constant(second) and not index.is_constant(first):
+    if index.is_weight(second) and not index.is_weight(first):
         return first
-    if node.op_type in ("Add", "Mul") and index.is_constant(first) and not index.is_constant(second):
+    if node.op_type in ("Add", "Mul") and index.is_weight(first) and not index.is_weight(second):
         return second
     return None
 
@@ -317,7 +273,7 @@ def _depths(index: GraphIndex) -> dict[str, int]:
     for node in index.graph.node:
         longest = 0
         for name in node.input:
-            producer = index.producer_of(name) if name and not index.is_constant(name) else None
+            producer = index.producer(name) if name and not index.is_weight(name) else None
             if producer is not None:
                 longest = max(longest, depth.get(producer.name, 0))
         depth[node.name] = longest + 1

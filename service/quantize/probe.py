@@ -31,8 +31,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.accuracy.outputs import cpu_session_options, onnxruntime_session
 from service.errors import JobCancelled
-from service.quantize._graph import GraphIndex, NameAllocator, WeightedLayer
-from service.quantize.encoding import activation_scale, ort_activation_encoding, quantize_weight
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.encoding import quantize_weight
+from service.quantize.rewrite import NameAllocator, WeightedLayer
+from service.quantize.targets import QdqPlacement
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 
@@ -55,10 +57,9 @@ class LayerProbe:
 
 @dataclass(frozen=True)
 class ProbeEncoding:
-    """How the placement encodes activations and weights (see ``encoding.py``)."""
+    """How the placement encodes activations and weights: its strategy, and the tensors it treats as >= 0."""
 
-    target: str  # "tensorrt": int8 symmetric; "onnxruntime": uint8, zero point 0 for tensors >= 0
-    weight_max: int = 127
+    placement: QdqPlacement
     non_negative: frozenset[str] = frozenset()
 
 
@@ -102,7 +103,7 @@ def probe_layer_errors(
         values = by_layer.get(layer.node)
         if values is None:
             continue
-        x = index.nodes_by_name[layer.node].input[0]
+        x = index.node(layer.node).input[0]
         result[layer.node] = LayerProbe(
             node=layer.node,
             input=x,
@@ -128,11 +129,13 @@ def _probe_model(
     fetches: list[tuple[str, int, str]] = []
     new_nodes: list[onnx.NodeProto] = []
     for layer in layers:
-        node = index.nodes_by_name[layer.node]
+        node = index.node(layer.node)
         x, reference = node.input[0], node.output[0]
         if x not in candidates or not candidates[x]:
             continue
-        weight = _dequantized_weight(index.constant(layer.weight), layer.axis, encoding.weight_max)
+        weight = _dequantized_weight(
+            index.weight_value(layer.weight), layer.axis, encoding.placement.weight_max
+        )
         weight_name = names.fresh(f"{layer.weight}_probe")
         graph.initializer.append(numpy_helper.from_array(weight, weight_name))
         for slot, amax in enumerate(candidates[x]):
@@ -175,9 +178,4 @@ def _dequantized_weight(weight: np.ndarray, axis: int | None, weight_max: int) -
 
 
 def _activation_params(tensor: str, amax: float, encoding: ProbeEncoding) -> tuple[float, np.ndarray]:
-    if encoding.target == "onnxruntime":
-        chosen = ort_activation_encoding(
-            amax, non_negative=tensor in encoding.non_negative, upper_bound=None, activation_type="uint8"
-        )
-        return chosen.scale, chosen.numpy_zero_point()
-    return activation_scale(amax), np.array(0, dtype=np.int8)
+    return encoding.placement.activation_params(tensor, amax, non_negative=tensor in encoding.non_negative)

@@ -1,7 +1,7 @@
 """Insert Q/DQ into an FP32 model from activation amax values: the explicit-quantization ONNX.
 
-Contract: :func:`qdq_model_from_scales` takes an FP32 model and the amax of every tensor
-:func:`~service.quantize.placement.tensors_to_calibrate` lists and returns a :class:`QdqResult` whose
+Contract: :meth:`TensorRtPlacement.qdq_model` (reached through ``targets.qdq_model_from_scales``) takes
+an FP32 model and the amax of every tensor its summary lists and returns a :class:`QdqResult` whose
 model passes ``onnx.checker`` (full check), runs in ONNX Runtime and parses in TensorRT 10/11 and
 TensorRT-RTX. Placement follows ``placement.py``; the encoding follows TensorRT's expectations:
 
@@ -23,9 +23,9 @@ TensorRT-RTX. Placement follows ``placement.py``; the encoding follows TensorRT'
   DQ per node unit. Measured: TensorRT-RTX 1.7 builds the same layers from a shared DQ, so this
   choice costs nothing there and spares every other consumer a duplication pass.
 
-``target="onnxruntime"`` swaps in ONNX Runtime's placement and encoding instead (``ort_placement.py``,
-``ort_qdq.py``): whole node units for its CPU integer kernels, uint8 activations, int32 biases. That
-model runs in ONNX Runtime only; TensorRT-RTX's parser rejects its int32 biases.
+``target="onnxruntime"`` swaps in ONNX Runtime's strategy instead (``ort_placement.py``, ``ort_qdq.py``;
+chosen in ``targets.py``): whole node units for its CPU integer kernels, uint8 activations, int32
+biases. That model runs in ONNX Runtime only; TensorRT-RTX's parser rejects its int32 biases.
 
 Models below opset 13 are upgraded with ``onnx.version_converter`` (per-channel DequantizeLinear needs
 the ``axis`` attribute of opset 13); the IR version is raised to match. Tensor names survive, so amax
@@ -37,34 +37,27 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from service.backends.cpu_isa import host_int8_weight_max
 from service.errors import BadInput
-from service.quantize._graph import (
-    GraphIndex,
-    NameAllocator,
-    WeightedLayer,
-    canonical_model,
-    remove_unused_initializers,
-    splice_nodes,
-)
-from service.quantize.encoding import activation_scale, quantize_weight
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.canonical import canonical_model
+from service.quantize.encoding import INT8_MAX, activation_scale, quantize_weight
 from service.quantize.encoding import fp16_exact_scales as fp16_exact_scales  # re-exported for fp16.py
-from service.quantize.ort_placement import plan_ort_qdq
-from service.quantize.ort_prepare import onnxruntime_prepared
-from service.quantize.ort_qdq import insert_ort_qdq
 from service.quantize.placement import (
     QDQ_MIN_OPSET,
     ActivationSite,
+    PlacementSummary,
     PlacementTarget,
     QdqPlan,
-    check_target,
     plan_qdq,
+    tensorrt_summary,
 )
+from service.quantize.rewrite import NameAllocator, WeightedLayer, remove_unused_initializers, splice_nodes
 from service.quantize.skip import SkipSpec
 
 
@@ -79,46 +72,69 @@ class QdqResult:
     activation_tensors: tuple[str, ...] = ()  # tensors that got a QuantizeLinear
 
 
-def qdq_model_from_scales(
-    model: onnx.ModelProto,
-    activation_amax: Mapping[str, float],
-    *,
-    skip: SkipSpec | None = None,
-    quantize_heads: bool = False,
-    target: PlacementTarget = "tensorrt",
-    ort_weight_max: int | None = None,
-) -> QdqResult:
-    """The explicitly quantized model for ``model`` given per-tensor activation amax values.
+@dataclass(frozen=True)
+class TensorRtPlacement:
+    """The TensorRT placement strategy (see ``targets.QdqPlacement``): TensorRT 10/11 and TensorRT-RTX.
 
-    ``target`` picks the placement: ``tensorrt`` (the rules above, for TensorRT 10/11 and TensorRT-RTX)
-    or ``onnxruntime`` (node units ORT's CPU provider runs as integer kernels, see ``ort_placement.py``;
-    BatchNormalization is folded first and the model is for ONNX Runtime only: its int32 biases are
-    rejected by TensorRT-RTX's parser). Raises BadInput when an amax the placement needs is missing,
-    negative or not finite (naming the tensors), when ``skip`` names unknown nodes, when the model
-    already contains Q/DQ, or for an unknown target. ``ort_weight_max`` is the ONNX Runtime placement's
-    weight range (64 on CPUs whose U8S8 kernels saturate, see ``backends/cpu_isa.py``); None: this
-    host's, so an ONNX Runtime model quantized here computes exactly on this CPU.
+    Accuracy is measured by simulating the Q/DQ in float: the GPU's INT8 kernels compute what the
+    dequantized model computes, up to rounding, and no such kernels exist on this machine.
     """
-    if check_target(target) == "onnxruntime":
-        return _onnxruntime_qdq_model(
-            model,
-            activation_amax,
-            skip=skip,
-            quantize_heads=quantize_heads,
-            weight_max=ort_weight_max if ort_weight_max is not None else host_int8_weight_max(),
-        )
-    work = canonical_model(model, min_opset=QDQ_MIN_OPSET)
-    plan = plan_qdq(work, skip, quantize_heads=quantize_heads, ranges=activation_amax)
-    amax = checked_amax(plan.tensors, activation_amax)
-    scales = {tensor: activation_scale(value) for tensor, value in amax.items()}
-    per_channel = _insert(work, plan, scales)
-    onnx.checker.check_model(work)
+
+    name: PlacementTarget = "tensorrt"
+    simulates_qdq: bool = True
+    weight_max: int = INT8_MAX
+
+    def prepared(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return canonical_model(model, min_opset=QDQ_MIN_OPSET)
+
+    def summary(
+        self, model: onnx.ModelProto, skip: SkipSpec | None = None, *, quantize_heads: bool = False
+    ) -> PlacementSummary:
+        return tensorrt_summary(model, skip, quantize_heads=quantize_heads)
+
+    def qdq_model(
+        self,
+        model: onnx.ModelProto,
+        activation_amax: Mapping[str, float],
+        *,
+        skip: SkipSpec | None = None,
+        quantize_heads: bool = False,
+    ) -> QdqResult:
+        """The Q/DQ model for TensorRT (module docstring); BadInput as ``targets.qdq_model_from_scales``."""
+        work = canonical_model(model, min_opset=QDQ_MIN_OPSET)
+        plan = plan_qdq(work, skip, quantize_heads=quantize_heads, ranges=activation_amax)
+        amax = checked_amax(plan.tensors, activation_amax)
+        scales = {tensor: activation_scale(value) for tensor, value in amax.items()}
+        return checked_qdq_result(work, plan, _insert(work, plan, scales), plan.tensors)
+
+    def non_negative_tensors(self, prepared: onnx.ModelProto, skip: SkipSpec | None = None) -> frozenset[str]:
+        return frozenset()  # symmetric int8: the sign of a tensor changes nothing
+
+    def activation_params(self, tensor: str, amax: float, *, non_negative: bool) -> tuple[float, np.ndarray]:
+        return activation_scale(amax), np.array(0, dtype=np.int8)
+
+
+class PlacedLayers(Protocol):
+    """What any placement's plan says about the weighted layers (``QdqPlan``, ``OrtQdqPlan``)."""
+
+    @property
+    def quantized_nodes(self) -> tuple[str, ...]: ...
+
+    @property
+    def kept_nodes(self) -> tuple[str, ...]: ...
+
+
+def checked_qdq_result(
+    model: onnx.ModelProto, plan: PlacedLayers, per_channel_weights: int, activation_tensors: tuple[str, ...]
+) -> QdqResult:
+    """The result for a model Q/DQ was just inserted into, once the ONNX checker accepts the model."""
+    onnx.checker.check_model(model)
     return QdqResult(
-        model=work,
+        model=model,
         quantized_nodes=plan.quantized_nodes,
         kept_nodes=plan.kept_nodes,
-        per_channel_weights=per_channel,
-        activation_tensors=plan.tensors,
+        per_channel_weights=per_channel_weights,
+        activation_tensors=activation_tensors,
     )
 
 
@@ -149,28 +165,6 @@ def checked_amax(tensors: Sequence[str], activation_amax: Mapping[str, float]) -
     return checked
 
 
-def _onnxruntime_qdq_model(
-    model: onnx.ModelProto,
-    activation_amax: Mapping[str, float],
-    *,
-    skip: SkipSpec | None,
-    quantize_heads: bool,
-    weight_max: int,
-) -> QdqResult:
-    work = onnxruntime_prepared(model)
-    plan = plan_ort_qdq(work, skip, quantize_heads=quantize_heads, ranges=activation_amax)
-    amax = checked_amax(plan.tensors_to_calibrate, activation_amax)
-    per_channel = insert_ort_qdq(work, plan, amax, weight_max=weight_max)
-    onnx.checker.check_model(work)
-    return QdqResult(
-        model=work,
-        quantized_nodes=plan.quantized_nodes,
-        kept_nodes=plan.kept_nodes,
-        per_channel_weights=per_channel,
-        activation_tensors=tuple(site.tensor for site in plan.tensors),
-    )
-
-
 def _insert(model: onnx.ModelProto, plan: QdqPlan, scales: Mapping[str, float]) -> int:
     """Rewrite the graph in place; return how many weight tensors got per-channel scales."""
     graph = model.graph
@@ -191,7 +185,7 @@ def _insert(model: onnx.ModelProto, plan: QdqPlan, scales: Mapping[str, float]) 
             weight_cache[key] = _add_quantized_weight(layer, index, names, graph)
             per_channel += layer.axis is not None
         q_name, scale_name, zero_name = weight_cache[key]
-        node = index.nodes_by_name[layer.node]
+        node = index.node(layer.node)
         dq_out = names.fresh(f"{layer.weight}_dequantized")
         dq = helper.make_node(
             "DequantizeLinear",
@@ -231,12 +225,12 @@ def _plan_activation(
         [quantized],
         name=names.fresh(f"{tensor}_QuantizeLinear"),
     )
-    producer = index.producer_of(tensor)
+    producer = index.producer(tensor)
     after.setdefault(tensor if producer is not None else "", []).append(q)
 
     dq_for_node: dict[str, str] = {}
     for edge in site.edges:
-        node = index.nodes_by_name[edge.node]
+        node = index.node(edge.node)
         if edge.node not in dq_for_node:
             dq_out = names.fresh(f"{tensor}_dequantized")
             dq = helper.make_node(
@@ -253,7 +247,7 @@ def _plan_activation(
 def _add_quantized_weight(
     layer: WeightedLayer, index: GraphIndex, names: NameAllocator, graph: onnx.GraphProto
 ) -> tuple[str, str, str]:
-    weight = index.constant(layer.weight)
+    weight = index.weight_value(layer.weight)
     quantized, scale = quantize_weight(weight, layer.axis)
     q_name = names.fresh(f"{layer.weight}_int8")
     scale_name = names.fresh(f"{layer.weight}_scale")

@@ -35,18 +35,16 @@ import onnx
 from service.accuracy.outputs import AccuracyReport
 from service.accuracy.reference import ReferenceEvaluator
 from service.accuracy.tasks import DEFAULT_TARGETS, AccuracyTarget, TaskSpec
-from service.backends.cpu_isa import host_int8_weight_max
 from service.calibration.algorithms import thresholds_from_histograms
 from service.calibration.histograms import AbsHistogram
 from service.errors import JobCancelled
-from service.quantize._graph import GraphIndex, canonical_model
-from service.quantize.ort_placement import plan_ort_qdq
-from service.quantize.ort_prepare import onnxruntime_prepared
-from service.quantize.placement import QDQ_MIN_OPSET, PlacementTarget, placement_summary
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.placement import PlacementTarget
 from service.quantize.probe import LayerProbe, ProbeEncoding, probe_layer_errors
-from service.quantize.qdq import QdqResult, qdq_model_from_scales
+from service.quantize.qdq import QdqResult
 from service.quantize.sensitivity import rank_layer_sensitivity
 from service.quantize.skip import SkipSpec
+from service.quantize.targets import placement_for
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 CONCRETE_METHODS: tuple[str, ...] = ("entropy", "max", "percentile", "mse")
@@ -248,15 +246,10 @@ class _Search:
         self.holdout = holdout
         self.reference = ReferenceEvaluator(model, holdout, task=plan.task)
         self.targets = plan.targets or DEFAULT_TARGETS[self.reference.task.kind]
-        summary = placement_summary(model, plan.skip, target=plan.target)
-        self.quantized = summary.quantized
-        if plan.target == "onnxruntime":
-            self.prepared = onnxruntime_prepared(model)
-            ort_plan = plan_ort_qdq(self.prepared, plan.skip)
-            self.non_negative = frozenset(t.tensor for t in ort_plan.tensors if t.non_negative)
-        else:
-            self.prepared = canonical_model(model, min_opset=QDQ_MIN_OPSET)
-            self.non_negative = frozenset()
+        self.placement = placement_for(plan.target, ort_weight_max=plan.ort_weight_max)
+        self.quantized = self.placement.summary(model, plan.skip).quantized
+        self.prepared = self.placement.prepared(model)
+        self.non_negative = self.placement.non_negative_tensors(self.prepared, plan.skip)
         index = GraphIndex(self.prepared.graph)
         self.convolutions = sum(1 for n in index.graph.node if n.op_type in ("Conv", "ConvTranspose"))
         self.steps: list[SearchStep] = []
@@ -268,11 +261,9 @@ class _Search:
         if self.should_stop is not None and self.should_stop():
             raise JobCancelled("cancelled during the accuracy search")
         skip = self._skip(kept)
-        qdq = qdq_model_from_scales(
-            self.model, amax, skip=skip, target=self.plan.target, ort_weight_max=self.plan.ort_weight_max
-        )
+        qdq = self.placement.qdq_model(self.model, amax, skip=skip)
         started = time.perf_counter()
-        report = self.reference.evaluate(qdq.model, simulate=self.plan.target != "onnxruntime")
+        report = self.reference.evaluate(qdq.model, simulate=self.placement.simulates_qdq)
         self.eval_seconds.append(time.perf_counter() - started)
         candidate = _Candidate(label, dict(amax), qdq, report, kept)
         self.steps.append(
@@ -317,15 +308,15 @@ class _Search:
         self, thresholds: Mapping[str, Mapping[str, float]], calibration: Batches
     ) -> dict[str, LayerProbe]:
         index = GraphIndex(self.prepared.graph)
-        layers = [layer for layer in self.quantized if layer.node in index.nodes_by_name]
+        layers = [layer for layer in self.quantized if index.find_node(layer.node) is not None]
         candidates = {
-            index.nodes_by_name[layer.node].input[0]: [
-                thresholds[m][index.nodes_by_name[layer.node].input[0]] for m in self.plan.methods
+            index.node(layer.node).input[0]: [
+                thresholds[m][index.node(layer.node).input[0]] for m in self.plan.methods
             ]
             for layer in layers
-            if all(index.nodes_by_name[layer.node].input[0] in thresholds[m] for m in self.plan.methods)
+            if all(index.node(layer.node).input[0] in thresholds[m] for m in self.plan.methods)
         }
-        encoding = ProbeEncoding(self.plan.target, self._weight_max(), self.non_negative)
+        encoding = ProbeEncoding(self.placement, self.non_negative)
         return probe_layer_errors(
             self.prepared,
             layers,
@@ -462,11 +453,6 @@ class _Search:
             first=base.first,
             last=base.last,
         )
-
-    def _weight_max(self) -> int:
-        if self.plan.target != "onnxruntime":
-            return 127
-        return self.plan.ort_weight_max if self.plan.ort_weight_max is not None else host_int8_weight_max()
 
 
 def _chosen_error(probe: LayerProbe, amax: Mapping[str, float]) -> float:

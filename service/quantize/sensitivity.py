@@ -37,10 +37,12 @@ import onnx
 
 from service.accuracy.reference import ReferenceEvaluator
 from service.errors import BadInput, JobCancelled
-from service.quantize._graph import GraphIndex, canonical_model
-from service.quantize.placement import QDQ_MIN_OPSET, PlacementTarget, placement_summary, plan_qdq
-from service.quantize.qdq import QdqResult, qdq_model_from_scales, quantize_weight
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.canonical import canonical_model
+from service.quantize.placement import QDQ_MIN_OPSET, PlacementTarget, plan_qdq
+from service.quantize.qdq import QdqResult, quantize_weight
 from service.quantize.skip import SkipSpec
+from service.quantize.targets import placement_for
 
 DEFAULT_MAX_LAYERS = 64
 
@@ -115,12 +117,13 @@ def rank_layer_sensitivity(
         raise BadInput(f"max_layers must be at least 1; got {max_layers}")
     prepared = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     base = skip or SkipSpec()
-    layers = placement_summary(prepared, base, target=target).quantized
+    placement = placement_for(target, ort_weight_max=ort_weight_max)
+    layers = placement.summary(prepared, base).quantized
     quantized_nodes = tuple(layer.node for layer in layers)
     candidates = _layers_to_evaluate(prepared, quantized_nodes, max_layers, prefer)
     op_types = {layer.node: layer.op_type for layer in layers}
     evaluator = reference or ReferenceEvaluator(prepared, eval_batches)
-    simulate = target != "onnxruntime"
+    simulate = placement.simulates_qdq
     total = len(candidates) + 1
     _report(progress, 1, total)
 
@@ -129,9 +132,7 @@ def rank_layer_sensitivity(
     for done, node in enumerate(candidates, start=2):
         _check_stop(should_stop)
         keep = everything - {node} if mode is SensitivityMode.QUANTIZE_ONE else frozenset({node})
-        variant = qdq_model_from_scales(
-            prepared, activation_amax, skip=_merged(base, keep), target=target, ort_weight_max=ort_weight_max
-        )
+        variant = placement.qdq_model(prepared, activation_amax, skip=_merged(base, keep))
         snr, cosine = _score(evaluator, variant.model, simulate)
         results.append(LayerSensitivity(node=node, op_type=op_types[node], snr_db=snr, cosine=cosine))
         _report(progress, done, total)
@@ -166,7 +167,8 @@ def select_layers_to_keep(
         raise BadInput(f"min_cosine must lie in [-1, 1]; got {min_cosine}")
     prepared = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     base = skip or SkipSpec()
-    quantizable = {layer.node for layer in placement_summary(prepared, base, target=target).quantized}
+    placement = placement_for(target, ort_weight_max=ort_weight_max)
+    quantizable = {layer.node for layer in placement.summary(prepared, base).quantized}
     order = [r.node for r in ranking]
     unknown = [n for n in order if n not in quantizable]
     if unknown:
@@ -176,7 +178,7 @@ def select_layers_to_keep(
         )
     limit = len(order) if max_kept is None else max(0, min(max_kept, len(order)))
     evaluator = ReferenceEvaluator(prepared, eval_batches)
-    simulate = target != "onnxruntime"
+    simulate = placement.simulates_qdq
 
     def meets(snr: float, cosine: float) -> bool:
         return (min_snr_db is None or snr >= min_snr_db) and (min_cosine is None or cosine >= min_cosine)
@@ -185,13 +187,7 @@ def select_layers_to_keep(
     evaluations = 0
     while True:
         _check_stop(should_stop)
-        result = qdq_model_from_scales(
-            prepared,
-            activation_amax,
-            skip=_merged(base, frozenset(kept)),
-            target=target,
-            ort_weight_max=ort_weight_max,
-        )
+        result = placement.qdq_model(prepared, activation_amax, skip=_merged(base, frozenset(kept)))
         snr, cosine = _score(evaluator, result.model, simulate)
         evaluations += 1
         _report(progress, len(kept) + 1, limit + 1)
@@ -229,7 +225,7 @@ def _layers_to_evaluate(
     noise: dict[str, float] = {}
     for node in quantized[1:-1]:
         layer = plan_layers[node]
-        weight = index.constant(layer.weight).astype(np.float64)
+        weight = index.weight_value(layer.weight).astype(np.float64)
         q, scale = quantize_weight(weight, layer.axis)
         shape = [-1 if a == layer.axis else 1 for a in range(weight.ndim)] if layer.axis is not None else []
         error = weight - q.astype(np.float64) * scale.astype(np.float64).reshape(shape)

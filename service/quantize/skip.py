@@ -11,7 +11,7 @@ A bare string that is both a registered op type and a node name of the model mea
 is model-independent; :meth:`SkipSpec.resolve` checks it against one model and returns the node names
 to keep out of INT8. An unknown node name is a :class:`~service.errors.BadInput` listing the closest
 node names, so a typo never silently quantizes the layer the user meant to protect. Node names are
-those of the canonical model (unnamed nodes are named ``<op_type>_<first output>``, see ``_graph``).
+those of the canonical model (unnamed nodes are named ``<op_type>_<first output>``, see ``canonical.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import onnx
 import onnx.defs
 
 from service.errors import BadInput
-from service.quantize._graph import GraphIndex, canonical_model, weighted_layers
+from service.onnx_graph.graph import GraphIndex
+from service.quantize.canonical import canonical_model
+from service.quantize.rewrite import weighted_layers
 
 _FIRST, _LAST = "first", "last"
 _OP_PREFIX, _NODE_PREFIX = "op:", "node:"
@@ -99,7 +101,7 @@ class SkipSpec:
 
 
 def weighted_layer_names(model: onnx.ModelProto) -> tuple[str, ...]:
-    """Names of the weighted layers (see ``_graph.WeightedLayer``) of a canonical model, in order."""
+    """Names of the weighted layers (see ``rewrite.WeightedLayer``) of a canonical model, in order."""
     return tuple(layer.node for layer in weighted_layers(GraphIndex(model.graph)))
 
 

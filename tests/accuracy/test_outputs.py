@@ -18,8 +18,7 @@ from service.accuracy.outputs import (
     snr_db,
 )
 from service.errors import BadInput, InvalidInferenceInput
-from service.quantize.placement import tensors_to_calibrate
-from service.quantize.qdq import qdq_model_from_scales
+from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 from tests.model_factory import model_bytes, resnet_block_classifier, two_input_adder
 
 

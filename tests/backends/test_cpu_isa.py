@@ -7,8 +7,7 @@ import pytest
 
 from service.backends.cpu_isa import cpu_isa_from_flags, host_cpu_isa
 from service.backends.onnxruntime import OnnxRuntimeBackend
-from service.quantize.placement import tensors_to_calibrate
-from service.quantize.qdq import qdq_model_from_scales
+from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 from tests.data_factory import classifier_samples
 from tests.model_factory import resnet_block_classifier
 from tests.quantize.support import amax_by_running

@@ -122,8 +122,7 @@ def test_service_quantizer_output_builds_as_an_int8_fp16_hybrid(
 ) -> None:
     from service.quantize.bn_fold import fold_batchnorm
     from service.quantize.fp16 import fp16_model_from
-    from service.quantize.placement import tensors_to_calibrate
-    from service.quantize.qdq import qdq_model_from_scales
+    from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 
     fp32 = fold_batchnorm(model_factory.resnet_block_classifier(batch=1))
     sample = {"input": np.random.default_rng(3).standard_normal((1, 3, 16, 16)).astype(np.float32)}

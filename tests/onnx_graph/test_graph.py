@@ -210,3 +210,102 @@ def test_a_constant_whose_data_does_not_fit_its_dims_is_an_invalid_model_not_a_c
     with pytest.raises(InvalidModel, match="clip_min"):
         analyze_fusions(model)
     assert issubclass(InvalidModel, BadInput)  # so an upload answers 400
+
+
+def _if_reading(outer: str, name: str = "if", out: str = "branch_out") -> onnx.NodeProto:
+    """An If node both of whose bodies read ``outer`` from the enclosing graph."""
+    body = helper.make_graph(
+        [helper.make_node("Neg", [outer], [f"{name}_inner"], name=f"{name}_neg")],
+        "body",
+        [],
+        [helper.make_tensor_value_info(f"{name}_inner", FLOAT, None)],
+    )
+    return helper.make_node("If", ["cond"], [out], name=name, then_branch=body, else_branch=body)
+
+
+def test_a_weight_is_an_initializer_the_graph_always_uses() -> None:
+    weight = numpy_helper.from_array(np.full((1, 4), 2.0, np.float32), "w")
+    default = numpy_helper.from_array(np.ones((1, 4), np.float32), "d")
+    nodes = [
+        helper.make_node("Constant", [], ["c"], name="const", value_float=2.0),
+        helper.make_node("Mul", ["x", "w"], ["xw"], name="mul"),
+        helper.make_node("Add", ["xw", "d"], ["xd"], name="add"),
+        helper.make_node("Sub", ["xd", "c"], ["y"], name="sub"),
+    ]
+    # IR >= 4: an initializer also listed as a graph input is a default the caller may override.
+    index = GraphIndex(_graph(nodes, inputs=("x", "d"), initializers=(weight, default)))
+
+    assert index.is_weight("w") and index.weight("w") is index.initializers["w"]
+    np.testing.assert_array_equal(index.weight_value("w"), np.full((1, 4), 2.0, np.float32))
+    assert index.weight_type("w") == TensorProto.FLOAT
+    assert not index.is_weight("d") and index.weight("d") is None, "an overridable default is no weight"
+    assert index.is_constant("d"), "for fusion analysis it still counts as constant, as TensorRT folds it"
+    assert "d" not in index.graph_inputs
+    assert index.is_constant("c") and not index.is_weight("c"), "a Constant output has no stored tensor"
+    assert not index.is_weight("x") and index.weight_type("x") == TensorProto.UNDEFINED
+    with pytest.raises(KeyError, match="'d' is not a weight"):
+        index.weight_value("d")
+
+
+def test_a_constant_node_value_float_is_float32_as_its_schema_types_it() -> None:
+    nodes = [helper.make_node("Constant", [], ["c"], name="const", value_floats=[0.1, 6.0])]
+    value = GraphIndex(_graph(nodes, outputs=("c",))).constant_value("c")
+    assert value is not None and value.dtype == np.float32
+    np.testing.assert_array_equal(value, np.array([0.1, 6.0], np.float32))
+
+
+def test_a_tensor_an_if_body_also_reads_has_no_sole_reader() -> None:
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Neg", ["r"], ["n"], name="neg"),
+        _if_reading("r"),
+        helper.make_node("Add", ["n", "branch_out"], ["y"], name="add"),
+    ]
+    index = GraphIndex(_graph(nodes, initializers=(cond,)))
+
+    assert [node.name for node in index.consumers("r")] == ["neg", "if"], "the body's owner needs r too"
+    assert [node.name for node in index.readers("r")] == ["neg"], "only neg has an input slot to rewrite"
+    assert index.sole_reader("r") is None
+    sole = index.sole_reader("n")
+    assert sole is not None and sole.name == "add"
+
+
+def test_a_tensor_read_twice_by_one_node_or_returned_has_no_sole_reader() -> None:
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Add", ["r", "r"], ["s"], name="twice"),
+        helper.make_node("Neg", ["s"], ["y"], name="neg"),
+    ]
+    index = GraphIndex(_graph(nodes, outputs=("y", "s")))
+    assert [node.name for node in index.readers("r")] == ["twice"]
+    assert index.sole_reader("r") is None, "Add(r, r) reads r through two slots"
+    assert index.sole_reader("s") is None, "a graph output is needed outside the graph"
+    assert index.sole_reader("y") is None
+
+
+def test_subgraph_reads_see_nested_bodies_and_outer_names_returned_directly() -> None:
+    from service.onnx_graph.subgraphs import subgraph_reads
+
+    passthrough = helper.make_graph(
+        [], "passthrough", [], [helper.make_tensor_value_info("kept", FLOAT, None)]
+    )
+    inner_if = helper.make_node(
+        "If", ["cond"], ["inner_out"], name="inner_if", then_branch=passthrough, else_branch=passthrough
+    )
+    outer_body = helper.make_graph(
+        [helper.make_node("Neg", ["deep"], ["local"], name="local_neg"), inner_if],
+        "outer_body",
+        [],
+        [helper.make_tensor_value_info("inner_out", FLOAT, None)],
+    )
+    graph = _graph(
+        [
+            helper.make_node(
+                "If", ["cond"], ["y"], name="outer_if", then_branch=outer_body, else_branch=outer_body
+            )
+        ],
+        inputs=("x", "deep", "kept", "cond"),
+    )
+    # "local" is defined inside the body, so it is no read of the outer scope.
+    assert subgraph_reads(graph) == {"deep", "kept", "cond"}

@@ -12,10 +12,9 @@ from onnx import helper, numpy_helper
 from service.backends.base import BuildSpec
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.errors import BadInput
-from service.quantize._graph import canonical_model
+from service.quantize.canonical import canonical_model
 from service.quantize.pipeline import QuantizationPlan, quantize_model
-from service.quantize.placement import tensors_to_calibrate
-from service.quantize.qdq import qdq_model_from_scales
+from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 from tests.model_factory import resnet_block_classifier
 from tests.quantize import graphs
 from tests.quantize.support import initializer, node, run

@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.quantize._graph import canonical_model
+from service.quantize.canonical import canonical_model
 from service.quantize.ort_placement import plan_ort_qdq
 from service.quantize.ort_prepare import onnxruntime_prepared
-from service.quantize.placement import plan_qdq, tensors_to_calibrate
-from service.quantize.qdq import qdq_model_from_scales
+from service.quantize.placement import plan_qdq
+from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 from tests.quantize.support import amax_by_running, run
 
 

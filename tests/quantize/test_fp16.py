@@ -10,11 +10,10 @@ import pytest
 from onnx import TensorProto
 
 from service.errors import BadInput
-from service.quantize._graph import int_attr
 from service.quantize.bn_fold import fold_batchnorm
 from service.quantize.fp16 import DEFAULT_KEEP_FP32_OPS, fp16_model_from
-from service.quantize.placement import tensors_to_calibrate
-from service.quantize.qdq import qdq_model_from_scales
+from service.quantize.rewrite import int_attr
+from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 from tests.model_factory import resnet_block_classifier, two_input_adder
 from tests.quantize import graphs
 from tests.quantize.support import amax_by_running, cosine, initializer, node, producers, rapidocr_model, run

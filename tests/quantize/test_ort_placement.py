@@ -20,9 +20,9 @@ from service.errors import BadInput
 from service.quantize.ort_placement import plan_ort_qdq
 from service.quantize.ort_prepare import onnxruntime_prepared
 from service.quantize.pipeline import QuantizationPlan, quantize_model
-from service.quantize.placement import tensors_to_calibrate
-from service.quantize.qdq import QdqResult, qdq_model_from_scales
+from service.quantize.qdq import QdqResult
 from service.quantize.sensitivity import rank_layer_sensitivity
+from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 from tests.data_factory import classifier_samples
 from tests.model_factory import resnet_block_classifier
 from tests.quantize import graphs

@@ -10,9 +10,8 @@ import pytest
 
 from service.errors import BadInput
 from service.quantize.bn_fold import fold_batchnorm
-from service.quantize.placement import tensors_to_calibrate
-from service.quantize.qdq import qdq_model_from_scales
 from service.quantize.skip import SkipSpec
+from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 from tests.model_factory import resnet_block_classifier, two_input_adder
 from tests.quantize import graphs
 from tests.quantize.support import (

@@ -15,8 +15,8 @@ import pytest
 from service.accuracy.outputs import evaluate_with_onnxruntime
 from service.quantize.bn_fold import fold_batchnorm
 from service.quantize.fp16 import fp16_model_from
-from service.quantize.placement import tensors_to_calibrate
-from service.quantize.qdq import QdqResult, qdq_model_from_scales
+from service.quantize.qdq import QdqResult
+from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 from tests.quantize.support import (
     amax_by_running,
     assert_tensorrt_placement,

@@ -13,8 +13,8 @@ from hypothesis.extra.numpy import arrays
 
 from service.errors import BadInput
 from service.quantize.bn_fold import fold_batchnorm
-from service.quantize.placement import tensors_to_calibrate
-from service.quantize.qdq import activation_scale, fp16_exact_scales, qdq_model_from_scales, quantize_weight
+from service.quantize.qdq import activation_scale, fp16_exact_scales, quantize_weight
+from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
 from tests.model_factory import resnet_block_classifier, two_input_adder
 from tests.quantize import graphs
 from tests.quantize.support import (

@@ -9,7 +9,6 @@ import onnx
 import pytest
 
 from service.errors import BadInput, JobCancelled
-from service.quantize.placement import tensors_to_calibrate
 from service.quantize.sensitivity import (
     LayerSensitivity,
     SensitivityMode,
@@ -17,6 +16,7 @@ from service.quantize.sensitivity import (
     select_layers_to_keep,
 )
 from service.quantize.skip import SkipSpec
+from service.quantize.targets import tensors_to_calibrate
 from tests.model_factory import resnet_block_classifier
 from tests.quantize.support import amax_by_running
 

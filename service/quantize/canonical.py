@@ -1,38 +1,36 @@
-"""Graph plumbing shared by the quantize modules (private).
+"""The canonical form every quantize step starts from (:func:`canonical_model`).
 
-Every quantize step starts from :func:`canonical_model`, a copy of the input with the irregularities of
-real exports smoothed out so the placement rules can be written once:
+:func:`canonical_model` returns a copy of the input with the irregularities of real exports smoothed
+out so the placement rules can be written once:
 
 - every node has a unique name (unnamed nodes are named ``<op_type>_<first output>``, which survives
   opset conversion and BN folding; a repeated name gets a ``__<k>`` suffix), because skip lists,
   reports and TensorRT's ``[ONNX Layer: ...]`` metadata all refer to nodes by name;
 - ``Constant`` nodes holding numbers become initializers and ``Identity`` nodes applied to a constant
   are bypassed (PaddlePaddle and older PyTorch exports feed weights that way), so "is this input a
-  weight" is a dictionary lookup;
-- models of IR version < 4, which list every initializer as a graph input, stop doing so;
+  weight" is a dictionary lookup (:meth:`~service.onnx_graph.graph.GraphIndex.weight`);
+- models of IR version < 4, which list every initializer as a graph input, stop doing so (an
+  initializer still listed as an input afterwards is an overridable default, never a weight);
 - the opset is raised to a minimum on request with ``onnx.version_converter``;
 - subgraphs computed from constants only are folded into initializers (:func:`fold_constant_subgraphs`):
   exports that build weights with ``ConstantOfShape`` or reshape/transpose them in the graph (the ONNX
   model zoo's ``light_*`` graphs, some TensorFlow and Paddle exports) would otherwise have no weight
   to quantize, and TensorRT and ONNX Runtime fold them at build time anyway.
 
-:class:`GraphIndex` answers the producer/consumer/constant questions the placement rules ask.
+Questions about the result (producers, readers, weights) go to
+:class:`~service.onnx_graph.graph.GraphIndex`; the rewrite helpers live in ``rewrite.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from service.errors import InvalidModel
-from service.onnx_graph.graph import tensor_value
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
-FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
+from service.onnx_graph.subgraphs import subgraph_reads
+from service.onnx_graph.values import constant_node_value
+from service.quantize.rewrite import DEFAULT_DOMAINS, bypass_identities, remove_unused_initializers
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -126,7 +124,7 @@ def fold_constant_subgraphs(model: onnx.ModelProto) -> int:
         return 0
     folded = {id(node) for node in foldable}
     still_read = {name for node in graph.node if id(node) not in folded for name in node.input}
-    still_read |= subgraph_references(graph)
+    still_read |= subgraph_reads(graph)
     wanted = [out for node in foldable for out in node.output if out and out in still_read]
     if not wanted:
         return 0  # dead constant nodes: not a quantization concern, the runtimes drop them
@@ -138,7 +136,7 @@ def fold_constant_subgraphs(model: onnx.ModelProto) -> int:
     graph.node.extend(remaining)
     graph.initializer.extend(numpy_helper.from_array(values[name], name) for name in wanted)
     consumed = {name for node in foldable for name in node.input if name}
-    remove_unused_initializers(graph, consumed - subgraph_references(graph))
+    remove_unused_initializers(graph, consumed)
     gone = {out for node in foldable for out in node.output} - set(wanted)
     info = [v for v in graph.value_info if v.name not in gone]
     del graph.value_info[:]
@@ -187,158 +185,6 @@ def _evaluate_constants(
     return values
 
 
-class GraphIndex:
-    """Producers, consumers and constants of one graph, computed once."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(node)
-        self.graph_inputs = frozenset(i.name for i in graph.input)
-        self.graph_outputs = frozenset(o.name for o in graph.output)
-        # An initializer that is also a graph input is only a default the caller may override.
-        self.initializers: dict[str, TensorProto] = {
-            t.name: t for t in graph.initializer if t.name not in self.graph_inputs
-        }
-        self.nodes_by_name: dict[str, onnx.NodeProto] = {n.name: n for n in graph.node}
-
-    def is_constant(self, name: str) -> bool:
-        return name in self.initializers
-
-    def constant(self, name: str) -> np.ndarray:
-        return tensor_value(self.initializers[name])
-
-    def constant_type(self, name: str) -> int:
-        return int(self.initializers[name].data_type)
-
-    def consumers_of(self, name: str) -> list[onnx.NodeProto]:
-        return self.consumers.get(name, [])
-
-    def producer_of(self, name: str) -> onnx.NodeProto | None:
-        return self.producer.get(name)
-
-
-class NameAllocator:
-    """Hands out tensor and node names that collide with nothing in the graph."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        used: set[str] = {n.name for n in graph.node}
-        used.update(t.name for t in graph.initializer)
-        used.update(v.name for v in graph.input)
-        used.update(v.name for v in graph.output)
-        used.update(v.name for v in graph.value_info)
-        for node in graph.node:
-            used.update(node.input)
-            used.update(node.output)
-        self._used = used
-
-    def fresh(self, base: str) -> str:
-        name, k = base, 1
-        while name in self._used:
-            k += 1
-            name = f"{base}__{k}"
-        self._used.add(name)
-        return name
-
-
-@dataclass(frozen=True)
-class WeightedLayer:
-    """A Conv/ConvTranspose/Gemm/MatMul node whose weight is a float32 constant.
-
-    ``axis`` is the weight axis that indexes output channels (the per-channel quantization axis), or
-    None for a 1-D MatMul weight, which gets one per-tensor scale.
-    """
-
-    node: str
-    op_type: str
-    weight: str
-    axis: int | None
-
-
-def weighted_layers(index: GraphIndex) -> tuple[WeightedLayer, ...]:
-    """The weighted layers of an indexed canonical graph, in topological order."""
-    layers = []
-    for node in index.graph.node:
-        layer = _weighted_layer(node, index)
-        if layer is not None:
-            layers.append(layer)
-    return tuple(layers)
-
-
-def _weighted_layer(node: onnx.NodeProto, index: GraphIndex) -> WeightedLayer | None:
-    if node.domain not in DEFAULT_DOMAINS or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-        return None
-    if len(node.input) < 2 or not node.input[0] or not index.is_constant(node.input[1]):
-        return None
-    weight = index.initializers[node.input[1]]
-    if weight.data_type != TensorProto.FLOAT or index.is_constant(node.input[0]):
-        return None
-    rank = len(weight.dims)
-    axis: int | None
-    if node.op_type == "Conv":
-        axis = 0  # [C_out, C_in / group, k...]
-    elif node.op_type == "ConvTranspose":
-        # [C_in, C_out / group, k...]: axis 1 indexes output channels within a group; with group > 1
-        # each scale is shared by the same channel of every group, which stays exact, just coarser.
-        axis = 1
-    elif node.op_type == "Gemm":
-        if rank != 2:
-            return None
-        axis = 0 if int_attr(node, "transB", 0) else 1  # B is [N, K] when transposed, else [K, N]
-    else:
-        axis = rank - 1 if rank >= 2 else None  # MatMul B is [..., K, N]: N indexes output columns
-    return WeightedLayer(node=node.name, op_type=node.op_type, weight=node.input[1], axis=axis)
-
-
-def remove_unused_initializers(graph: onnx.GraphProto, candidates: Iterable[str]) -> None:
-    """Drop the named initializers that no node reads any more (and that are not graph outputs)."""
-    still_read: set[str] = {name for node in graph.node for name in node.input}
-    still_read.update(o.name for o in graph.output)
-    doomed = set(candidates) - still_read
-    if not doomed:
-        return
-    kept = [t for t in graph.initializer if t.name not in doomed]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    kept_info = [v for v in graph.value_info if v.name not in doomed]
-    del graph.value_info[:]
-    graph.value_info.extend(kept_info)
-
-
-def int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attr in node.attribute:
-        if attr.name == name:
-            return int(attr.i)
-    return default
-
-
-def float_attr(node: onnx.NodeProto, name: str, default: float) -> float:
-    for attr in node.attribute:
-        if attr.name == name:
-            return float(attr.f)
-    return default
-
-
-def subgraph_references(graph: onnx.GraphProto) -> set[str]:
-    """Tensor names that nodes inside subgraphs read (possibly from the outer scope)."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for body in bodies:
-                for inner in body.node:
-                    names.update(inner.input)
-                names.update(subgraph_references(body))
-    return names
-
-
 def _min_ir_version(opset: int) -> int:
     return int(helper.find_min_ir_version_for([helper.make_opsetid("", opset)], ignore_unknown=True))
 
@@ -371,27 +217,12 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
         taken.add(name)
 
 
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return tensor_value(attr.t)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.array(list(attr.ints), dtype=np.int64)
-    return None  # sparse or string constants stay nodes
-
-
 def _inline_constant_nodes(graph: onnx.GraphProto) -> None:
     outputs = {o.name for o in graph.output}
     kept: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and node.output[0] not in outputs:
-            value = _constant_node_value(node)
+            value = constant_node_value(node)
             if value is not None:
                 graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
                 continue
@@ -404,51 +235,3 @@ def _bypass_constant_identities(graph: onnx.GraphProto) -> None:
     inputs = {i.name for i in graph.input}
     constants = {t.name for t in graph.initializer if t.name not in inputs}
     bypass_identities(graph, lambda node: node.input[0] in constants)
-
-
-def bypass_identities(graph: onnx.GraphProto, accept: Callable[[onnx.NodeProto], bool]) -> None:
-    """Remove the default-domain Identity nodes ``accept`` picks, wiring their readers to the source.
-
-    Identities whose output is a graph output or read by a subgraph body (If/Loop/Scan from the
-    outer scope) stay: those names must keep existing.
-    """
-    pinned = {o.name for o in graph.output} | subgraph_references(graph)
-    alias: dict[str, str] = {}
-    kept: list[onnx.NodeProto] = []
-    for node in graph.node:
-        for position, name in enumerate(node.input):
-            if name in alias:
-                node.input[position] = alias[name]
-        if (
-            node.op_type == "Identity"
-            and node.domain in DEFAULT_DOMAINS
-            and node.output[0] not in pinned
-            and accept(node)
-        ):
-            alias[node.output[0]] = node.input[0]
-            continue
-        kept.append(node)
-    if not alias:
-        return
-    del graph.node[:]
-    graph.node.extend(kept)
-    info = [v for v in graph.value_info if v.name not in alias]
-    del graph.value_info[:]
-    graph.value_info.extend(info)
-
-
-def splice_nodes(
-    graph: onnx.GraphProto,
-    before: Mapping[str, list[onnx.NodeProto]],
-    after: Mapping[str, list[onnx.NodeProto]],
-) -> None:
-    """Insert new nodes in topological order: ``before[node name]`` right before that node,
-    ``after[tensor]`` right after the node producing that tensor (``after[""]``: at the start)."""
-    ordered: list[onnx.NodeProto] = list(after.get("", []))
-    for node in graph.node:
-        ordered.extend(before.get(node.name, []))
-        ordered.append(node)
-        for out in node.output:
-            ordered.extend(after.get(out, []))
-    del graph.node[:]
-    graph.node.extend(ordered)
