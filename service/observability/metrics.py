@@ -36,6 +36,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from service.jobs.records import ACTIVE_STATUSES, FINAL_STATUSES, JobRecord, JobStore
+from service.jobs.runner import JobTarget
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,13 @@ class ServiceMetrics:
             seconds = _seconds_between(record.started_at, record.finished_at)
         if seconds is None or seconds < 0:
             return
-        backend = result.get("backend") or record.params.get("backend") or "unknown"
+        # A build job's params name the backend inside its engine key (read as the queue reads it).
+        backend = (
+            result.get("backend")
+            or JobTarget.of(record.params).backend
+            or record.params.get("backend")
+            or "unknown"
+        )
         self._build_duration.labels(str(backend)).observe(float(seconds))
 
     # Engine cache and runners ---------------------------------------------------------------------

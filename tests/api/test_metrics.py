@@ -11,6 +11,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.backends.base import BackendInfo
+from service.builds.job_params import BuildJobParams
+from service.catalog.engine_keys import BuildConfig, EngineKey
 from service.jobs.records import JobRecord, JobStore
 from service.observability.metrics import ServiceMetrics
 from service.store.db import Database
@@ -149,6 +152,21 @@ def test_build_durations_come_from_succeeded_build_jobs(jobs: JobStore) -> None:
     assert 0 <= _value(samples, "engine_service_build_duration_seconds_sum", backend="onnxruntime") < 60
     assert _value(samples, "engine_service_jobs_finished_total", kind="build", state="failed") == 1
     assert _value(samples, "engine_service_jobs_finished_total", kind="quantization", state="succeeded") == 1
+
+
+def test_a_build_job_is_timed_under_the_backend_its_engine_key_names(jobs: JobStore) -> None:
+    key = EngineKey(
+        "a" * 64, BuildConfig(precision="fp32"), None, BackendInfo("onnxruntime", "1.31.0", "cpu")
+    )
+    record, _ = jobs.create("build", BuildJobParams(key=key).to_json(), dedupe_key=None, owner=None)
+    jobs.mark_running(record.id)
+    jobs.finish(
+        record.id, "succeeded", result={"engine_id": key.digest, "cache": "miss", "build_seconds": 1.5}
+    )
+    metrics = ServiceMetrics()
+    metrics.observe_job(jobs.get(record.id))
+    samples = _samples(metrics.render().body.decode())
+    assert _value(samples, "engine_service_build_duration_seconds_sum", backend="onnxruntime") == 1.5
 
 
 def test_cache_counters_and_callback_gauges_are_read_at_scrape_time() -> None:
