@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.api.deps import PrincipalDep, ServicesDep
-from service.api.jobs_common import BuildPublic, JobPublic, job_public
+from service.api.jobs_common import BuildPublic, JobDocument, job_public
 from service.api.tenancy import cancel_owned, grant, owned_job, owned_model, owned_set
 from service.backends.base import ShapeRange
 from service.builds.requests import BuildRequest
@@ -173,20 +173,20 @@ def _submit_owned(body: BuildCreate, services: ServicesDep, principal: Principal
 @router.get("", response_model=list[BuildPublic])
 def list_builds(
     services: ServicesDep, principal: PrincipalDep, limit: int = Query(default=100, ge=1, le=1000)
-) -> list[JobPublic]:
+) -> list[JobDocument]:
     """Your recent build jobs, newest first."""
     records = services.jobs.list(kind=BUILD_JOB, limit=limit, principal=principal)
     return [job_public(r, services.engines, log_lines=5) for r in records]
 
 
 @router.get("/{build_id}", response_model=BuildPublic)
-def read_build(build_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
+def read_build(build_id: str, services: ServicesDep, principal: PrincipalDep) -> JobDocument:
     """A build job: status, progress, phase, log tail, error and, when done, engine_id."""
     return job_public(owned_job(services, principal, build_id, kind=BUILD_JOB), services.engines)
 
 
 @router.delete("/{build_id}", response_model=BuildPublic)
-def cancel_build(build_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
+def cancel_build(build_id: str, services: ServicesDep, principal: PrincipalDep) -> JobDocument:
     """Cancel a queued or running build (finished builds are left as they are; one another key also
     asked for runs on for it, and is no longer yours)."""
     record = cancel_owned(services, principal, owned_job(services, principal, build_id, kind=BUILD_JOB))

@@ -36,14 +36,19 @@ class JobState(BaseModel):
     params: dict[str, Any]
 
 
-class JobPublic(JobState):
-    """A job as the API shows it (report jobs; build and quantization jobs add their own fields)."""
+class JobDocument(JobState):
+    """What every job document adds to the state; each kind's document types its own ``result``."""
 
     log_tail: list[str]
-    result: dict[str, Any] | None
     # Shortfalls are never silent: an INT8 result below its accuracy target says so here, first.
     target_met: bool | None = None
     warnings: list[str] = []
+
+
+class JobPublic(JobDocument):
+    """A report job (benchmark, evaluation, comparison) as the API shows it."""
+
+    result: dict[str, Any] | None
 
 
 class _StoredResult(BaseModel):
@@ -62,9 +67,11 @@ class BuildResult(_StoredResult):
     engine_id: str  # "cache" ("hit" | "miss") too, except from a remote worker that leaves it out
 
 
-class BuildPublic(JobPublic):
+class BuildPublic(JobDocument):
+    """A build job as the API shows it."""
+
     # A succeeded build's result; whatever else a job was finished with is shown as it is.
-    result: BuildResult | dict[str, Any] | None = None  # type: ignore[assignment]
+    result: BuildResult | dict[str, Any] | None
     engine_id: str | None = None
     engine_state: EngineState | None = Field(
         default=None,
@@ -83,8 +90,10 @@ class QuantizationResult(_StoredResult):
     holdout_samples: int
 
 
-class QuantizationPublic(JobPublic):
-    result: QuantizationResult | dict[str, Any] | None = None  # type: ignore[assignment]
+class QuantizationPublic(JobDocument):
+    """A quantization job as the API shows it."""
+
+    result: QuantizationResult | dict[str, Any] | None
     qdq_model_id: str | None = None
 
 
@@ -114,7 +123,7 @@ def job_state(record: JobRecord) -> dict[str, Any]:
     }
 
 
-def job_public(record: JobRecord, engines: EngineCache, *, log_lines: int = 40) -> JobPublic:
+def job_public(record: JobRecord, engines: EngineCache, *, log_lines: int = 40) -> JobDocument:
     """The document of any job: its kind's model, filled in from the row (and, for a succeeded build,
     whether its engine is still in ``engines``)."""
     result = record.result or {}

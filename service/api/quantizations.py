@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from service.accuracy.tasks import AccuracyTarget, TaskSpec, targets_of
 from service.api.deps import PrincipalDep, ServicesDep
 from service.api.downloads import file_download
-from service.api.jobs_common import JobPublic, QuantizationPublic, job_public
+from service.api.jobs_common import JobDocument, QuantizationPublic, job_public
 from service.api.tenancy import cancel_owned, owned_job, owned_model, owned_set
 from service.builds.quantization_job import QUANTIZATION_JOB
 from service.builds.quantization_params import QuantizationJobParams
@@ -94,7 +94,7 @@ def _validate(body: QuantizationCreate, services: Services, principal: Principal
 @router.post("", status_code=202, response_model=QuantizationPublic)
 async def create_quantization(
     body: QuantizationCreate, services: ServicesDep, principal: PrincipalDep
-) -> JobPublic:
+) -> JobDocument:
     """Start calibrating and quantizing an FP32 model; follow it with GET /v1/quantizations/{id}."""
     body = await run_in_threadpool(_validate, body, services, principal)
     params = QuantizationJobParams(
@@ -112,20 +112,20 @@ async def create_quantization(
 @router.get("", response_model=list[QuantizationPublic])
 def list_quantizations(
     services: ServicesDep, principal: PrincipalDep, limit: int = Query(default=100, ge=1, le=1000)
-) -> list[JobPublic]:
+) -> list[JobDocument]:
     """Your recent quantization jobs, newest first."""
     records = services.jobs.list(kind=QUANTIZATION_JOB, limit=limit, principal=principal)
     return [job_public(r, services.engines) for r in records]
 
 
 @router.get("/{job_id}", response_model=QuantizationPublic)
-def read_quantization(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
+def read_quantization(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobDocument:
     """Status, progress, phase, log tail; on success the Q/DQ model id, accuracy and sensitivity."""
     return job_public(owned_job(services, principal, job_id, kind=QUANTIZATION_JOB), services.engines)
 
 
 @router.delete("/{job_id}", response_model=QuantizationPublic)
-def cancel_quantization(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
+def cancel_quantization(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobDocument:
     """Cancel a queued or running quantization."""
     record = cancel_owned(services, principal, owned_job(services, principal, job_id, kind=QUANTIZATION_JOB))
     return job_public(record, services.engines)

@@ -10,7 +10,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.api.deps import PrincipalDep, ServicesDep
-from service.api.jobs_common import JobPublic, job_public
+from service.api.jobs_common import JobDocument, JobPublic, job_public
 from service.api.tenancy import cancel_owned, owned_engine, owned_set
 from service.errors import Conflict, NotFound
 from service.jobs.records import JobRecord
@@ -163,7 +163,7 @@ def list_reports(
     principal: PrincipalDep,
     kind: str | None = None,
     limit: int = Query(default=100, ge=1, le=1000),
-) -> list[JobPublic]:
+) -> list[JobDocument]:
     """Recent report jobs, newest first (filter by `kind`: benchmark, evaluation, comparison)."""
     if kind is not None and kind not in REPORT_KINDS:
         raise NotFound(f"No report kind '{kind}'; the kinds are {', '.join(REPORT_KINDS)}.")
@@ -222,7 +222,7 @@ def read_report(report_id: str, services: ServicesDep, principal: PrincipalDep) 
 
 
 @router.delete("/v1/reports/{report_id}", response_model=JobPublic)
-def cancel_report(report_id: str, services: ServicesDep, principal: PrincipalDep) -> JobPublic:
+def cancel_report(report_id: str, services: ServicesDep, principal: PrincipalDep) -> JobDocument:
     """Cancel a queued or running report job (finished reports are left as they are)."""
     record = _report_record(services, principal, report_id)
     return job_public(cancel_owned(services, principal, record), services.engines)
