@@ -29,10 +29,11 @@ model usually carries no ``value_info``.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
 import onnx
 from onnx import TensorProto
+
+from service.onnx_graph.graph import GraphIndex
 
 LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput", "Transpose"})
 INTEGER_OPS = frozenset(
@@ -70,12 +71,8 @@ def undecorated(name: str) -> str:
 def origins(optimized: onnx.GraphProto, original: onnx.GraphProto) -> list[tuple[str, ...]]:
     """For each node of ``optimized`` (in order), the names of the original nodes it stands for."""
     index = _OriginalIndex(original)
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in optimized.node:
-        for name in node.input:
-            consumers[name].append(node)
-
-    claims = [_claims(node, index, consumers) for node in optimized.node]
+    optimized_index = GraphIndex(optimized)
+    claims = [_claims(node, index, optimized_index) for node in optimized.node]
     claimed = set().union(*claims) if claims else set()
     survivors = [_survivor(node, own, index) for node, own in zip(optimized.node, claims, strict=True)]
     present = _present_tensors(optimized, survivors)
@@ -132,21 +129,19 @@ def _present_tensors(optimized: onnx.GraphProto, survivors: list[onnx.NodeProto 
 
 
 class _OriginalIndex:
+    """The original graph's shared index, plus what name matching needs: named nodes, in graph order."""
+
     def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = GraphIndex(graph)
         self.by_name = {node.name: node for node in graph.node if node.name}
         self.order = [node.name for node in graph.node if node.name]
-        self.producer = {out: node for node in graph.node for out in node.output if out}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            for name in node.input:
-                self.consumers[name].append(node)
-        self.sources = {value.name for value in graph.input} | {init.name for init in graph.initializer}
+        self.sources = self.graph.graph_inputs | set(self.graph.initializers)
 
     def claim_for_name(self, name: str) -> str | None:
         for candidate in dict.fromkeys((name, undecorated(name))):
             if candidate in self.by_name:
                 return candidate
-            producer = self.producer.get(candidate)
+            producer = self.graph.producer(candidate)
             if producer is not None and producer.name:
                 return producer.name
         return None
@@ -162,19 +157,19 @@ class _OriginalIndex:
             node = self.by_name[frontier.pop()]
             neighbours: list[onnx.NodeProto] = []
             for slot, tensor in enumerate(node.input):
+                producer = self.graph.producer(tensor) if tensor else None
                 if (
-                    tensor
+                    producer is not None
                     and tensor not in present
                     and tensor not in self.sources
-                    and tensor in self.producer
-                    and _fusable_upstream(node, slot, self.producer[tensor])
+                    and _fusable_upstream(node, slot, producer)
                 ):
-                    neighbours.append(self.producer[tensor])
+                    neighbours.append(producer)
             for tensor in node.output if forward else ():
                 if tensor and tensor not in present:
                     neighbours.extend(
                         consumer
-                        for consumer in self.consumers.get(tensor, ())
+                        for consumer in self.graph.consumers(tensor)
                         if node.op_type not in _GROUP_ENDS or consumer.op_type in _NO_OPS
                     )
             for neighbour in neighbours:
@@ -185,35 +180,33 @@ class _OriginalIndex:
         return cone
 
 
-def _claims(
-    node: onnx.NodeProto, index: _OriginalIndex, consumers: dict[str, list[onnx.NodeProto]]
-) -> set[str]:
+def _claims(node: onnx.NodeProto, index: _OriginalIndex, optimized: GraphIndex) -> set[str]:
     own: set[str] = set()
     by_name = index.claim_for_name(node.name) if node.name else None
     if by_name is not None:
         own.add(by_name)
     if node.op_type in LAYOUT_OPS and by_name is None:
         return own  # ORT's own layout conversions stand for no original node
-    for tensor in _anchored_outputs(node, index, consumers, depth=0):
-        producer = index.producer[tensor]
-        if producer.name:
+    for tensor in _anchored_outputs(node, index, optimized, depth=0):
+        producer = index.graph.producer(tensor)
+        if producer is not None and producer.name:
             own.add(producer.name)
     return own
 
 
 def _anchored_outputs(
-    node: onnx.NodeProto, index: _OriginalIndex, consumers: dict[str, list[onnx.NodeProto]], depth: int
+    node: onnx.NodeProto, index: _OriginalIndex, optimized: GraphIndex, depth: int
 ) -> list[str]:
     found: list[str] = []
     for tensor in node.output:
         if not tensor:
             continue
-        if tensor in index.producer:
+        if index.graph.producer(tensor) is not None:
             found.append(tensor)
         elif depth < 4:  # layout chains are short; the bound keeps a pathological graph cheap
-            for consumer in consumers.get(tensor, ()):
+            for consumer in optimized.consumers(tensor):
                 if consumer.op_type in LAYOUT_OPS and index.claim_for_name(consumer.name) is None:
-                    found.extend(_anchored_outputs(consumer, index, consumers, depth + 1))
+                    found.extend(_anchored_outputs(consumer, index, optimized, depth + 1))
     return found
 
 
