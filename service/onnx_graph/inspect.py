@@ -12,6 +12,8 @@ from typing import Any
 import onnx
 from onnx import helper
 
+from service.onnx_graph.graph import GraphIndex
+
 QUANTIZE_OPS = frozenset({"QuantizeLinear"})
 DEQUANTIZE_OPS = frozenset({"DequantizeLinear"})
 
@@ -115,13 +117,9 @@ def model_outputs(model: onnx.ModelProto) -> tuple[TensorSpec, ...]:
 def quantization_info(model: onnx.ModelProto) -> QuantizationInfo:
     """Count Q->DQ pairs, per-channel weight dequantizers and the ops DequantizeLinear feeds."""
     graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
+    index = GraphIndex(graph)
+    initializers = index.initializers
     constants = {out for node in graph.node if node.op_type == "Constant" for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
 
     qdq_pairs = 0
     per_channel = 0
@@ -130,7 +128,7 @@ def quantization_info(model: onnx.ModelProto) -> QuantizationInfo:
         # The checker does not verify ops of unregistered domains, so a Q/DQ node there may lack inputs.
         if node.op_type not in DEQUANTIZE_OPS or not node.input or not node.output:
             continue
-        source = producers.get(node.input[0])
+        source = index.producer(node.input[0])
         quantized_source = source is not None and source.op_type in QUANTIZE_OPS and bool(source.input)
         if quantized_source:
             qdq_pairs += 1
@@ -141,7 +139,7 @@ def quantization_info(model: onnx.ModelProto) -> QuantizationInfo:
         )
         if weight_like and _is_per_channel(node, initializers):
             per_channel += 1
-        for consumer in consumers.get(node.output[0], []):
+        for consumer in index.readers(node.output[0]):
             if consumer.op_type not in QUANTIZE_OPS | DEQUANTIZE_OPS:
                 fed_ops[consumer.op_type] += 1
     explicit = any(n.op_type in QUANTIZE_OPS | DEQUANTIZE_OPS for n in graph.node)

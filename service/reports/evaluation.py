@@ -36,6 +36,7 @@ from service.backends.base import IOSpec, Runner
 from service.catalog.engines import EngineRecord
 from service.catalog.models import ModelCatalog
 from service.errors import BadInput, JobCancelled
+from service.onnx_graph.graph import GraphIndex
 from service.reports.benchmark import MeasuredEngine
 from service.reports.layer_deltas import LayerDeltas, layer_deltas
 from service.serving.validation import validate_feeds
@@ -94,7 +95,7 @@ def model_without_qdq_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
-    producers = {out: node for node in graph.node for out in node.output}
+    graph_index = GraphIndex(graph)  # read before the rewrite below, which only re-wires slots
     graph_outputs = {o.name for o in graph.output}
     rename: dict[str, str] = {}
     dropped: set[int] = set()
@@ -102,7 +103,7 @@ def model_without_qdq_pairs(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in graph.node:
         if node.op_type != "DequantizeLinear":
             continue
-        source = producers.get(node.input[0])
+        source = graph_index.producer(node.input[0])
         if source is None or source.op_type != "QuantizeLinear":
             continue
         dropped.add(id(node))

@@ -25,6 +25,7 @@ import onnx
 
 from service.accuracy.outputs import cpu_session_options, onnxruntime_session, snr_db
 from service.calibration.collect import model_with_outputs
+from service.onnx_graph.graph import GraphIndex
 
 DEFAULT_WORST = 10
 
@@ -157,12 +158,12 @@ def layer_deltas(
             if ref.dtype.kind == "f" and cand.dtype.kind == "f" and ref.shape == cand.shape:
                 accumulators[name].update(ref, cand)
         samples += len(next(iter(batch.values())))
-    producers = {out: node for node in reference.graph.node for out in node.output}
-    compared = [
-        acc.delta(name, producers[name])
-        for name, acc in accumulators.items()
-        if acc.ref_energy or acc.cand_energy
-    ]
+    reference_index = GraphIndex(reference.graph)
+    compared: list[LayerDelta] = []
+    for name, acc in accumulators.items():
+        producer = reference_index.producer(name)
+        if producer is not None and (acc.ref_energy or acc.cand_energy):  # names are node outputs
+            compared.append(acc.delta(name, producer))
     compared.sort(key=lambda d: d.snr_db)
     return LayerDeltas(
         available=True,
