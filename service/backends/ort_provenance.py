@@ -169,7 +169,7 @@ class _OriginalIndex:
                 if tensor and tensor not in present:
                     neighbours.extend(
                         consumer
-                        for consumer in self.graph.consumers(tensor)
+                        for consumer in self.graph.readers(tensor)
                         if node.op_type not in _GROUP_ENDS or consumer.op_type in _NO_OPS
                     )
             for neighbour in neighbours:
@@ -204,7 +204,7 @@ def _anchored_outputs(
         if index.graph.producer(tensor) is not None:
             found.append(tensor)
         elif depth < 4:  # layout chains are short; the bound keeps a pathological graph cheap
-            for consumer in optimized.consumers(tensor):
+            for consumer in optimized.readers(tensor):
                 if consumer.op_type in LAYOUT_OPS and index.claim_for_name(consumer.name) is None:
                     found.extend(_anchored_outputs(consumer, index, optimized, depth + 1))
     return found

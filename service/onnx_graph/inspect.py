@@ -139,9 +139,9 @@ def quantization_info(model: onnx.ModelProto) -> QuantizationInfo:
         )
         if weight_like and _is_per_channel(node, initializers):
             per_channel += 1
-        for consumer in index.readers(node.output[0]):
-            if consumer.op_type not in QUANTIZE_OPS | DEQUANTIZE_OPS:
-                fed_ops[consumer.op_type] += 1
+        for reader in index.readers(node.output[0]):
+            if reader.op_type not in QUANTIZE_OPS | DEQUANTIZE_OPS:  # one count per input slot it feeds
+                fed_ops[reader.op_type] += sum(1 for name in reader.input if name == node.output[0])
     explicit = any(n.op_type in QUANTIZE_OPS | DEQUANTIZE_OPS for n in graph.node)
     return QuantizationInfo(
         explicit=explicit,
