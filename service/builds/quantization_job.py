@@ -15,7 +15,6 @@ from service.quantize.pipeline import QuantizationPlan, quantize_model
 from service.store.blobs import BlobStore
 
 QUANTIZATION_JOB = "quantization"
-_TARGET_SUFFIX = {"tensorrt": "", "onnxruntime": "-onnxruntime"}  # the ORT placement only runs on ORT
 
 
 @dataclass
@@ -74,7 +73,7 @@ class QuantizationJob:
         ctx.check_cancelled()
         qdq_record, _ = self.models.add_model(
             outcome.qdq_model,
-            f"{record.name.removesuffix('.onnx')}.int8-qdq{_TARGET_SUFFIX[plan.target]}.onnx",
+            f"{record.name.removesuffix('.onnx')}.int8-qdq{outcome.placement.artifact_suffix}.onnx",
             source="quantization",
             parent_id=record.id,
         )

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -60,8 +61,9 @@ class OnnxRuntimePlacement:
     """
 
     configured_weight_max: int | None = None
-    name: PlacementTarget = "onnxruntime"
-    simulates_qdq: bool = False
+    name: ClassVar[PlacementTarget] = "onnxruntime"
+    simulates_qdq: ClassVar[bool] = False
+    artifact_suffix: ClassVar[str] = "-onnxruntime"  # its Q/DQ models run on ONNX Runtime only
 
     @property
     def weight_max(self) -> int:

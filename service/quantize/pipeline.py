@@ -25,10 +25,11 @@ from service.calibration.collect import collect_histograms
 from service.calibration.trt_cache import calibration_cache_from_scales
 from service.errors import BadInput
 from service.quantize.placement import PlacementTarget
+from service.quantize.qdq import TENSORRT_PLACEMENT
 from service.quantize.search import CONCRETE_METHODS, SearchOutcome, SearchPlan, search_quantization
 from service.quantize.sensitivity import rank_layer_sensitivity, select_layers_to_keep
 from service.quantize.skip import SkipSpec
-from service.quantize.targets import placement_for
+from service.quantize.targets import QdqPlacement, placement_for
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 SensitivityMode = Literal["off", "rank", "auto"]
@@ -66,15 +67,19 @@ class QuantizationOutcome:
     selection: dict[str, Any] | None = None
     kept_layers: tuple[str, ...] = ()
     quantized_nodes: tuple[str, ...] = ()
-    target: PlacementTarget = "tensorrt"
+    placement: QdqPlacement = TENSORRT_PLACEMENT
     warnings: tuple[str, ...] = ()
     search: SearchOutcome | None = None
+
+    @property
+    def target(self) -> PlacementTarget:
+        return self.placement.name
 
     @property
     def qdq_simulated(self) -> bool:
         """True when the accuracy was measured by simulating the Q/DQ in float (the target's GPU
         kernels cannot run here); False when the target's own integer kernels ran it."""
-        return placement_for(self.target).simulates_qdq
+        return self.placement.simulates_qdq
 
     @property
     def target_met(self) -> bool | None:
@@ -171,8 +176,7 @@ def quantize_model(
                 methods=CONCRETE_METHODS if full else (plan.method,),
                 percentile=plan.percentile,
                 skip=skip,
-                target=plan.target,
-                ort_weight_max=plan.ort_weight_max,
+                placement=placement,
                 task=plan.task,
                 targets=plan.accuracy_targets,
                 per_tensor=full,
@@ -204,8 +208,7 @@ def quantize_model(
             amax,
             holdout_batches,
             skip=skip,
-            target=plan.target,
-            ort_weight_max=plan.ort_weight_max,
+            placement=placement,
             progress=steps.slice(0.8, 0.9, "sensitivity"),
             should_stop=should_stop,
         )
@@ -219,8 +222,7 @@ def quantize_model(
                 min_snr_db=plan.min_snr_db,
                 min_cosine=plan.min_cosine,
                 skip=skip,
-                target=plan.target,
-                ort_weight_max=plan.ort_weight_max,
+                placement=placement,
                 progress=steps.slice(0.9, 0.95, "selective"),
                 should_stop=should_stop,
             )
@@ -254,7 +256,7 @@ def quantize_model(
         selection=selection_summary,
         kept_layers=kept,
         quantized_nodes=tuple(quantized),
-        target=plan.target,
+        placement=placement,
         warnings=warnings,
         search=search,
     )

@@ -1,9 +1,10 @@
 """Insert Q/DQ into an FP32 model from activation amax values: the explicit-quantization ONNX.
 
-Contract: :meth:`TensorRtPlacement.qdq_model` (reached through ``targets.qdq_model_from_scales``) takes
-an FP32 model and the amax of every tensor its summary lists and returns a :class:`QdqResult` whose
-model passes ``onnx.checker`` (full check), runs in ONNX Runtime and parses in TensorRT 10/11 and
-TensorRT-RTX. Placement follows ``placement.py``; the encoding follows TensorRT's expectations:
+Contract: :meth:`TensorRtPlacement.qdq_model` (the service reaches it through
+``targets.placement_for``) takes an FP32 model and the amax of every tensor its summary lists and
+returns a :class:`QdqResult` whose model passes ``onnx.checker`` (full check), runs in ONNX Runtime
+and parses in TensorRT 10/11 and TensorRT-RTX. Placement follows ``placement.py``; the encoding
+follows TensorRT's expectations:
 
 - activations: per-tensor symmetric INT8, ``scale = amax / 127``, zero point 0 (an explicit int8 zero
   point, since QuantizeLinear without one produces uint8);
@@ -37,7 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -80,9 +81,11 @@ class TensorRtPlacement:
     dequantized model computes, up to rounding, and no such kernels exist on this machine.
     """
 
-    name: PlacementTarget = "tensorrt"
-    simulates_qdq: bool = True
-    weight_max: int = INT8_MAX
+    # What the strategy is, not settings: class-level, so no instance can claim another identity.
+    name: ClassVar[PlacementTarget] = "tensorrt"
+    simulates_qdq: ClassVar[bool] = True
+    weight_max: ClassVar[int] = INT8_MAX
+    artifact_suffix: ClassVar[str] = ""
 
     def prepared(self, model: onnx.ModelProto) -> onnx.ModelProto:
         return canonical_model(model, min_opset=QDQ_MIN_OPSET)
@@ -112,6 +115,10 @@ class TensorRtPlacement:
 
     def activation_params(self, tensor: str, amax: float, *, non_negative: bool) -> tuple[float, np.ndarray]:
         return activation_scale(amax), np.array(0, dtype=np.int8)
+
+
+# The default placement wherever a caller names none (immutable, so one instance serves all).
+TENSORRT_PLACEMENT = TensorRtPlacement()
 
 
 class PlacedLayers(Protocol):

@@ -39,12 +39,11 @@ from service.calibration.algorithms import thresholds_from_histograms
 from service.calibration.histograms import AbsHistogram
 from service.errors import JobCancelled
 from service.onnx_graph.graph import GraphIndex
-from service.quantize.placement import PlacementTarget
 from service.quantize.probe import LayerProbe, ProbeEncoding, probe_layer_errors
-from service.quantize.qdq import QdqResult
+from service.quantize.qdq import TENSORRT_PLACEMENT, QdqResult
 from service.quantize.sensitivity import rank_layer_sensitivity
 from service.quantize.skip import SkipSpec
-from service.quantize.targets import placement_for
+from service.quantize.targets import QdqPlacement
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 CONCRETE_METHODS: tuple[str, ...] = ("entropy", "max", "percentile", "mse")
@@ -61,8 +60,7 @@ class SearchPlan:
     methods: tuple[str, ...] = CONCRETE_METHODS
     percentile: float = 99.99
     skip: SkipSpec | None = None
-    target: PlacementTarget = "tensorrt"
-    ort_weight_max: int | None = None
+    placement: QdqPlacement = TENSORRT_PLACEMENT
     task: TaskSpec | None = None  # None: guessed from the FP32 outputs
     targets: tuple[AccuracyTarget, ...] = ()  # empty: the task's defaults
     per_tensor: bool = True
@@ -246,7 +244,7 @@ class _Search:
         self.holdout = holdout
         self.reference = ReferenceEvaluator(model, holdout, task=plan.task)
         self.targets = plan.targets or DEFAULT_TARGETS[self.reference.task.kind]
-        self.placement = placement_for(plan.target, ort_weight_max=plan.ort_weight_max)
+        self.placement = plan.placement
         self.quantized = self.placement.summary(model, plan.skip).quantized
         self.prepared = self.placement.prepared(model)
         self.non_negative = self.placement.non_negative_tensors(self.prepared, plan.skip)
@@ -381,8 +379,7 @@ class _Search:
             base.amax,
             self.holdout,
             skip=self.plan.skip,
-            target=self.plan.target,
-            ort_weight_max=self.plan.ort_weight_max,
+            placement=self.placement,
             max_layers=budget,
             prefer=local,
             reference=self.reference,

@@ -39,10 +39,10 @@ from service.accuracy.reference import ReferenceEvaluator
 from service.errors import BadInput, JobCancelled
 from service.onnx_graph.graph import GraphIndex
 from service.quantize.canonical import canonical_model
-from service.quantize.placement import QDQ_MIN_OPSET, PlacementTarget, plan_qdq
-from service.quantize.qdq import QdqResult, quantize_weight
+from service.quantize.placement import QDQ_MIN_OPSET, plan_qdq
+from service.quantize.qdq import TENSORRT_PLACEMENT, QdqResult, quantize_weight
 from service.quantize.skip import SkipSpec
-from service.quantize.targets import placement_for
+from service.quantize.targets import QdqPlacement
 
 DEFAULT_MAX_LAYERS = 64
 
@@ -99,8 +99,7 @@ def rank_layer_sensitivity(
     *,
     mode: SensitivityMode = SensitivityMode.QUANTIZE_ONE,
     skip: SkipSpec | None = None,
-    target: PlacementTarget = "tensorrt",
-    ort_weight_max: int | None = None,
+    placement: QdqPlacement = TENSORRT_PLACEMENT,
     max_layers: int | None = DEFAULT_MAX_LAYERS,
     prefer: Sequence[str] = (),
     reference: ReferenceEvaluator | None = None,
@@ -117,7 +116,6 @@ def rank_layer_sensitivity(
         raise BadInput(f"max_layers must be at least 1; got {max_layers}")
     prepared = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     base = skip or SkipSpec()
-    placement = placement_for(target, ort_weight_max=ort_weight_max)
     layers = placement.summary(prepared, base).quantized
     quantized_nodes = tuple(layer.node for layer in layers)
     candidates = _layers_to_evaluate(prepared, quantized_nodes, max_layers, prefer)
@@ -154,8 +152,7 @@ def select_layers_to_keep(
     min_snr_db: float | None,
     min_cosine: float | None,
     skip: SkipSpec | None = None,
-    target: PlacementTarget = "tensorrt",
-    ort_weight_max: int | None = None,
+    placement: QdqPlacement = TENSORRT_PLACEMENT,
     max_kept: int | None = None,
     progress: Progress | None = None,
     should_stop: ShouldStop | None = None,
@@ -167,7 +164,6 @@ def select_layers_to_keep(
         raise BadInput(f"min_cosine must lie in [-1, 1]; got {min_cosine}")
     prepared = canonical_model(model, min_opset=QDQ_MIN_OPSET)
     base = skip or SkipSpec()
-    placement = placement_for(target, ort_weight_max=ort_weight_max)
     quantizable = {layer.node for layer in placement.summary(prepared, base).quantized}
     order = [r.node for r in ranking]
     unknown = [n for n in order if n not in quantizable]

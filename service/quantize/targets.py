@@ -11,8 +11,10 @@ boundary of ``quantize/``; below it nothing compares target names. The two strat
   kernels (``ort_placement.py``), uint8 activations, int32 bias; accuracy is measured with ORT's own
   integer kernels (``ort_qdq.py``).
 
-:func:`placement_summary`, :func:`tensors_to_calibrate` and :func:`qdq_model_from_scales` are the
-entry points that take a target name; each resolves the strategy once and asks it.
+:func:`placement_for` is where the service turns a name into a strategy (``quantize/pipeline.py``
+resolves it once per quantization and hands the strategy down to the search and sensitivity steps).
+:func:`placement_summary`, :func:`tensors_to_calibrate` and :func:`qdq_model_from_scales` are
+name-taking conveniences for direct callers (tests, benchmarks): each resolves the strategy and asks it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ class QdqPlacement(Protocol):
     def simulates_qdq(self) -> bool:
         """True when accuracy is measured by running the Q/DQ model in float (quantize, then dequantize,
         as a GPU computes it); False when ONNX Runtime runs it with the target's own integer kernels."""
+        ...
+
+    @property
+    def artifact_suffix(self) -> str:
+        """Added to the stored Q/DQ model's file name: "" for TensorRT's, which any runtime reads;
+        "-onnxruntime" for ONNX Runtime's, whose int32 biases TensorRT's parser rejects."""
         ...
 
     @property

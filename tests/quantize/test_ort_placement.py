@@ -22,7 +22,7 @@ from service.quantize.ort_prepare import onnxruntime_prepared
 from service.quantize.pipeline import QuantizationPlan, quantize_model
 from service.quantize.qdq import QdqResult
 from service.quantize.sensitivity import rank_layer_sensitivity
-from service.quantize.targets import qdq_model_from_scales, tensors_to_calibrate
+from service.quantize.targets import placement_for, qdq_model_from_scales, tensors_to_calibrate
 from tests.data_factory import classifier_samples
 from tests.model_factory import resnet_block_classifier
 from tests.quantize import graphs
@@ -249,7 +249,9 @@ def test_sensitivity_ranks_the_layers_of_the_onnxruntime_placement(
 ) -> None:
     amax = amax_by_running(classifier, tensors_to_calibrate(classifier, target="onnxruntime"), calibration)
 
-    ranking = rank_layer_sensitivity(classifier, amax, lambda: iter(calibration[:1]), target="onnxruntime")
+    ranking = rank_layer_sensitivity(
+        classifier, amax, lambda: iter(calibration[:1]), placement=placement_for("onnxruntime")
+    )
 
     assert {entry.node for entry in ranking} == {
         "stem_conv",

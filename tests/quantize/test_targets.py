@@ -108,6 +108,6 @@ def test_a_quantization_outcome_says_whether_its_accuracy_was_simulated(target: 
         activation_amax={},
         calibration_cache=b"",
         accuracy=None,
-        target=target,  # type: ignore[arg-type]
+        placement=placement_for(target),
     )
     assert outcome.qdq_simulated is simulated
