@@ -14,7 +14,7 @@ from __future__ import annotations
 import onnx
 
 from service.onnx_graph.loading import model_from_bytes
-from service.onnx_graph.subgraphs import subgraph_reads
+from service.onnx_graph.subgraphs import names_read
 
 # The IR version from which initializers need not be listed among the graph inputs.
 IR_WITHOUT_INITIALIZER_INPUTS = 4
@@ -31,8 +31,7 @@ def without_initializer_inputs(data: bytes) -> bytes:
         return data
     initializers = {tensor.name for tensor in model.graph.initializer}
     graph = model.graph
-    read = {name for node in graph.node for name in node.input} | subgraph_reads(graph)
-    read |= {value.name for value in graph.output}
+    read = names_read(graph)
     real = []
     for value in model.graph.input:
         if value.name not in initializers and value.name in read:

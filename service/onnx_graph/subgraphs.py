@@ -9,6 +9,8 @@ defines itself never collides with one of the outer graph.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import onnx
 
 
@@ -43,6 +45,23 @@ def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     """The names of ``graph``'s scope that the bodies of its nodes read (at any depth of nesting)."""
     names: set[str] = set()
     for node in graph.node:
+        for body in subgraphs_of(node):
+            names |= outer_references(body)
+    return names
+
+
+def names_read(graph: onnx.GraphProto, *, ignoring: Collection[onnx.NodeProto] = ()) -> set[str]:
+    """Every name ``graph`` still needs: its nodes' inputs, what their bodies read, and its outputs.
+
+    ``ignoring`` leaves out nodes about to be removed (by identity), so what only they read counts
+    as free. A rewrite that drops an initializer or an input asks this first.
+    """
+    skipped = {id(node) for node in ignoring}
+    names = {value.name for value in graph.output}
+    for node in graph.node:
+        if id(node) in skipped:
+            continue
+        names.update(name for name in node.input if name)
         for body in subgraphs_of(node):
             names |= outer_references(body)
     return names

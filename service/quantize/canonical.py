@@ -28,7 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from service.errors import InvalidModel
-from service.onnx_graph.subgraphs import subgraph_reads
+from service.onnx_graph.subgraphs import names_read
 from service.onnx_graph.values import constant_node_value
 from service.quantize.rewrite import DEFAULT_DOMAINS, bypass_identities, remove_unused_initializers
 
@@ -123,8 +123,7 @@ def fold_constant_subgraphs(model: onnx.ModelProto) -> int:
     if not foldable:
         return 0
     folded = {id(node) for node in foldable}
-    still_read = {name for node in graph.node if id(node) not in folded for name in node.input}
-    still_read |= subgraph_reads(graph)
+    still_read = names_read(graph, ignoring=foldable)
     wanted = [out for node in foldable for out in node.output if out and out in still_read]
     if not wanted:
         return 0  # dead constant nodes: not a quantization concern, the runtimes drop them

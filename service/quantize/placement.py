@@ -183,7 +183,7 @@ def plan_qdq(
         edges.setdefault(node.input[0], []).append(Edge(layer.node, 0))
 
     anchors = {layer.node for layer in quantized if layer.op_type in _RESIDUAL_ANCHOR_OPS}
-    depth = _depths(index)
+    depth = index.depths  # by label, which is the name on a canonical graph
     residual_adds: list[str] = []
     for node in graph.node:
         if node.op_type not in _RESIDUAL_OPS or node.domain not in DEFAULT_DOMAINS or len(node.input) != 2:
@@ -265,16 +265,3 @@ def _scale_op_input(node: onnx.NodeProto, index: GraphIndex) -> str | None:
     if node.op_type in ("Add", "Mul") and index.is_weight(first) and not index.is_weight(second):
         return second
     return None
-
-
-def _depths(index: GraphIndex) -> dict[str, int]:
-    """Longest path, in nodes, from the graph inputs to each node; constants add nothing."""
-    depth: dict[str, int] = {}
-    for node in index.graph.node:
-        longest = 0
-        for name in node.input:
-            producer = index.producer(name) if name and not index.is_weight(name) else None
-            if producer is not None:
-                longest = max(longest, depth.get(producer.name, 0))
-        depth[node.name] = longest + 1
-    return depth

@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto
 
 from service.onnx_graph.graph import GraphIndex
-from service.onnx_graph.subgraphs import subgraph_reads
+from service.onnx_graph.subgraphs import names_read, subgraph_reads
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
@@ -92,8 +92,7 @@ def _weighted_layer(node: onnx.NodeProto, index: GraphIndex) -> WeightedLayer | 
 
 def remove_unused_initializers(graph: onnx.GraphProto, candidates: Iterable[str]) -> None:
     """Drop the named initializers no node or subgraph body reads any more and that are no graph outputs."""
-    still_read: set[str] = {name for node in graph.node for name in node.input} | subgraph_reads(graph)
-    still_read.update(o.name for o in graph.output)
+    still_read = names_read(graph)
     doomed = set(candidates) - still_read
     if not doomed:
         return
