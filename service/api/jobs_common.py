@@ -64,7 +64,8 @@ class BuildResult(_StoredResult):
     adds its evidence (build_seconds, task, target_met, int8_share, speed, warnings), precision "auto"
     its choice (precision, precision_choice), a removed engine the note why (engine_removed)."""
 
-    engine_id: str  # "cache" ("hit" | "miss") too, except from a remote worker that leaves it out
+    # Always present. "cache" ("hit" or "miss") is left undeclared: a remote worker's result omits it.
+    engine_id: str
 
 
 class BuildPublic(JobDocument):

@@ -171,12 +171,7 @@ class ServiceMetrics:
         if seconds is None or seconds < 0:
             return
         # A build job's params name the backend inside its engine key (read as the queue reads it).
-        backend = (
-            result.get("backend")
-            or JobTarget.of(record.params).backend
-            or record.params.get("backend")
-            or "unknown"
-        )
+        backend = JobTarget.of(record.params).backend or "unknown"  # unreadable params: still counted
         self._build_duration.labels(str(backend)).observe(float(seconds))
 
     # Engine cache and runners ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ import math
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -129,8 +130,16 @@ def jobs(tmp_path: Path) -> Iterator[JobStore]:
     db.close()
 
 
-def _finished(jobs: JobStore, kind: str, status: str, result: dict | None, **params: str) -> JobRecord:  # type: ignore[type-arg]
-    record, _ = jobs.create(kind, dict(params), dedupe_key=None, owner=None)
+def _build_params(backend: str) -> dict[str, Any]:
+    """A build job's params as submit writes them: the backend is named inside the engine key."""
+    key = EngineKey("a" * 64, BuildConfig(precision="fp32"), None, BackendInfo(backend, "1.0", "cpu"))
+    return BuildJobParams(key=key).to_json()
+
+
+def _finished(
+    jobs: JobStore, kind: str, status: str, result: dict | None, params: dict | None = None
+) -> JobRecord:  # type: ignore[type-arg]
+    record, _ = jobs.create(kind, params or {}, dedupe_key=None, owner=None)
     jobs.mark_running(record.id)
     jobs.finish(record.id, status, result=result)  # type: ignore[arg-type]
     return jobs.get(record.id)
@@ -139,10 +148,12 @@ def _finished(jobs: JobStore, kind: str, status: str, result: dict | None, **par
 def test_build_durations_come_from_succeeded_build_jobs(jobs: JobStore) -> None:
     metrics = ServiceMetrics()
     metrics.observe_job(
-        _finished(jobs, "build", "succeeded", {"build_seconds": 2.5, "backend": "tensorrt-rtx"})
+        _finished(jobs, "build", "succeeded", {"build_seconds": 2.5}, _build_params("tensorrt-rtx"))
     )
-    metrics.observe_job(_finished(jobs, "build", "succeeded", {"engine_id": "x"}, backend="onnxruntime"))
-    metrics.observe_job(_finished(jobs, "build", "failed", None, backend="tensorrt-rtx"))
+    metrics.observe_job(
+        _finished(jobs, "build", "succeeded", {"engine_id": "x"}, _build_params("onnxruntime"))
+    )
+    metrics.observe_job(_finished(jobs, "build", "failed", None, _build_params("tensorrt-rtx")))
     metrics.observe_job(_finished(jobs, "quantization", "succeeded", {"build_seconds": 99.0}))
     samples = _samples(metrics.render().body.decode())
     assert _value(samples, "engine_service_build_duration_seconds_count", backend="tensorrt-rtx") == 1
